@@ -1,0 +1,10 @@
+"""vllm-split client: run layers ``[0, split_layer)`` locally, the rest on a vLLM server.
+
+Installs and imports without vLLM (``pip install vllm-split[client]``).
+"""
+from client_lib.local_layers import LocalLayers, LocalLayersError
+from client_lib.session import GenerationStats, ServerError, SplitSession, TokenEvent
+from vllm_split.protocol import SamplingOptions
+
+__all__ = ["LocalLayers", "LocalLayersError", "SplitSession", "ServerError", "TokenEvent",
+           "GenerationStats", "SamplingOptions"]

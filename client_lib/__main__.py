@@ -1,0 +1,3 @@
+from client_lib.cli import main
+
+main()

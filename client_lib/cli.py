@@ -1,0 +1,98 @@
+"""``vllm-split-client``: generate text through a vllm-split server, streaming to the terminal.
+
+    vllm-split-client --server http://localhost:8000 --model DIR --split-layer 7 \\
+        --prompt "What is the capital of France?" --max-tokens 64 [--chat] [--timings]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+
+from client_lib.local_layers import LocalLayers
+from client_lib.session import ServerError, SplitSession
+from vllm_split.protocol import SamplingOptions
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vllm-split-client", description=__doc__.splitlines()[0])
+    p.add_argument("--server", default="http://localhost:8000", help="vLLM server URL")
+    p.add_argument("--model", required=True, help="local HF checkpoint folder (same weights as the server)")
+    p.add_argument("--split-layer", type=int, required=True, help="run layers [0, k) locally")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--timings", action="store_true", help="print per-token timings")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    return p.parse_args(argv)
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+async def run(args: argparse.Namespace) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    layers = LocalLayers(args.model, split_layer=args.split_layer, device=args.device)
+    prompt_ids = _prompt_ids(tokenizer, args.prompt, args.chat)
+    sampling = SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                               seed=args.seed)
+    tokens: list[int] = []
+    printed = ""
+    async with await SplitSession.create(args.server, layers, sampling=sampling, api_key=args.api_key) as session:
+        async for event in session.generate(prompt_ids):
+            tokens.append(event.token_id)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+            if args.timings:
+                sys.stderr.write(f"\n  [token {event.index}: local {event.local_seconds * 1e3:.1f} ms, "
+                                 f"server+network {event.round_trip_seconds * 1e3:.1f} ms]\n")
+        stats = session.stats
+    sys.stdout.write("\n")
+    rtts = [e.round_trip_seconds for e in stats.events[1:]]
+    locals_ = [e.local_seconds for e in stats.events[1:]]
+    summary = {
+        "split_layer": args.split_layer, "num_layers": layers.num_layers,
+        "prompt_tokens": stats.num_prompt_tokens, "output_tokens": stats.num_output_tokens,
+        "finish_reason": stats.finish_reason, "text": printed, "token_ids": tokens,
+        "ttft_s": stats.time_to_first_token,
+        "median_local_s_per_token": statistics.median(locals_) if locals_ else None,
+        "median_server_network_s_per_token": statistics.median(rtts) if rtts else None,
+    }
+    if args.timings or args.json:
+        sys.stderr.write(
+            f"split_layer {args.split_layer}/{layers.num_layers}: {stats.num_prompt_tokens} prompt + "
+            f"{stats.num_output_tokens} output tokens ({stats.finish_reason}); TTFT "
+            f"{(stats.time_to_first_token or 0) * 1e3:.0f} ms; per token: local "
+            f"{(summary['median_local_s_per_token'] or 0) * 1e3:.1f} ms, server+network "
+            f"{(summary['median_server_network_s_per_token'] or 0) * 1e3:.1f} ms (medians)\n")
+    if args.json:
+        print(json.dumps(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        asyncio.run(run(args))
+    except ServerError as exc:
+        sys.exit(f"server error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The client's share of the model: embeddings and decoder layers ``[0, split_layer)``.
+
+Loads only those tensors from the checkpoint's safetensors files (never the whole
+model), runs them with transformers on CPU or CUDA, and keeps its own KV cache for the
+local layers. The output is the hidden state entering layer ``split_layer`` (the residual
+stream, before any norm), which is what the server resumes from.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from vllm_split.fingerprint import model_fingerprint
+
+
+class LocalLayersError(ValueError):
+    """The checkpoint or the split layer cannot be used (message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    rows: int
+    seconds: float
+
+
+class LocalLayers:
+    """Embeddings + layers ``[0, split_layer)`` of an HF decoder-only checkpoint."""
+
+    def __init__(self, model_dir: str | Path, *, split_layer: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        from transformers import AutoConfig, AutoModel, DynamicCache
+
+        self.model_dir = Path(model_dir)
+        config = AutoConfig.from_pretrained(self.model_dir)
+        num_layers = config.num_hidden_layers
+        if not 0 <= split_layer <= num_layers:
+            raise LocalLayersError(f"split_layer {split_layer} out of range: expected 0 <= split_layer <= {num_layers}")
+        self.split_layer = split_layer
+        self.num_layers = num_layers
+        self.hidden_size = config.hidden_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.fingerprint = model_fingerprint(self.model_dir)
+        self._cache_cls = DynamicCache
+        config.num_hidden_layers = max(split_layer, 1)  # transformers wants >= 1 layer
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[: config.num_hidden_layers]
+        config.tie_word_embeddings = False
+        model = AutoModel.from_config(config, dtype=dtype)
+        if split_layer == 0:
+            model.layers = torch.nn.ModuleList()
+        model.norm = torch.nn.Identity()  # the server applies the final norm
+        self._load_weights(model)
+        self.model = model.to(self.device).eval()
+        self.cache = None
+        self.num_positions = 0
+        self.timings: list[StepTiming] = []
+
+    def _load_weights(self, model: torch.nn.Module) -> None:
+        wanted = {name for name in model.state_dict()}
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({self.model_dir / f for f in weight_map.values()})
+        else:
+            files = sorted(self.model_dir.glob("*.safetensors"))
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():
+                    name = key.removeprefix("model.")
+                    if name in wanted:
+                        state[name] = fh.get_tensor(key).to(self.dtype)
+        missing = sorted(wanted - set(state))
+        if missing:
+            raise LocalLayersError(f"{self.model_dir}: checkpoint lacks {len(missing)} tensor(s) the client needs, e.g. {missing[:3]}")
+        model.load_state_dict(state, strict=True)
+
+    def reset(self) -> None:
+        """Forget the KV cache (start a new sequence)."""
+        self.cache = None
+        self.num_positions = 0
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int]) -> torch.Tensor:
+        """Hidden states at ``split_layer`` for the next tokens: ``[len(token_ids), hidden]``."""
+        t0 = time.perf_counter()
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        if self.split_layer == 0:
+            hidden = self.model.embed_tokens(ids)
+        else:
+            if self.cache is None:
+                self.cache = self._cache_cls()
+            out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+            hidden = out.last_hidden_state
+        self.num_positions += len(token_ids)
+        self.timings.append(StepTiming(rows=len(token_ids), seconds=time.perf_counter() - t0))
+        return hidden[0].to("cpu")

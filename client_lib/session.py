@@ -1,0 +1,154 @@
+"""Async client session: open, stream tokens, close (usable as ``async with``).
+
+    layers = LocalLayers(model_dir, split_layer=7)
+    async with await SplitSession.create("ws://host:8000", layers) as session:
+        async for token in session.generate(prompt_ids, SamplingOptions(max_tokens=64)):
+            print(token.token_id)
+
+One session runs one generation. Per step the client computes the hidden state at its
+split layer for the new token(s) locally and posts it; the server answers with the next
+token. Errors from the server raise :class:`ServerError` with the server's message.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import aiohttp
+
+from client_lib.local_layers import LocalLayers
+from vllm_split import protocol as wire
+
+SESSION_PATH = "/v1/split/session"
+DEFAULT_CHUNK_ROWS = 512
+
+
+class ServerError(RuntimeError):
+    """The server rejected a frame or the session (``code`` is machine-readable)."""
+
+    def __init__(self, code: str, message: str, fatal: bool) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.fatal = fatal
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    index: int
+    token_id: int
+    finish_reason: str | None
+    local_seconds: float  # client compute for the activation that produced this token
+    round_trip_seconds: float  # from sending that activation to receiving this token
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    time_to_first_token: float | None = None
+    events: list[TokenEvent] = field(default_factory=list)
+
+
+class SplitSession:
+    def __init__(self, *, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
+                 layers: LocalLayers, opened: wire.Opened) -> None:
+        self._http = http
+        self._ws = ws
+        self.layers = layers
+        self.opened = opened
+        self.stats = GenerationStats()
+        self._closed = False
+
+    @classmethod
+    async def create(cls, url: str, layers: LocalLayers, *, sampling: wire.SamplingOptions | None = None,
+                     api_key: str | None = None, max_frame_bytes: int = 64 * 1024 * 1024) -> "SplitSession":
+        """Connect and open a session at ``layers.split_layer``."""
+        ws_url = url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + SESSION_PATH
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        http = aiohttp.ClientSession()
+        try:
+            ws = await http.ws_connect(ws_url, headers=headers, max_msg_size=max_frame_bytes)
+            await _send(ws, wire.Open(model_fingerprint=layers.fingerprint, split_layer=layers.split_layer,
+                                      sampling=sampling or wire.SamplingOptions()))
+            opened = await _recv(ws)
+            if not isinstance(opened, wire.Opened):
+                raise ServerError("protocol", f"expected Opened, got {type(opened).__name__}", True)
+        except BaseException:
+            await http.close()
+            raise
+        return cls(http=http, ws=ws, layers=layers, opened=opened)
+
+    async def __aenter__(self) -> "SplitSession":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection (aborts a running generation). Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._ws.closed:
+                await self._ws.close()
+        finally:
+            await self._http.close()
+
+    async def _send(self, msg: wire.Message) -> None:
+        await _send(self._ws, msg)
+
+    async def _recv(self) -> wire.Message:
+        return await _recv(self._ws)
+
+    async def generate(self, prompt_ids: list[int], *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> AsyncIterator[TokenEvent]:
+        """Run the prompt through the local layers, then stream tokens until finished."""
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty: at least one token is needed")
+        self.layers.reset()
+        t_start = time.perf_counter()
+        hidden = self.layers.forward(list(prompt_ids))
+        local = time.perf_counter() - t_start
+        n = len(prompt_ids)
+        for begin in range(0, n, chunk_rows):
+            end = min(begin + chunk_rows, n)
+            await self._send(wire.Activation.from_tensor(hidden[begin:end], start=begin, end_of_prompt=end == n))
+        sent_at = time.perf_counter()
+        self.stats.num_prompt_tokens = n
+        while True:
+            msg = await self._recv()
+            if isinstance(msg, wire.Finished):
+                self.stats.finish_reason = msg.finish_reason
+                self.stats.num_output_tokens = msg.num_output_tokens
+                return
+            if not isinstance(msg, wire.Token):
+                raise ServerError("protocol", f"expected Token or Finished, got {type(msg).__name__}", True)
+            now = time.perf_counter()
+            if self.stats.time_to_first_token is None:
+                self.stats.time_to_first_token = now - t_start
+            event = TokenEvent(index=msg.index, token_id=msg.token_id, finish_reason=msg.finish_reason,
+                               local_seconds=local, round_trip_seconds=now - sent_at)
+            self.stats.events.append(event)
+            yield event
+            if msg.finish_reason is None:
+                t0 = time.perf_counter()
+                row = self.layers.forward([msg.token_id])
+                local = time.perf_counter() - t0
+                await self._send(wire.Activation.from_tensor(row, start=n + msg.index))
+                sent_at = time.perf_counter()
+
+
+async def _send(ws: aiohttp.ClientWebSocketResponse, msg: wire.Message) -> None:
+    await ws.send_bytes(wire.encode(msg))
+
+
+async def _recv(ws: aiohttp.ClientWebSocketResponse) -> wire.Message:
+    msg = await ws.receive()
+    if msg.type != aiohttp.WSMsgType.BINARY:
+        raise ServerError("closed", f"connection closed ({msg.type.name}, code {ws.close_code}, {msg.extra!r})", True)
+    out = wire.decode(msg.data)
+    if isinstance(out, wire.Error):
+        raise ServerError(out.code, out.message, out.fatal)
+    return out

@@ -1,0 +1,26 @@
+"""vllm-split: split (collaborative) LLM inference between a vLLM server and its clients.
+
+A client runs the first ``split_layer`` decoder layers of the model and sends the hidden
+state at that layer; the server resumes the forward pass from there inside its normal
+continuous batch. Importing this package does not import vLLM: the client library uses
+:mod:`vllm_split.protocol` and :mod:`vllm_split.fingerprint` without it.
+"""
+from vllm_split.version import BUILT_FOR_VLLM
+
+__all__ = ["BUILT_FOR_VLLM", "register"]
+PLUGIN_NAME = "vllm_split"
+
+
+def register() -> None:
+    """``vllm.general_plugins`` entry point, run once in every vLLM process.
+
+    Cheap and idempotent. It does nothing unless the plugin is enabled (named in
+    ``VLLM_PLUGINS``), so a vLLM without the plugin enabled behaves exactly as before;
+    when enabled it checks the vLLM version loudly.
+    """
+    import os
+
+    if PLUGIN_NAME in os.environ.get("VLLM_PLUGINS", "").split(","):
+        from vllm_split.version import check_vllm_version
+
+        check_vllm_version()

@@ -1,0 +1,38 @@
+"""Plugin options, read from vLLM's ``--additional-config '{"vllm_split": {...}}'``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+CONFIG_KEY = "vllm_split"
+
+
+class SplitConfigError(ValueError):
+    """A bad plugin option (message names it and what was expected)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SplitConfig:
+    # Largest WebSocket frame accepted from a client (bytes).
+    max_frame_bytes: int = 16 * 1024 * 1024
+    # Largest number of split sessions open at once on one API server.
+    max_sessions: int = 256
+    # Largest prompt (tokens) a split session may send.
+    max_prompt_tokens: int = 32768
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected a positive integer, got {value!r}")
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> "SplitConfig":
+        raw = (additional_config or {}).get(CONFIG_KEY, {}) if isinstance(additional_config, dict) else {}
+        if not isinstance(raw, dict):
+            raise SplitConfigError(f"{CONFIG_KEY}: expected an object, got {raw!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SplitConfigError(f"{CONFIG_KEY}: unknown option(s) {unknown}; known: {sorted(known)}")
+        return cls(**raw)

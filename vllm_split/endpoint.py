@@ -1,0 +1,136 @@
+"""Transport: the split-session WebSocket route on vLLM's API server.
+
+Registered through vLLM's ``vllm.endpoint_plugins`` entry point (loaded only when
+``VLLM_PLUGINS`` names ``vllm_split``). The route accepts the WebSocket, turns its
+messages into bytes for :func:`vllm_split.session.run_session`, maps failures to
+``Error`` frames and close codes, and always releases the session. No tensor math here.
+"""
+from __future__ import annotations
+
+import asyncio
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+from vllm.logger import init_logger
+
+from vllm_split import protocol as wire
+from vllm_split.config import SplitConfig
+from vllm_split.fingerprint import model_fingerprint
+from vllm_split.session import ModelInfo, ServerSession, SessionError, run_session
+from vllm_split.version import check_vllm_version
+
+logger = init_logger(__name__)
+ROUTE = "/v1/split/session"
+router = APIRouter()
+
+
+class SplitService:
+    """Per-app state: the engine client, the model's identity, open sessions."""
+
+    def __init__(self, *, engine: Any, model: ModelInfo, config: SplitConfig) -> None:
+        self.engine = engine
+        self.model = model
+        self.config = config
+        self.sessions: dict[str, ServerSession] = {}
+
+
+def _local_model_dir(model: str) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, local_files_only=True))
+
+
+@router.websocket(ROUTE)
+async def split_session(ws: WebSocket) -> None:
+    service: SplitService = ws.app.state.vllm_split
+    await ws.accept()
+
+    async def send(msg: wire.Message) -> None:
+        if ws.client_state == WebSocketState.CONNECTED:
+            await ws.send_bytes(wire.encode(msg))
+
+    async def receive() -> bytes | None:
+        try:
+            message = await ws.receive()
+        except (WebSocketDisconnect, RuntimeError):
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        if message.get("bytes") is not None:
+            return message["bytes"]
+        return (message.get("text") or "").encode()  # text frames fail decoding with a clear error
+
+    if len(service.sessions) >= service.config.max_sessions:
+        await send(wire.Error(code="too_many_sessions", message=f"server has {len(service.sessions)} open split sessions, the limit is {service.config.max_sessions}; retry later", fatal=True))
+        await ws.close(code=1013)
+        return
+    session = ServerSession(engine=service.engine, model=service.model, config=service.config, send=send)
+    service.sessions[session.session_id] = session
+    close_code = 1000
+    try:
+        await run_session(session=session, receive=receive)
+    except SessionError as exc:
+        close_code = 1008
+        if not exc.sent:
+            await send(exc.to_frame())
+    except (WebSocketDisconnect, asyncio.CancelledError):
+        pass
+    except Exception as exc:  # the engine failed this request; the server goes on
+        logger.exception("vllm-split: session failed")
+        close_code = 1011
+        await send(wire.Error(code="internal", message=f"{type(exc).__name__}: {exc}", fatal=True))
+    finally:
+        service.sessions.pop(session.session_id, None)
+        await session.release()
+        if ws.client_state == WebSocketState.CONNECTED:
+            try:
+                await ws.close(code=close_code)
+            except RuntimeError:
+                pass
+
+
+class SplitEndpointPlugin:
+    """``vllm.endpoint_plugins`` entry: the session route plus its state."""
+
+    name = "vllm_split"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        check_vllm_version()
+        if engine_client is None:
+            raise RuntimeError("vllm-split needs an engine: it cannot run on a render-only server")
+        model_config = engine_client.model_config
+        vllm_config = engine_client.vllm_config
+        scheduler_cls = str(vllm_config.scheduler_config.scheduler_cls)
+        if "vllm_split" not in scheduler_cls:
+            raise RuntimeError(
+                f"vllm-split's route is enabled but the scheduler is {scheduler_cls}: start the "
+                f"server with `vllm-split serve` or --scheduler-cls vllm_split.scheduler.SplitScheduler "
+                f"--worker-cls vllm_split.worker.SplitWorker"
+            )
+        config = SplitConfig.from_additional_config(vllm_config.additional_config)
+        model_dir = _local_model_dir(model_config.model)
+        fingerprint = await asyncio.to_thread(model_fingerprint, model_dir)
+        model = ModelInfo(
+            fingerprint=fingerprint,
+            num_layers=model_config.hf_config.num_hidden_layers,
+            hidden_size=model_config.get_hidden_size(),
+            dtype=model_config.dtype,
+            max_model_len=model_config.max_model_len,
+        )
+        state.vllm_split = SplitService(engine=engine_client, model=model, config=config)
+        logger.info("vllm-split: sessions on %s (model %s, %d layers, fingerprint %s)",
+                    ROUTE, model_dir, model.num_layers, fingerprint[:16])
+
+
+def endpoint_plugin() -> SplitEndpointPlugin:
+    return SplitEndpointPlugin()

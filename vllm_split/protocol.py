@@ -1,0 +1,306 @@
+"""The vllm-split wire format: the one module that owns it.
+
+Every WebSocket message is one binary frame::
+
+    magic "VSPL" | version u8 | kind u8 | meta_len u32 (little endian) | meta | payload
+
+``meta`` is a UTF-8 JSON object with the message's fields; ``payload`` is raw tensor bytes
+(only ``Activation`` has one) whose dtype and shape are in ``meta``. Decoding checks every
+field's type and range and raises :class:`ProtocolError` naming what was wrong, what was
+expected and what arrived. No pickle, no ``torch.load``: tensors are rebuilt from raw bytes
+with ``torch.frombuffer``. This module imports without vLLM (the client uses it); torch is
+imported only by the tensor helpers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Union
+
+if TYPE_CHECKING:
+    import torch
+
+PROTOCOL_VERSION = 1
+MAGIC = b"VSPL"
+_HEADER = struct.Struct("<4sBBI")
+HEADER_SIZE = _HEADER.size
+MAX_META_BYTES = 64 * 1024
+# dtype name -> bytes per element; the server casts whatever arrives to the model's dtype.
+TENSOR_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class ProtocolError(ValueError):
+    """A frame that does not follow this protocol (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """Sampling for a split request; greedy by default (temperature 0)."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: disabled
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, low=1)
+        _check_float("temperature", self.temperature, low=0.0)
+        _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _check_int("top_k", self.top_k, low=0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0)
+        if not isinstance(self.stop_token_ids, tuple):
+            object.__setattr__(self, "stop_token_ids", tuple(_list("stop_token_ids", self.stop_token_ids)))
+        for tid in self.stop_token_ids:
+            _check_int("stop_token_ids[]", tid, low=0)
+        _check_bool("ignore_eos", self.ignore_eos)
+
+
+# ---------------------------------------------------------------- messages, client -> server
+@dataclass(frozen=True, slots=True)
+class Open:
+    """First frame of a session: which model, where to split, how to sample."""
+
+    KIND: ClassVar[int] = 1
+    model_fingerprint: str
+    split_layer: int
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    protocol_version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_str("model_fingerprint", self.model_fingerprint)
+        _check_int("split_layer", self.split_layer, low=0)
+        _check_int("protocol_version", self.protocol_version, low=0)
+        if isinstance(self.sampling, dict):
+            object.__setattr__(self, "sampling", _build(SamplingOptions, self.sampling, "sampling"))
+        elif not isinstance(self.sampling, SamplingOptions):
+            raise ProtocolError(f"sampling: expected an object, got {type(self.sampling).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    """Hidden states at the split layer for positions [start, start + rows).
+
+    ``end_of_prompt`` marks the last chunk of the prompt; decode steps send one row each.
+    """
+
+    KIND: ClassVar[int] = 3
+    start: int
+    dtype: str
+    shape: tuple[int, int]
+    data: bytes = field(repr=False)
+    end_of_prompt: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("start", self.start, low=0)
+        if self.dtype not in TENSOR_DTYPES:
+            raise ProtocolError(
+                f"dtype: expected one of {sorted(TENSOR_DTYPES)}, got {self.dtype!r}"
+            )
+        shape = tuple(_list("shape", self.shape))
+        if len(shape) != 2:
+            raise ProtocolError(f"shape: expected [rows, hidden_size], got {list(shape)}")
+        for dim in shape:
+            _check_int("shape[]", dim, low=1)
+        object.__setattr__(self, "shape", shape)
+        _check_bool("end_of_prompt", self.end_of_prompt)
+        expected = shape[0] * shape[1] * TENSOR_DTYPES[self.dtype]
+        if len(self.data) != expected:
+            raise ProtocolError(
+                f"payload: shape {list(shape)} in {self.dtype} needs {expected} bytes, "
+                f"got {len(self.data)}"
+            )
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @classmethod
+    def from_tensor(cls, tensor: "torch.Tensor", *, start: int, end_of_prompt: bool = False) -> "Activation":
+        dtype, shape, data = encode_tensor(tensor)
+        return cls(start=start, dtype=dtype, shape=shape, data=data, end_of_prompt=end_of_prompt)
+
+    def to_tensor(self) -> "torch.Tensor":
+        return decode_tensor(self.dtype, self.shape, self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The client ends the session (the request is aborted if still running)."""
+
+    KIND: ClassVar[int] = 7
+
+
+# ---------------------------------------------------------------- messages, server -> client
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """The server accepted the session."""
+
+    KIND: ClassVar[int] = 2
+    session_id: str
+    split_layer: int
+    num_layers: int
+    hidden_size: int
+    dtype: str
+    max_frame_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One sampled token; ``finish_reason`` is set on the last one."""
+
+    KIND: ClassVar[int] = 4
+    index: int
+    token_id: int
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last frame of a completed generation."""
+
+    KIND: ClassVar[int] = 5
+    finish_reason: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """A rejected frame or request. ``fatal``: the session is over."""
+
+    KIND: ClassVar[int] = 6
+    code: str
+    message: str
+    fatal: bool = False
+
+
+Message = Union[Open, Activation, Close, Opened, Token, Finished, Error]
+_KINDS: dict[int, type] = {cls.KIND: cls for cls in (Open, Activation, Close, Opened, Token, Finished, Error)}
+
+
+# ---------------------------------------------------------------- encode / decode
+def encode(msg: Message) -> bytes:
+    """Serialize a message to one binary frame."""
+    payload = b""
+    meta = asdict(msg)
+    if isinstance(msg, Activation):
+        payload = meta.pop("data")
+    meta_bytes = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
+    return _HEADER.pack(MAGIC, PROTOCOL_VERSION, msg.KIND, len(meta_bytes)) + meta_bytes + payload
+
+
+def decode(frame: bytes, *, max_frame_bytes: int | None = None) -> Message:
+    """Parse one binary frame; raises :class:`ProtocolError` on anything malformed."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"expected a binary frame, got {type(frame).__name__}")
+    frame = bytes(frame)
+    if max_frame_bytes is not None and len(frame) > max_frame_bytes:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the limit of {max_frame_bytes} bytes")
+    if len(frame) < HEADER_SIZE:
+        raise ProtocolError(f"frame of {len(frame)} bytes is shorter than the {HEADER_SIZE}-byte header")
+    magic, version, kind, meta_len = _HEADER.unpack_from(frame)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic: expected {MAGIC!r}, got {magic!r}")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version} is not supported: this side speaks version {PROTOCOL_VERSION}"
+        )
+    cls = _KINDS.get(kind)
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {kind}: expected one of {sorted(_KINDS)}")
+    if meta_len > MAX_META_BYTES or HEADER_SIZE + meta_len > len(frame):
+        raise ProtocolError(
+            f"declared metadata length {meta_len} does not fit: frame has "
+            f"{len(frame) - HEADER_SIZE} bytes after the header (limit {MAX_META_BYTES})"
+        )
+    try:
+        meta = json.loads(frame[HEADER_SIZE : HEADER_SIZE + meta_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"metadata is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"metadata: expected a JSON object, got {type(meta).__name__}")
+    payload = frame[HEADER_SIZE + meta_len :]
+    if cls is Activation:
+        meta["data"] = payload
+    elif payload:
+        raise ProtocolError(f"{cls.__name__} carries no payload, got {len(payload)} extra bytes")
+    return _build(cls, meta, cls.__name__)
+
+
+def _build(cls: type, meta: dict[str, Any], where: str):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(meta) - names)
+    if unknown:
+        raise ProtocolError(f"{where}: unknown field(s) {unknown}; expected a subset of {sorted(names)}")
+    try:
+        return cls(**meta)
+    except ProtocolError:
+        raise
+    except TypeError as exc:  # a missing required field
+        raise ProtocolError(f"{where}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- tensor codec
+def encode_tensor(tensor: "torch.Tensor") -> tuple[str, tuple[int, int], bytes]:
+    """(dtype name, shape, raw little-endian bytes) of a 2-D float tensor."""
+    import torch
+
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in TENSOR_DTYPES:
+        raise ProtocolError(f"tensor dtype {name} is not supported: expected one of {sorted(TENSOR_DTYPES)}")
+    if tensor.dim() != 2:
+        raise ProtocolError(f"tensor: expected 2 dimensions [rows, hidden], got shape {list(tensor.shape)}")
+    flat = tensor.detach().to("cpu").contiguous()
+    if flat.dtype == torch.bfloat16:
+        flat = flat.view(torch.int16)
+    return name, (int(tensor.shape[0]), int(tensor.shape[1])), flat.numpy().tobytes()
+
+
+def decode_tensor(dtype: str, shape: tuple[int, int], data: bytes) -> "torch.Tensor":
+    """Rebuild a tensor from raw bytes (a copy: the frame buffer is not kept)."""
+    import torch
+
+    if dtype not in TENSOR_DTYPES:
+        raise ProtocolError(f"dtype: expected one of {sorted(TENSOR_DTYPES)}, got {dtype!r}")
+    if len(data) != math.prod(shape) * TENSOR_DTYPES[dtype]:
+        raise ProtocolError(f"payload: {len(data)} bytes do not match shape {list(shape)} in {dtype}")
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)
+
+
+# ---------------------------------------------------------------- field checks
+def _check_int(name: str, value: Any, *, low: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{name}: expected an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ProtocolError(f"{name}: expected >= {low}, got {value}")
+
+
+def _check_float(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError(f"{name}: expected a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        bound = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
+        raise ProtocolError(f"{name}: expected a value in {bound}, got {value}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{name}: expected true or false, got {value!r}")
+
+
+def _check_str(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(f"{name}: expected a non-empty string, got {value!r}")
+
+
+def _list(name: str, value: Any) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ProtocolError(f"{name}: expected a list, got {value!r}")
+    return list(value)

@@ -1,0 +1,76 @@
+"""``vllm-split serve MODEL [vLLM serve options]``: vLLM's ``serve`` with the plugin on.
+
+It is exactly ``vllm serve`` plus what enabling vllm-split means:
+
+* ``VLLM_PLUGINS`` gains ``vllm_split`` (vLLM loads endpoint plugins only when named there),
+* ``--scheduler-cls vllm_split.scheduler.SplitScheduler`` and
+  ``--worker-cls vllm_split.worker.SplitWorker`` (unless given),
+* ``--enforce-eager`` (the split forward runs the decoder layers eagerly),
+* ``--split-*`` options become ``--additional-config '{"vllm_split": {...}}'``.
+
+It also works on the CPU build, whose own ``vllm`` console script is broken
+(``patches/cli_version.py``). ``--print-command`` shows the equivalent stock command.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+
+from vllm_split.config import CONFIG_KEY
+
+SPLIT_FLAGS = {
+    "--scheduler-cls": "vllm_split.scheduler.SplitScheduler",
+    "--worker-cls": "vllm_split.worker.SplitWorker",
+}
+
+
+def build_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(vllm CLI argv, environment additions) for ``vllm-split serve ...``."""
+    args: list[str] = []
+    options: dict[str, int] = {}
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("--split-"):
+            name, _, value = arg[len("--split-"):].partition("=")
+            value = value or next(it)
+            options[name.replace("-", "_")] = int(value)
+        else:
+            args.append(arg)
+    if not args or args[0] != "serve":
+        raise SystemExit("usage: vllm-split serve MODEL [vllm serve options] [--split-OPTION VALUE ...]")
+    for flag, value in SPLIT_FLAGS.items():
+        if not any(a == flag or a.startswith(flag + "=") for a in args):
+            args += [flag, value]
+    if "--enforce-eager" not in args:
+        args.append("--enforce-eager")
+    if options:
+        args += ["--additional-config", json.dumps({CONFIG_KEY: options})]
+    plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
+    if "vllm_split" not in plugins:
+        plugins.append("vllm_split")
+    return ["vllm", *args], {"VLLM_PLUGINS": ",".join(plugins)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    print_only = "--print-command" in argv
+    if print_only:
+        argv.remove("--print-command")
+    cmd, env = build_command(argv)
+    if print_only:
+        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd))
+        return
+    os.environ.update(env)
+    from vllm_split.patches import cli_version
+
+    cli_version.apply()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = cmd
+    vllm_main()
+
+
+if __name__ == "__main__":
+    main()
