@@ -104,7 +104,11 @@ class SplitSession:
         return await _recv(self._ws)
 
     async def generate(self, prompt_ids: list[int], *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> AsyncIterator[TokenEvent]:
-        """Run the prompt through the local layers, then stream tokens until finished."""
+        """Run the prompt through the local layers, then stream tokens until finished.
+
+        The prompt's activations go in chunks of at most ``chunk_rows`` rows, fewer if the
+        server's frame limit (``Opened.max_frame_bytes``) requires it.
+        """
         if not prompt_ids:
             raise ValueError("prompt_ids is empty: at least one token is needed")
         self.layers.reset()
@@ -112,6 +116,8 @@ class SplitSession:
         hidden = self.layers.forward(list(prompt_ids))
         local = time.perf_counter() - t_start
         n = len(prompt_ids)
+        row_bytes = hidden.shape[1] * hidden.element_size()
+        chunk_rows = max(1, min(chunk_rows, (self.opened.max_frame_bytes - 4096) // row_bytes))
         for begin in range(0, n, chunk_rows):
             end = min(begin + chunk_rows, n)
             await self._send(wire.Activation.from_tensor(hidden[begin:end], start=begin, end_of_prompt=end == n))

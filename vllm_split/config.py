@@ -13,8 +13,9 @@ class SplitConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class SplitConfig:
-    # Largest WebSocket frame accepted from a client (bytes).
-    max_frame_bytes: int = 16 * 1024 * 1024
+    # Largest WebSocket frame accepted from a client (bytes). Keep it below the HTTP
+    # server's own WebSocket limit (uvicorn: 16 MiB), which drops the connection instead.
+    max_frame_bytes: int = 8 * 1024 * 1024
     # Largest number of split sessions open at once on one API server.
     max_sessions: int = 256
     # Largest prompt (tokens) a split session may send.

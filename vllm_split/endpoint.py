@@ -55,7 +55,7 @@ async def split_session(ws: WebSocket) -> None:
         if ws.client_state == WebSocketState.CONNECTED:
             await ws.send_bytes(wire.encode(msg))
 
-    async def receive() -> bytes | None:
+    async def receive() -> bytes | str | None:
         try:
             message = await ws.receive()
         except (WebSocketDisconnect, RuntimeError):
@@ -64,7 +64,7 @@ async def split_session(ws: WebSocket) -> None:
             return None
         if message.get("bytes") is not None:
             return message["bytes"]
-        return (message.get("text") or "").encode()  # text frames fail decoding with a clear error
+        return message.get("text") or ""  # text frames are refused by wire.decode, with a reason
 
     if len(service.sessions) >= service.config.max_sessions:
         await send(wire.Error(code="too_many_sessions", message=f"server has {len(service.sessions)} open split sessions, the limit is {service.config.max_sessions}; retry later", fatal=True))

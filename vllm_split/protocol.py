@@ -199,7 +199,8 @@ def encode(msg: Message) -> bytes:
 def decode(frame: bytes, *, max_frame_bytes: int | None = None) -> Message:
     """Parse one binary frame; raises :class:`ProtocolError` on anything malformed."""
     if not isinstance(frame, (bytes, bytearray, memoryview)):
-        raise ProtocolError(f"expected a binary frame, got {type(frame).__name__}")
+        kind = "a text frame" if isinstance(frame, str) else type(frame).__name__
+        raise ProtocolError(f"expected a binary frame, got {kind}")
     frame = bytes(frame)
     if max_frame_bytes is not None and len(frame) > max_frame_bytes:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds the limit of {max_frame_bytes} bytes")

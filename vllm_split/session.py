@@ -170,7 +170,7 @@ class ServerSession:
                 logger.debug("vllm-split: release of a session failed", exc_info=True)
 
 
-async def run_session(*, session: ServerSession, receive: Callable[[], Awaitable[bytes | None]]) -> None:
+async def run_session(*, session: ServerSession, receive: Callable[[], Awaitable[bytes | str | None]]) -> None:
     """Drive a session from frames returned by ``receive`` (None: the client is gone)."""
     max_bytes = session.config.max_frame_bytes
 

@@ -1,0 +1,73 @@
+"""Real-engine fixtures: a plain vLLM server for references, then a vllm-split server.
+
+The plain server runs first and is stopped before the split server starts (one engine at
+a time on this machine): ``split_server`` depends on ``reference``.
+"""
+from __future__ import annotations
+
+import json
+import urllib.request
+from dataclasses import dataclass
+
+import pytest
+
+from tests.engine.server import VLLMServer
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain gravity to a child in two sentences.",
+    "def fibonacci(n):",
+    "The three most important inventions of the 20th century are",
+]
+MAX_TOKENS = 64
+SAMPLED = {"temperature": 0.8, "top_p": 0.95, "seed": 1234}
+
+
+def complete(url: str, model: str, prompt, **params) -> dict:
+    body = {"model": model, "prompt": prompt, "return_token_ids": True, **params}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.load(r)["choices"][0]
+
+
+@dataclass
+class Reference:
+    prompt_ids: list[list[int]]
+    greedy: list[list[int]]  # 64 tokens, ignore_eos
+    sampled: list[int]  # prompt 0, SAMPLED params
+    plain_text: str  # /v1/completions text of prompt 0 by string
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir, tokenizer, tmp_path_factory) -> Reference:
+    server = VLLMServer(model_dir, split=False, log_path=tmp_path_factory.mktemp("plain") / "server.log")
+    try:
+        server.wait_ready()
+        m = str(model_dir)
+        prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+        greedy = [complete(server.url, m, ids, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)["token_ids"]
+                  for ids in prompt_ids]
+        sampled = complete(server.url, m, prompt_ids[0], max_tokens=32, ignore_eos=True, **SAMPLED)["token_ids"]
+        plain_text = complete(server.url, m, PROMPTS[0], max_tokens=32, temperature=0)["text"]
+    finally:
+        server.stop()
+    return Reference(prompt_ids=prompt_ids, greedy=greedy, sampled=sampled, plain_text=plain_text)
+
+
+@pytest.fixture(scope="session")
+def split_server(model_dir, reference, tmp_path_factory):
+    server = VLLMServer(model_dir, split=True, log_path=tmp_path_factory.mktemp("split") / "server.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,74 @@
+"""Start and stop real vLLM API servers for the engine tests (one at a time)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 420
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """A vLLM API server subprocess: ``split=True`` runs ``vllm-split serve``."""
+
+    def __init__(self, model: str | Path, *, split: bool, log_path: Path, extra_args: list[str] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        launcher = "vllm_split.serve" if split else "tests.engine.plain_serve"
+        cmd = [sys.executable, "-m", launcher, "serve", str(model), "--host", "127.0.0.1",
+               "--port", str(self.port), "--dtype", "float32", "--max-model-len", "2048",
+               "--max-num-seqs", "16", *extra_args]
+        if not split:
+            cmd.append("--enforce-eager")  # the same kernels as the split path: see README
+        full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                    **(env or {})}
+        if not split:
+            full_env.pop("VLLM_PLUGINS", None)
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+                                     cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"vLLM server not ready after {timeout}s:\n{self.log_tail()}")
+
+    def wait_exit(self, timeout: float = STARTUP_TIMEOUT_S) -> int:
+        """For servers expected to fail at start-up: their exit code."""
+        return self.proc.wait(timeout=timeout)
+
+    def log_tail(self, n: int = 60) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and the engine processes it started
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
