@@ -10,6 +10,8 @@ It is exactly ``vllm serve`` plus what enabling vllm-split means:
 
 It also works on the CPU build, whose own ``vllm`` console script is broken
 (``patches/cli_version.py``). ``--print-command`` shows the equivalent stock command.
+``vllm-split plain serve ...`` runs stock vLLM without the plugin (for A/B comparisons on
+the CPU build).
 """
 from __future__ import annotations
 
@@ -58,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     print_only = "--print-command" in argv
     if print_only:
         argv.remove("--print-command")
-    cmd, env = build_command(argv)
+    if argv[:1] == ["plain"]:
+        cmd, env = ["vllm", *argv[1:]], {}
+    else:
+        cmd, env = build_command(argv)
     if print_only:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd))
         return

@@ -44,8 +44,8 @@ def check_supported(model: torch.nn.Module) -> torch.nn.Module:
     forward = getattr(type(inner), "forward", None)
     if inner is None or forward not in known:
         raise UnsupportedModelError(
-            f"vllm-split cannot resume {type(model).__name__} "
-            f"(inner model {type(inner).__name__ if inner is not None else None}): "
+            f"vllm-split cannot resume {type(model).__name__}"
+            f"{f' (inner model {type(inner).__name__})' if inner is not None else ''}: "
             f"its decoder loop is not one of the supported standard loops "
             f"{sorted(known.values())} (Llama, Mistral, Qwen2, Qwen3 families). "
             f"Start vLLM without the vllm-split plugin to serve this model."

@@ -1,7 +1,8 @@
 """Real-engine fixtures: a plain vLLM server for references, then a vllm-split server.
 
 The plain server runs first and is stopped before the split server starts (one engine at
-a time on this machine): ``split_server`` depends on ``reference``.
+a time on this machine): ``split_server`` depends on ``reference``. Package scope: the
+server is stopped before the next test package starts its own.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.engine.server import VLLMServer
+from vllm_split.server_process import VLLMServer
 
 PROMPTS = [
     "What is the capital of France?",
@@ -47,7 +48,7 @@ def tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def reference(model_dir, tokenizer, tmp_path_factory) -> Reference:
     server = VLLMServer(model_dir, split=False, log_path=tmp_path_factory.mktemp("plain") / "server.log")
     try:
@@ -63,7 +64,7 @@ def reference(model_dir, tokenizer, tmp_path_factory) -> Reference:
     return Reference(prompt_ids=prompt_ids, greedy=greedy, sampled=sampled, plain_text=plain_text)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def split_server(model_dir, reference, tmp_path_factory):
     server = VLLMServer(model_dir, split=True, log_path=tmp_path_factory.mktemp("split") / "server.log")
     try:

@@ -1,4 +1,4 @@
-"""Start and stop real vLLM API servers for the engine tests (one at a time)."""
+"""Start and stop a real vLLM API server subprocess (tests, demo, benchmarks; one at a time)."""
 from __future__ import annotations
 
 import os
@@ -22,13 +22,13 @@ def free_port() -> int:
 class VLLMServer:
     """A vLLM API server subprocess: ``split=True`` runs ``vllm-split serve``."""
 
-    def __init__(self, model: str | Path, *, split: bool, log_path: Path, extra_args: list[str] = (),
+    def __init__(self, model: str | Path, *, split: bool, log_path: Path, extra_args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        launcher = "vllm_split.serve" if split else "tests.engine.plain_serve"
-        cmd = [sys.executable, "-m", launcher, "serve", str(model), "--host", "127.0.0.1",
+        launcher = [] if split else ["plain"]
+        cmd = [sys.executable, "-m", "vllm_split.serve", *launcher, "serve", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--dtype", "float32", "--max-model-len", "2048",
                "--max-num-seqs", "16", *extra_args]
         if not split:
@@ -39,7 +39,7 @@ class VLLMServer:
             full_env.pop("VLLM_PLUGINS", None)
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                     cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+                                     start_new_session=True)
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The demo: set up (first run: a few minutes), then split inference on the real model.
+#   scripts/demo.sh [--split-layer K] [--prompt "..."] [--max-tokens N]
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$repo/scripts/setup.sh"
+cd "$repo"
+exec "${VENV:-$repo/.venv}/bin/python" scripts/demo.py "$@"
