@@ -74,7 +74,7 @@ async def run(args: argparse.Namespace) -> dict:
         "median_local_s_per_token": statistics.median(locals_) if locals_ else None,
         "median_server_network_s_per_token": statistics.median(rtts) if rtts else None,
     }
-    if args.timings or args.json:
+    if args.timings:
         sys.stderr.write(
             f"split_layer {args.split_layer}/{layers.num_layers}: {stats.num_prompt_tokens} prompt + "
             f"{stats.num_output_tokens} output tokens ({stats.finish_reason}); TTFT "
