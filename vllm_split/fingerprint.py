@@ -38,7 +38,10 @@ def model_fingerprint(model_dir: str | Path) -> str:
     digest = hashlib.sha256()
     config_path = root / "config.json"
     if config_path.exists():
-        config = json.loads(config_path.read_text())
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError as exc:
+            raise FingerprintError(f"{config_path}: not valid JSON: {exc}") from exc
         config = {k: v for k, v in config.items() if k not in _IGNORED_CONFIG_KEYS}
         digest.update(json.dumps(config, sort_keys=True).encode())
     tensors = []
@@ -59,11 +62,17 @@ def _tensor_entries(path: Path):
         (header_len,) = struct.unpack("<Q", raw_len)
         if header_len > 100 * 1024 * 1024:
             raise FingerprintError(f"{path}: header length {header_len} is implausible")
-        header = json.loads(fh.read(header_len))
+        try:
+            header = json.loads(fh.read(header_len))
+        except ValueError as exc:
+            raise FingerprintError(f"{path}: safetensors header is not valid JSON: {exc}") from exc
     data_start = 8 + header_len
     for name, info in header.items():
-        if name != "__metadata__":
-            yield name, path, info, data_start
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise FingerprintError(f"{path}: tensor {name!r} lacks dtype/shape/data_offsets in the header")
+        yield name, path, info, data_start
 
 
 def _sample(path: Path, offset: int, size: int) -> bytes:

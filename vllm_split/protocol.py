@@ -99,7 +99,7 @@ class Activation:
 
     def __post_init__(self) -> None:
         _check_int("start", self.start, low=0)
-        if self.dtype not in TENSOR_DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in TENSOR_DTYPES:
             raise ProtocolError(
                 f"dtype: expected one of {sorted(TENSOR_DTYPES)}, got {self.dtype!r}"
             )
@@ -150,6 +150,12 @@ class Opened:
     dtype: str
     max_frame_bytes: int
 
+    def __post_init__(self) -> None:
+        _check_str("session_id", self.session_id)
+        _check_str("dtype", self.dtype)
+        for name in ("split_layer", "num_layers", "hidden_size", "max_frame_bytes"):
+            _check_int(name, getattr(self, name), low=0)
+
 
 @dataclass(frozen=True, slots=True)
 class Token:
@@ -159,6 +165,12 @@ class Token:
     index: int
     token_id: int
     finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("index", self.index, low=0)
+        _check_int("token_id", self.token_id, low=0)
+        if self.finish_reason is not None:
+            _check_reason(self.finish_reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +182,11 @@ class Finished:
     num_prompt_tokens: int
     num_output_tokens: int
 
+    def __post_init__(self) -> None:
+        _check_reason(self.finish_reason)
+        _check_int("num_prompt_tokens", self.num_prompt_tokens, low=0)
+        _check_int("num_output_tokens", self.num_output_tokens, low=0)
+
 
 @dataclass(frozen=True, slots=True)
 class Error:
@@ -179,6 +196,12 @@ class Error:
     code: str
     message: str
     fatal: bool = False
+
+    def __post_init__(self) -> None:
+        _check_str("code", self.code)
+        if not isinstance(self.message, str):
+            raise ProtocolError(f"message: expected a string, got {self.message!r}")
+        _check_bool("fatal", self.fatal)
 
 
 Message = Union[Open, Activation, Close, Opened, Token, Finished, Error]
@@ -223,8 +246,8 @@ def decode(frame: bytes, *, max_frame_bytes: int | None = None) -> Message:
         )
     try:
         meta = json.loads(frame[HEADER_SIZE : HEADER_SIZE + meta_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"metadata is not valid UTF-8 JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge ints, deep nesting
+        raise ProtocolError(f"metadata is not valid UTF-8 JSON: {type(exc).__name__}: {exc}"[:300]) from exc
     if not isinstance(meta, dict):
         raise ProtocolError(f"metadata: expected a JSON object, got {type(meta).__name__}")
     payload = frame[HEADER_SIZE + meta_len :]
@@ -289,6 +312,11 @@ def _check_float(name: str, value: Any, *, low: float, high: float | None = None
     if value < low or (low_open and value == low) or (high is not None and value > high):
         bound = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
         raise ProtocolError(f"{name}: expected a value in {bound}, got {value}")
+
+
+def _check_reason(value: Any) -> None:
+    if value not in FINISH_REASONS:
+        raise ProtocolError(f"finish_reason: expected one of {list(FINISH_REASONS)}, got {value!r}")
 
 
 def _check_bool(name: str, value: Any) -> None:

@@ -35,8 +35,11 @@ def build_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     it = iter(argv)
     for arg in it:
         if arg.startswith("--split-"):
-            name, _, value = arg[len("--split-"):].partition("=")
-            value = value or next(it)
+            name, eq, value = arg[len("--split-"):].partition("=")
+            if not eq:
+                value = next(it, None)
+            if value is None or not value.isdigit():
+                raise SystemExit(f"vllm-split: {arg.partition('=')[0]} needs a non-negative integer value, got {value!r}")
             options[name.replace("-", "_")] = int(value)
         else:
             args.append(arg)

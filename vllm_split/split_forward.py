@@ -47,7 +47,7 @@ def check_supported(model: torch.nn.Module) -> torch.nn.Module:
             f"vllm-split cannot resume {type(model).__name__}"
             f"{f' (inner model {type(inner).__name__})' if inner is not None else ''}: "
             f"its decoder loop is not one of the supported standard loops "
-            f"{sorted(known.values())} (Llama, Mistral, Qwen2, Qwen3 families). "
+            f"{sorted(known.values())} (Llama and Qwen2/Qwen3 families). "
             f"Start vLLM without the vllm-split plugin to serve this model."
         )
     for attr in ("embed_input_ids", "layers", "norm", "start_layer", "end_layer"):

@@ -1,0 +1,142 @@
+"""Plugin options, the ``vllm-split serve`` command line, and the vLLM version check."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_split.config import SplitConfig, SplitConfigError
+from vllm_split.serve import build_command
+from vllm_split.version import BUILT_FOR_VLLM, ESCAPE_HATCH, VLLMVersionError, check_vllm_version
+
+
+# ---------------------------------------------------------------- SplitConfig
+@pytest.mark.parametrize("additional_config", [None, {}, {"other_plugin": {"x": 1}}, {"vllm_split": {}}])
+def test_defaults(additional_config):
+    cfg = SplitConfig.from_additional_config(additional_config)
+    assert cfg == SplitConfig()
+    assert (cfg.max_frame_bytes, cfg.max_sessions, cfg.max_prompt_tokens) == (8 * 1024 * 1024, 256, 32768)
+
+
+def test_default_frame_limit_stays_below_uvicorns_websocket_limit():
+    assert SplitConfig().max_frame_bytes < 16 * 1024 * 1024
+
+
+def test_overrides_keep_the_other_defaults():
+    cfg = SplitConfig.from_additional_config({"vllm_split": {"max_sessions": 4, "max_frame_bytes": 1024}})
+    assert (cfg.max_sessions, cfg.max_frame_bytes, cfg.max_prompt_tokens) == (4, 1024, 32768)
+
+
+def test_unknown_option_is_named_with_the_known_ones():
+    with pytest.raises(SplitConfigError, match=r"vllm_split: unknown option\(s\) \['max_session'\]; known: "
+                                               r"\['max_frame_bytes', 'max_prompt_tokens', 'max_sessions'\]"):
+        SplitConfig.from_additional_config({"vllm_split": {"max_session": 4}})
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_non_positive_values_are_rejected(value):
+    with pytest.raises(SplitConfigError, match=rf"vllm_split\.max_sessions: expected a positive integer, got {value}"):
+        SplitConfig.from_additional_config({"vllm_split": {"max_sessions": value}})
+
+
+@pytest.mark.parametrize("value, shown", [(True, "True"), ("4", "'4'"), (4.0, "4.0"), (None, "None")])
+def test_non_integers_are_rejected(value, shown):
+    with pytest.raises(SplitConfigError,
+                       match=rf"vllm_split\.max_prompt_tokens: expected a positive integer, got {shown}"):
+        SplitConfig.from_additional_config({"vllm_split": {"max_prompt_tokens": value}})
+
+
+def test_plugin_section_must_be_an_object():
+    with pytest.raises(SplitConfigError, match=r"vllm_split: expected an object, got \[4\]"):
+        SplitConfig.from_additional_config({"vllm_split": [4]})
+
+
+# ---------------------------------------------------------------- build_command
+@pytest.fixture
+def no_plugins_env(monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+
+
+def test_serve_gets_the_split_classes_and_eager_mode(no_plugins_env):
+    cmd, env = build_command(["serve", "my/model", "--port", "8001"])
+    assert cmd == ["vllm", "serve", "my/model", "--port", "8001",
+                   "--scheduler-cls", "vllm_split.scheduler.SplitScheduler",
+                   "--worker-cls", "vllm_split.worker.SplitWorker",
+                   "--enforce-eager"]
+    assert env == {"VLLM_PLUGINS": "vllm_split"}
+
+
+@pytest.mark.parametrize("given", [["--scheduler-cls", "my.Sched"], ["--scheduler-cls=my.Sched"]])
+def test_user_given_classes_are_kept(no_plugins_env, given):
+    cmd, _ = build_command(["serve", "m", *given, "--worker-cls=my.Worker", "--enforce-eager"])
+    assert "vllm_split.scheduler.SplitScheduler" not in cmd and "vllm_split.worker.SplitWorker" not in cmd
+    assert cmd.count("--enforce-eager") == 1
+    assert cmd == ["vllm", "serve", "m", *given, "--worker-cls=my.Worker", "--enforce-eager"]
+
+
+@pytest.mark.parametrize("argv", [["--split-max-sessions", "4"], ["--split-max-sessions=4"]])
+def test_split_options_become_additional_config(no_plugins_env, argv):
+    cmd, _ = build_command(["serve", "m", *argv, "--split-max-frame-bytes", "1024"])
+    assert not any(a.startswith("--split") for a in cmd)
+    i = cmd.index("--additional-config")
+    assert json.loads(cmd[i + 1]) == {"vllm_split": {"max_sessions": 4, "max_frame_bytes": 1024}}
+    # and the plugin reads exactly what the command passes
+    cfg = SplitConfig.from_additional_config(json.loads(cmd[i + 1]))
+    assert (cfg.max_sessions, cfg.max_frame_bytes) == (4, 1024)
+
+
+def test_no_split_options_no_additional_config(no_plugins_env):
+    cmd, _ = build_command(["serve", "m"])
+    assert "--additional-config" not in cmd
+
+
+@pytest.mark.parametrize("existing, expected", [
+    ("", "vllm_split"),
+    ("other", "other,vllm_split"),
+    ("a,b", "a,b,vllm_split"),
+    ("vllm_split", "vllm_split"),
+    ("a,vllm_split,b", "a,vllm_split,b"),
+])
+def test_vllm_plugins_keeps_existing_plugins_and_adds_ours_once(monkeypatch, existing, expected):
+    monkeypatch.setenv("VLLM_PLUGINS", existing)
+    _, env = build_command(["serve", "m"])
+    assert env == {"VLLM_PLUGINS": expected}
+
+
+@pytest.mark.parametrize("argv", [[], ["chat", "m"], ["bench", "serve"], ["--split-max-sessions", "4"]])
+def test_non_serve_subcommand_exits_with_usage(no_plugins_env, argv):
+    with pytest.raises(SystemExit, match=r"usage: vllm-split serve MODEL"):
+        build_command(argv)
+
+
+# ---------------------------------------------------------------- version check
+@pytest.fixture
+def no_escape_hatch(monkeypatch):
+    monkeypatch.delenv(ESCAPE_HATCH, raising=False)
+
+
+def test_built_for_version():
+    assert BUILT_FOR_VLLM == "0.32.0"
+
+
+@pytest.mark.parametrize("installed", ["0.32.0", "0.32.0+cpu", "0.32.0+cu128"])
+def test_matching_versions_pass(no_escape_hatch, installed):
+    check_vllm_version(installed)
+
+
+@pytest.mark.parametrize("installed", ["0.33.0", "0.31.1+cpu", "0.32.0rc1", "0.32"])
+def test_other_versions_raise_naming_both(no_escape_hatch, installed):
+    with pytest.raises(VLLMVersionError, match=rf"built for vLLM 0\.32\.0 but vLLM {installed.replace('+', r'[+]')} "
+                                               rf"is installed.*{ESCAPE_HATCH}=1"):
+        check_vllm_version(installed)
+
+
+def test_escape_hatch_allows_a_mismatch(monkeypatch):
+    monkeypatch.setenv(ESCAPE_HATCH, "1")
+    check_vllm_version("0.33.0")
+
+
+def test_escape_hatch_needs_exactly_1(monkeypatch):
+    monkeypatch.setenv(ESCAPE_HATCH, "true")
+    with pytest.raises(VLLMVersionError, match=r"vLLM 0\.33\.0 is installed"):
+        check_vllm_version("0.33.0")
