@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (use 1 when the server is a vLLM CPU server on the same machine)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--timings", action="store_true", help="print per-token timings")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
@@ -45,6 +47,10 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
 async def run(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     layers = LocalLayers(args.model, split_layer=args.split_layer, device=args.device)
     prompt_ids = _prompt_ids(tokenizer, args.prompt, args.chat)

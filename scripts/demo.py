@@ -36,6 +36,11 @@ def main() -> None:
     p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
     p.add_argument("--max-tokens", type=int, default=48)
     args = p.parse_args()
+    import torch
+
+    # Client and server share this machine's cores and the CPU server's worker pins one:
+    # a one-thread client avoids OpenMP threads waiting behind it.
+    torch.set_num_threads(1)
     model = prepare()
     log = Path(tempfile.mkdtemp(prefix="vllm-split-demo-")) / "server.log"
     print(f"[demo] starting `vllm-split serve` on {model.name} (log: {log}); about a minute on CPU...", flush=True)

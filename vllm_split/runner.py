@@ -1,27 +1,41 @@
 """Model-runner wrapper: feeds each step's client activations into the forward pass.
 
 The scheduler puts ``split_inputs`` (request id -> rows and split layer) on the
-``SchedulerOutput``; this mixin reads them in ``execute_model``, maps each request's rows
-to its tokens in the flattened batch (``input_batch.req_ids`` order, ``query_start_loc``)
-and, in the documented ``_model_forward`` override point, runs :func:`split_forward`
-instead of the model's own loop. Steps without split requests (and vLLM's dummy runs) take
-the unchanged path.
+``SchedulerOutput``; this mixin reads them in ``execute_model`` and, in the documented
+``_model_forward`` override point, runs the split forward instead of the model's own loop.
+Steps without split requests (and vLLM's dummy runs) take the unchanged path.
+
+Compute saving (``compact_forward``): ``_may_reorder_batch`` sorts the batch by split layer
+(ordinary requests first, as ``k = 0``), ``_build_attention_metadata`` additionally builds,
+through the runner's own builders, the attention metadata of each request prefix that is
+active at some layer, and ``_model_forward`` installs per layer the prefix's metadata and
+slot mapping in the forward context. Where that is not possible (pipeline parallelism,
+backends that reorder the batch themselves, non-CPU builders not yet validated) the exact
+but non-saving ``split_forward`` runs instead.
 """
 from __future__ import annotations
 
+import bisect
+import re
 from typing import Any
 
 import torch
+from vllm.distributed import get_pp_group
+from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
+from vllm.platforms import current_platform
 
 from vllm_split.activations import SplitInput
+from vllm_split.compact_forward import Entry, compact_forward
 from vllm_split.split_forward import SplitRows, check_supported, split_forward
 
 logger = init_logger(__name__)
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class SplitRunnerMixin:
     _split_inputs: dict[str, SplitInput] = {}
+    _split_prefix_md: dict[int, tuple[int, dict]] | None = None
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)
@@ -29,18 +43,85 @@ class SplitRunnerMixin:
         if getattr(self, "use_aux_hidden_state_outputs", False):
             raise RuntimeError("vllm-split does not support EAGLE-3 auxiliary hidden states")
         self._split_inner = inner
-        logger.info(
-            "vllm-split: resuming %s at per-request split layers (%d layers)",
-            type(inner).__name__, len(inner.layers),
-        )
+        logger.info("vllm-split: resuming %s at per-request split layers (%d layers)",
+                    type(inner).__name__, len(inner.layers))
+
+    def _split_compact_ok(self) -> bool:
+        return (current_platform.is_cpu() and get_pp_group().world_size == 1
+                and getattr(self, "reorder_batch_threshold", None) is None)
 
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any):
         self._split_inputs = getattr(scheduler_output, "split_inputs", None) or {}
+        self._split_prefix_md = None
         try:
             return super().execute_model(scheduler_output, *args, **kwargs)
         finally:
             self._split_inputs = {}
+            self._split_prefix_md = None
 
+    # ---------------------------------------------------------------- batch order
+    def _split_layers_in_batch(self) -> list[int]:
+        return [item.split_layer if (item := self._split_inputs.get(r)) is not None else 0
+                for r in self.input_batch.req_ids]
+
+    def _may_reorder_batch(self, scheduler_output: Any) -> None:
+        super()._may_reorder_batch(scheduler_output)
+        if not self._split_inputs or not self._split_compact_ok():
+            return
+        ks = self._split_layers_in_batch()
+        order = sorted(range(len(ks)), key=lambda i: (ks[i], i))
+        want = [self.input_batch.req_ids[i] for i in order]
+        for pos, req_id in enumerate(want):  # stable sort by split layer via swaps
+            cur = self.input_batch.req_id_to_index[req_id]
+            if cur != pos:
+                self.input_batch.swap_states(pos, cur)
+
+    # ---------------------------------------------------------------- attention prefixes
+    def _build_attention_metadata(self, *args: Any, **kwargs: Any):
+        result = super()._build_attention_metadata(*args, **kwargs)
+        if (not self._split_inputs or not self._split_compact_ok() or kwargs.get("ubatch_slices") is not None
+                or kwargs.get("for_cudagraph_capture")):
+            return result
+        ks = self._split_layers_in_batch()
+        if ks != sorted(ks):
+            return result
+        num_reqs = len(ks)
+        starts = self.query_start_loc.np
+        slot_mappings = kwargs["slot_mappings"]
+        prefixes: dict[int, tuple[int, dict]] = {}
+        for k in sorted(set(ks)):
+            num_active = bisect.bisect_right(ks, k)
+            if num_active == num_reqs:
+                continue
+            num_tokens = int(starts[num_active])
+            max_query_len = int((starts[1 : num_active + 1] - starts[:num_active]).max())
+            md, _ = super()._build_attention_metadata(
+                num_tokens=num_tokens, num_reqs=num_active, max_query_len=max_query_len,
+                slot_mappings={gid: sm[:num_tokens] for gid, sm in slot_mappings.items()},
+            )
+            prefixes[num_active] = (num_tokens, md)
+        self._split_prefix_md = prefixes
+        return result
+
+    def _install_prefix_metadata(self, ks: list[int]) -> tuple[Any, Any]:
+        fc = get_forward_context()
+        saved = (fc.attn_metadata, fc.slot_mapping)
+        attn, slots = dict(fc.attn_metadata), dict(fc.slot_mapping)
+        for name in fc.attn_metadata:
+            m = _LAYER_INDEX.search(name)
+            if m is None:
+                continue
+            num_active = bisect.bisect_right(ks, int(m.group(1)))
+            prefix = self._split_prefix_md.get(num_active)
+            if prefix is not None:
+                num_tokens, md = prefix
+                attn[name] = md[name]
+                if name in slots:
+                    slots[name] = slots[name][:num_tokens]
+        fc.attn_metadata, fc.slot_mapping = attn, slots
+        return saved
+
+    # ---------------------------------------------------------------- forward
     def _split_groups(self, num_tokens: int, device: torch.device) -> list[SplitRows]:
         starts = self.query_start_loc.np
         by_layer: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -49,42 +130,46 @@ class SplitRunnerMixin:
             if item is None:
                 continue
             begin, end = int(starts[i]), int(starts[i + 1])
-            assert end - begin == item.hidden.shape[0], (
-                f"{req_id}: {end - begin} scheduled tokens, {item.hidden.shape[0]} rows"
-            )
+            assert end - begin == item.hidden.shape[0], f"{req_id}: {end - begin} tokens, {item.hidden.shape[0]} rows"
             idx, rows = by_layer.setdefault(item.split_layer, ([], []))
             idx.append(torch.arange(begin, end, dtype=torch.long))
             rows.append(item.hidden)
-        groups = []
-        for layer, (idx, rows) in sorted(by_layer.items()):
-            index = torch.cat(idx).to(device)
-            assert int(index.max()) < num_tokens
-            groups.append(SplitRows(split_layer=layer, index=index, hidden=torch.cat(rows).to(device)))
-        return groups
+        return [SplitRows(split_layer=layer, index=torch.cat(idx).to(device), hidden=torch.cat(rows).to(device))
+                for layer, (idx, rows) in sorted(by_layer.items())]
 
-    def _model_forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        intermediate_tensors: Any = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **model_kwargs: Any,
-    ) -> Any:
+    def _split_entries(self, device: torch.device) -> list[Entry]:
+        starts = self.query_start_loc.np
+        entries = []
+        for i, req_id in enumerate(self.input_batch.req_ids):
+            item = self._split_inputs.get(req_id)
+            begin, end = int(starts[i]), int(starts[i + 1])
+            if item is None:
+                entries.append(Entry(split_layer=0, begin=begin, end=end, hidden=None))
+            else:
+                assert end - begin == item.hidden.shape[0], f"{req_id}: {end - begin} tokens, {item.hidden.shape[0]} rows"
+                entries.append(Entry(split_layer=item.split_layer, begin=begin, end=end, hidden=item.hidden.to(device)))
+        return entries
+
+    def _model_forward(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                       intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,
+                       **model_kwargs: Any) -> Any:
         if not self._split_inputs:
-            return super()._model_forward(
-                input_ids=input_ids,
-                positions=positions,
-                intermediate_tensors=intermediate_tensors,
-                inputs_embeds=inputs_embeds,
-                **model_kwargs,
-            )
+            return super()._model_forward(input_ids=input_ids, positions=positions,
+                                          intermediate_tensors=intermediate_tensors,
+                                          inputs_embeds=inputs_embeds, **model_kwargs)
+        if self._split_prefix_md is not None:
+            ks = self._split_layers_in_batch()
+            saved = self._install_prefix_metadata(ks)
+            try:
+                out = compact_forward(self._split_inner, entries=self._split_entries(positions.device),
+                                      input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds,
+                                      **model_kwargs)
+            finally:
+                fc = get_forward_context()
+                fc.attn_metadata, fc.slot_mapping = saved
+            pad = positions.shape[-1] - out.shape[0]
+            return out if pad == 0 else torch.cat([out, out.new_zeros((pad, out.shape[1]))])
         groups = self._split_groups(positions.shape[-1], positions.device)
-        return split_forward(
-            self._split_inner,
-            groups=groups,
-            input_ids=input_ids,
-            positions=positions,
-            intermediate_tensors=intermediate_tensors,
-            inputs_embeds=inputs_embeds,
-            **model_kwargs,
-        )
+        return split_forward(self._split_inner, groups=groups, input_ids=input_ids, positions=positions,
+                             intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds,
+                             **model_kwargs)

@@ -12,6 +12,7 @@ Each scheduled split request's rows for the step travel to the workers on the
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_split.patches import engine_core_utility
 from vllm_split.version import check_vllm_version
+from vllm_split.config import SplitConfig
 from vllm_split.activations import ActivationStore, DeliveryError, SplitInput
 
 logger = init_logger(__name__)
@@ -51,6 +53,9 @@ class SplitSchedulerMixin:
         )
         # request id -> (session id, split layer), for live split requests
         self.split_requests: dict[str, tuple[str, int]] = {}
+        config = SplitConfig.from_additional_config(self.vllm_config.additional_config)
+        self.split_batch_wait_s = config.batch_wait_ms / 1000.0
+        self._split_gather_since: float | None = None
 
     # ---------------------------------------------------------------- deliveries
     def split_deliver(self, session_id: str, start: int, num_rows: int, data: bytes) -> str | None:
@@ -84,8 +89,26 @@ class SplitSchedulerMixin:
             self.split_requests[request.request_id] = info
         super().add_request(request)
 
+    def _split_gathering(self, held_running: list) -> list:
+        """Ready split requests to defer while the gather window waits for the held ones."""
+        if self.split_batch_wait_s <= 0 or not held_running:
+            self._split_gather_since = None
+            return []
+        ready = [r for r in self.running if r.request_id in self.split_requests and not self._split_is_held(r)]
+        if not ready:
+            return []
+        now = time.monotonic()
+        if self._split_gather_since is None:
+            self._split_gather_since = now
+        if now - self._split_gather_since >= self.split_batch_wait_s:
+            self._split_gather_since = None
+            return []
+        time.sleep(0.0002)  # EngineCore loops while we gather: do not spin hot
+        return ready
+
     def schedule(self, *args: Any, **kwargs: Any):
         held_running = [r for r in self.running if self._split_is_held(r)]
+        held_running += self._split_gathering(held_running)
         held_waiting = [r for r in self.waiting if self._split_is_held(r)]
         if held_running:
             held_ids = {id(r) for r in held_running}

@@ -10,6 +10,7 @@ import torch
 from vllm.platforms import current_platform
 
 from vllm_split.runner import SplitRunnerMixin
+from vllm_split.step_timing import StepTimingMixin
 from vllm_split.version import check_vllm_version
 
 check_vllm_version()
@@ -26,7 +27,7 @@ if current_platform.is_cpu():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.cpu_worker import CPUWorker
 
-    class SplitCPUModelRunner(SplitRunnerMixin, CPUModelRunner):
+    class SplitCPUModelRunner(StepTimingMixin, SplitRunnerMixin, CPUModelRunner):
         pass
 
     class SplitWorker(CPUWorker):
@@ -39,7 +40,7 @@ else:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.gpu_worker import Worker
 
-    class SplitGPUModelRunner(SplitRunnerMixin, GPUModelRunner):
+    class SplitGPUModelRunner(StepTimingMixin, SplitRunnerMixin, GPUModelRunner):
         pass
 
     class SplitWorker(Worker):  # type: ignore[no-redef]

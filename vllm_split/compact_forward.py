@@ -1,0 +1,72 @@
+"""The compute-saving split forward: layer ``l`` runs only on rows that have entered.
+
+The runner sorts the batch by split layer (ordinary requests count as ``k = 0``), so the
+rows active at layer ``l`` (requests with ``k_r <= l``) are a prefix ``[0, T_l)`` of the
+flattened batch and requests entering at ``l`` append the next rows. Each layer then runs
+on ``h[:T_l]`` only, attention included: the runner has put, for every attention layer, the
+metadata and slot mapping of the matching request prefix into the forward context. Rows
+of a request never pass through the layers below its ``k`` (no compute, no KV writes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """Rows ``[begin, end)`` of the sorted batch enter at ``split_layer`` with ``hidden``."""
+
+    split_layer: int
+    begin: int
+    end: int
+    hidden: torch.Tensor | None  # None: ordinary rows, embedded from their token ids (k = 0)
+
+
+def compact_forward(
+    inner: torch.nn.Module,
+    *,
+    entries: list[Entry],
+    input_ids: torch.Tensor | None,
+    positions: torch.Tensor,
+    inputs_embeds: torch.Tensor | None = None,
+    **extra_layer_kwargs: Any,
+) -> torch.Tensor:
+    """Single pipeline stage: embed k=0 rows, grow the active prefix at each entry layer."""
+    num_layers = len(inner.layers)
+    by_layer: dict[int, list[Entry]] = {}
+    for e in entries:
+        by_layer.setdefault(e.split_layer, []).append(e)
+    h: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+
+    def enter(layer: int) -> None:
+        nonlocal h, residual
+        for e in by_layer.get(layer, ()):
+            assert h is None or e.begin == h.shape[0], f"rows must be sorted by split layer: {e}"
+            if e.hidden is None:
+                rows = (inputs_embeds[e.begin : e.end] if inputs_embeds is not None
+                        else inner.embed_input_ids(input_ids[e.begin : e.end]))
+            else:
+                rows = e.hidden
+            if h is None:
+                h = rows
+            else:
+                h = torch.cat([h, rows.to(h.dtype)])
+                if residual is not None:
+                    residual = torch.cat([residual, residual.new_zeros(rows.shape)])
+
+    for idx in range(num_layers):
+        enter(idx)
+        if h is None:
+            continue
+        n = h.shape[0]
+        h, residual = inner.layers[idx](positions[:n], h, residual, **extra_layer_kwargs)
+    enter(num_layers)
+    assert h is not None
+    if residual is None:
+        return inner.norm(h)
+    out, _ = inner.norm(h, residual)
+    return out
