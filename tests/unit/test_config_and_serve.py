@@ -29,21 +29,27 @@ def test_overrides_keep_the_other_defaults():
 
 def test_unknown_option_is_named_with_the_known_ones():
     with pytest.raises(SplitConfigError, match=r"vllm_split: unknown option\(s\) \['max_session'\]; known: "
-                                               r"\['max_frame_bytes', 'max_prompt_tokens', 'max_sessions'\]"):
+                                               r"\['batch_wait_ms', 'max_frame_bytes', 'max_prompt_tokens', 'max_sessions'\]"):
         SplitConfig.from_additional_config({"vllm_split": {"max_session": 4}})
 
 
 @pytest.mark.parametrize("value", [0, -3])
 def test_non_positive_values_are_rejected(value):
-    with pytest.raises(SplitConfigError, match=rf"vllm_split\.max_sessions: expected a positive integer, got {value}"):
+    with pytest.raises(SplitConfigError, match=rf"vllm_split\.max_sessions: expected an integer >= 1, got {value}"):
         SplitConfig.from_additional_config({"vllm_split": {"max_sessions": value}})
 
 
 @pytest.mark.parametrize("value, shown", [(True, "True"), ("4", "'4'"), (4.0, "4.0"), (None, "None")])
 def test_non_integers_are_rejected(value, shown):
     with pytest.raises(SplitConfigError,
-                       match=rf"vllm_split\.max_prompt_tokens: expected a positive integer, got {shown}"):
+                       match=rf"vllm_split\.max_prompt_tokens: expected an integer >= 1, got {shown}"):
         SplitConfig.from_additional_config({"vllm_split": {"max_prompt_tokens": value}})
+
+
+def test_batch_wait_may_be_zero_but_not_negative():
+    assert SplitConfig.from_additional_config({"vllm_split": {"batch_wait_ms": 0}}).batch_wait_ms == 0
+    with pytest.raises(SplitConfigError, match=r"vllm_split\.batch_wait_ms: expected an integer >= 0, got -1"):
+        SplitConfig.from_additional_config({"vllm_split": {"batch_wait_ms": -1}})
 
 
 def test_plugin_section_must_be_an_object():
