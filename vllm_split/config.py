@@ -24,11 +24,15 @@ class SplitConfig:
     # still wait for their client's activation, wait up to this long so that they run in
     # one step (larger batches, fewer steps) instead of one step per arrival. 0: off.
     batch_wait_ms: int = 0
+    # Lowest split layer this server accepts. The server then loads no weights and keeps no
+    # KV cache for layers [0, min_layer) (more room for requests) and serves split sessions
+    # only: ordinary requests are refused. 0: off.
+    min_layer: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            low = 0 if f.name == "batch_wait_ms" else 1
+            low = 0 if f.name in ("batch_wait_ms", "min_layer") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected an integer >= {low}, got {value!r}")
 

@@ -26,6 +26,8 @@ from vllm.logger import init_logger
 from vllm.platforms import current_platform
 
 from vllm_split.activations import SplitInput
+from vllm_split.config import SplitConfig
+from vllm_split.patches import min_layer
 from vllm_split.compact_forward import Entry, compact_forward
 from vllm_split.split_forward import SplitRows, check_supported, split_forward
 
@@ -38,13 +40,16 @@ class SplitRunnerMixin:
     _split_prefix_md: dict[int, tuple[int, dict]] | None = None
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
+        config = SplitConfig.from_additional_config(self.vllm_config.additional_config)
+        min_layer.apply(config.min_layer, num_hidden_layers=self.model_config.get_total_num_hidden_layers(),
+                        pp_size=self.vllm_config.parallel_config.pipeline_parallel_size)
         super().load_model(*args, **kwargs)
         inner = check_supported(self.get_model())
         if getattr(self, "use_aux_hidden_state_outputs", False):
             raise RuntimeError("vllm-split does not support EAGLE-3 auxiliary hidden states")
         self._split_inner = inner
-        logger.info("vllm-split: resuming %s at per-request split layers (%d layers)",
-                    type(inner).__name__, len(inner.layers))
+        logger.info("vllm-split: resuming %s at per-request split layers (%d layers; this server holds "
+                    "layers [%d, %d))", type(inner).__name__, len(inner.layers), inner.start_layer, inner.end_layer)
 
     def _split_compact_ok(self) -> bool:
         return (current_platform.is_cpu() and get_pp_group().world_size == 1

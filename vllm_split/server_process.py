@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +12,12 @@ import urllib.request
 from pathlib import Path
 
 STARTUP_TIMEOUT_S = 420
+
+
+def kv_capacity_tokens(server_log: Path) -> int | None:
+    """The engine's KV cache capacity in tokens, read from its start-up log."""
+    m = re.search(r"KV cache size: ([\d,]+) tokens", Path(server_log).read_text(errors="replace"))
+    return int(m.group(1).replace(",", "")) if m else None
 
 
 def free_port() -> int:

@@ -76,8 +76,10 @@ class ServerSession:
             raise SessionError("protocol_version", f"client speaks protocol {msg.protocol_version}, server speaks {wire.PROTOCOL_VERSION}", fatal=True)
         if msg.model_fingerprint != self.model.fingerprint:
             raise SessionError("fingerprint_mismatch", f"client model fingerprint {msg.model_fingerprint} does not match the server's {self.model.fingerprint}: both sides must hold the same weights", fatal=True)
-        if not 0 <= msg.split_layer <= self.model.num_layers:
-            raise SessionError("split_layer", f"split_layer {msg.split_layer} out of range: expected 0 <= split_layer <= {self.model.num_layers}", fatal=True)
+        low = self.config.min_layer
+        if not low <= msg.split_layer <= self.model.num_layers:
+            why = f" (this server holds no layers below {low})" if low else ""
+            raise SessionError("split_layer", f"split_layer {msg.split_layer} out of range: expected {low} <= split_layer <= {self.model.num_layers}{why}", fatal=True)
         self.open = msg
         await self.send(wire.Opened(
             session_id=self.session_id, split_layer=msg.split_layer, num_layers=self.model.num_layers,

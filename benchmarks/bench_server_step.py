@@ -1,0 +1,243 @@
+"""The server's time per engine step with the split layer k, against plain vLLM.
+
+    python benchmarks/bench_server_step.py [--quick] [--out results/bench_server_step.json]
+
+Runs, one engine at a time on this machine: (A) plain vLLM without the plugin (only a
+timing hook added: ``vllm_split.step_timing.TimingWorker``), then (B) ``vllm-split serve``.
+Both run eager, float32, prefix caching off, the same requests: decode batches of B
+requests at context C, and prefills of P tokens. On B the requests are split sessions at
+each k (and a mixed batch) replayed from activations computed beforehand by the client
+library (``benchmarks/replay.py``). The worker logs every step (step time, time inside the
+decoder layers); the summary gives medians and ratios against plain vLLM, and the limit
+``fixed + (L - k) / L * layers`` from plain vLLM's own split of its step. The plot is
+made from the JSON alone (``--plot-only``).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+COMMON = ["--enforce-eager", "--no-enable-prefix-caching", "--max-num-seqs", "64",
+          "--max-num-batched-tokens", "4096"]
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def scenarios(args) -> list[dict]:
+    out = [{"kind": "decode", "batch": b, "context": c} for c in args.contexts for b in args.batches]
+    out += [{"kind": "prefill", "batch": 1, "context": p} for p in args.prefills]
+    return out
+
+
+def mixed_layers(ks: list[int], batch: int) -> list[int]:
+    """The mixed batch: requests cycle through the split layers."""
+    return [ks[i % len(ks)] for i in range(batch)]
+
+
+def read_steps(log: Path, t0: float, t1: float) -> list[dict]:
+    if not log.exists():
+        return []
+    return [s for s in map(json.loads, log.read_text().splitlines()) if t0 <= s["t"] <= t1]
+
+
+def pick(steps: list[dict], sc: dict) -> list[dict]:
+    if sc["kind"] == "decode":
+        return [s for s in steps if s["num_reqs"] == sc["batch"] and s["num_tokens"] == sc["batch"]]
+    return [s for s in steps if s["num_reqs"] == 1 and s["num_tokens"] == sc["context"]]
+
+
+def run_plain(args, model, prompts, log: Path) -> tuple[dict, dict]:
+    """Returns (samples per scenario, greedy continuation per context length)."""
+    from vllm_split.server_process import VLLMServer
+    from benchmarks.http_load import completions
+
+    server = VLLMServer(model, split=False, log_path=log.with_suffix(".server.log"),
+                        extra_args=(*COMMON, "--worker-cls", "vllm_split.step_timing.TimingWorker"),
+                        env={"VLLM_SPLIT_STEP_LOG": str(log), "VLLM_CPU_KVCACHE_SPACE": "4"})
+    samples, continuations = {}, {}
+    try:
+        server.wait_ready()
+        for sc in scenarios(args):
+            ids = prompts[sc["context"]]
+            n = args.decode_tokens if sc["kind"] == "decode" else 1
+            for _ in range(args.repeats):
+                t0 = time.time()
+                outs = asyncio.run(completions(server.url, str(model), [ids] * sc["batch"], max_tokens=n))
+                samples.setdefault(key(sc, "plain"), []).extend(pick(read_steps(log, t0, time.time()), sc))
+            if sc["kind"] == "decode":
+                continuations[sc["context"]] = outs[0]
+            print(f"  plain {key(sc, 'plain')}: {len(samples[key(sc, 'plain')])} steps", flush=True)
+    finally:
+        server.stop()
+    return samples, continuations
+
+
+def key(sc: dict, system: str) -> str:
+    return f"{system}|{sc['kind']}|B={sc['batch']}|C={sc['context']}"
+
+
+def run_split(args, model, prompts, continuations, log: Path) -> tuple[dict, int]:
+    from benchmarks.replay import make_script, replay_many
+    from client_lib.local_layers import LocalLayers
+    from vllm_split.server_process import VLLMServer
+
+    systems = [str(k) for k in args.ks] + ["mixed"]
+    layers = {k: LocalLayers(model, split_layer=k) for k in args.ks}
+    fingerprint = layers[args.ks[0]].fingerprint
+    scripts = {}
+    for c, ids in prompts.items():
+        cont = continuations.get(c)
+        for k in args.ks:
+            if cont is not None:
+                scripts[(k, c, "decode")] = make_script(layers[k], ids, cont)
+            scripts[(k, c, "prefill")] = make_script(layers[k], ids, cont[:1] if cont else [0])
+    server = VLLMServer(model, split=True, log_path=log.with_suffix(".server.log"),
+                        extra_args=(*COMMON, "--split-batch-wait-ms", str(args.batch_wait_ms), *args.split_args),
+                        env={"VLLM_SPLIT_STEP_LOG": str(log), "VLLM_CPU_KVCACHE_SPACE": "4"})
+    samples, mismatches = {}, 0
+    try:
+        server.wait_ready()
+        for sc in scenarios(args):
+            for system in systems:
+                if sc["kind"] == "prefill" and system == "mixed":
+                    continue
+                ks = mixed_layers(args.ks, sc["batch"]) if system == "mixed" else [int(system)] * sc["batch"]
+                batch = [scripts[(k, sc["context"], sc["kind"])] for k in ks]
+                for _ in range(args.repeats):
+                    t0 = time.time()
+                    results = asyncio.run(replay_many(server.url, batch, fingerprint=fingerprint))
+                    if (sc["context"] in continuations):  # else the expected token is unknown
+                        mismatches += sum(not r.exact for r in results)
+                    samples.setdefault(key(sc, system), []).extend(pick(read_steps(log, t0, time.time()), sc))
+                print(f"  split {key(sc, system)}: {len(samples[key(sc, system)])} steps", flush=True)
+    finally:
+        server.stop()
+    return samples, mismatches
+
+
+def summarize(samples: dict, args, num_layers: int) -> list[dict]:
+    rows = []
+    for sc in scenarios(args):
+        base = samples.get(key(sc, "plain"), [])
+        if not base:
+            continue
+        p_step = statistics.median(s["step_s"] for s in base)
+        p_layers = statistics.median(s["layers_s"] for s in base)
+        p_fixed = p_step - p_layers
+        for system in [str(k) for k in args.ks] + ["mixed"]:
+            got = samples.get(key(sc, system), [])
+            if not got:
+                continue
+            ks = mixed_layers(args.ks, sc["batch"]) if system == "mixed" else [int(system)]
+            frac = statistics.mean((num_layers - k) / num_layers for k in ks)  # token-weighted
+            step = statistics.median(s["step_s"] for s in got)
+            layers = statistics.median(s["layers_s"] for s in got)
+            limit = (p_fixed + frac * p_layers) / p_step
+            rows.append({**sc, "system": system, "layer_fraction": frac, "steps": len(got),
+                         "plain_step_s": p_step, "plain_layers_s": p_layers, "plain_fixed_s": p_fixed,
+                         "step_s": step, "layers_s": layers, "step_ratio": step / p_step,
+                         "layers_ratio": layers / p_layers, "step_limit_ratio": limit,
+                         "step_minus_limit": step / p_step - limit})
+    return rows
+
+
+def plot(data: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["summary"]
+    labels = [f"{r['kind'][0]} B{r['batch']} C{r['context']} k={r['system']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.35), 4.5))
+    ax.bar([i - 0.2 for i in x], [r["layers_ratio"] for r in rows], 0.4, label="decoder-layer loop / plain")
+    ax.bar([i + 0.2 for i in x], [r["step_ratio"] for r in rows], 0.4, label="whole step / plain")
+    ax.scatter(list(x), [r["layer_fraction"] for r in rows], marker="_", s=200, c="k", label="(L-k)/L")
+    ax.scatter(list(x), [r["step_limit_ratio"] for r in rows], marker="x", c="r", label="step limit")
+    ax.set_xticks(list(x), labels, rotation=90, fontsize=7)
+    ax.set_ylabel("ratio to plain vLLM")
+    ax.set_title(f"Server time per step vs split layer ({data['environment']['vllm']} CPU, SmolLM2-135M)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--prefills", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--ks", type=int, nargs="+", default=[0, 7, 15, 22])
+    p.add_argument("--decode-tokens", type=int, default=10)
+    p.add_argument("--split-args", nargs="*", default=[], help="extra vllm-split serve arguments")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch-wait-ms", type=int, default=200, help="split server gather window")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_server_step.json")
+    p.add_argument("--plot-only", action="store_true")
+    args = p.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return
+    if args.quick:
+        args.batches, args.contexts, args.prefills, args.ks = [1, 4], [64], [64], [0, 15]
+        args.decode_tokens, args.repeats = 6, 1
+    import torch
+
+    torch.set_num_threads(1)  # the clients' precompute must not fight the server for cores
+    from vllm_split.model_prep import prepare
+    from vllm_split.server_process import kv_capacity_tokens
+
+    model = prepare()
+    num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    rng = random.Random(0)
+    prompts = {c: [rng.randrange(3, 49000) for _ in range(c)] for c in sorted(set(args.contexts) | set(args.prefills))}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
+    print(f"[bench] plain vLLM (logs in {tmp})", flush=True)
+    plain, continuations = run_plain(args, model, prompts, tmp / "plain.jsonl")
+    print("[bench] vllm-split", flush=True)
+    split, mismatches = run_split(args, model, prompts, continuations, tmp / "split.jsonl")
+    samples = {**plain, **split}
+    import vllm
+
+    data = {
+        "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "environment": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
+                        "vllm": vllm.__version__, "git_sha": git_sha(), "model": model.name, "num_layers": num_layers},
+        "token_mismatches": mismatches,
+        "kv_capacity_tokens": {"plain": kv_capacity_tokens(tmp / "plain.server.log"),
+                               "split": kv_capacity_tokens(tmp / "split.server.log")},
+        "samples": samples,
+        "summary": summarize(samples, args, num_layers),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1))
+    plot(data, args.out.with_suffix(".png"))
+    for r in data["summary"]:
+        print(f"{r['kind']:7s} B={r['batch']:2d} C={r['context']:4d} k={r['system']:>5s}: loop {r['layers_ratio']:.3f} "
+              f"(target {r['layer_fraction']:.3f}), step {r['step_ratio']:.3f} (limit {r['step_limit_ratio']:.3f}), "
+              f"{r['steps']} steps")
+    print(f"[bench] token mismatches: {mismatches}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

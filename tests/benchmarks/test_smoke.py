@@ -1,0 +1,59 @@
+"""CI smoke runs of every benchmark at a tiny size: they run, write their JSON and plot.
+
+These check that the scripts work and that their outputs hold what the docs say; the
+numbers themselves are read from full runs (results/), never asserted here.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, *args: str, timeout: int = 900) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_placement_study_quick(tmp_path):
+    out = tmp_path / "study.json"
+    run("placement_study.py", "--quick", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["summary"] and out.with_suffix(".png").exists()
+
+
+def test_bench_planner_quick(tmp_path):
+    out = tmp_path / "planner.json"
+    run("bench_planner.py", "--quick", "--out", str(out))
+    assert json.loads(out.read_text())
+
+
+@pytest.mark.engine
+def test_profile_costs_quick(tmp_path):
+    out = tmp_path / "profile.json"
+    run("profile_costs.py", "--quick", "--out", str(out))
+    profile = json.loads(out.read_text())
+    from vllm_split.planner.profile import parse_profile
+
+    parsed = parse_profile(profile)  # the planner reads what the profiler writes
+    assert {d.role for d in parsed.devices} == {"server", "client"}
+    assert all(m.seconds > 0 for d in parsed.devices for m in d.measurements)
+
+
+@pytest.mark.engine
+def test_bench_server_step_quick(tmp_path):
+    out = tmp_path / "step.json"
+    run("bench_server_step.py", "--quick", "--out", str(out), timeout=1200)
+    data = json.loads(out.read_text())
+    assert data["token_mismatches"] == 0  # replayed split sessions produced the plain engine's tokens
+    systems = {(r["kind"], r["system"]) for r in data["summary"]}
+    assert {("decode", "0"), ("decode", "15"), ("decode", "mixed"), ("prefill", "15")} <= systems
+    assert all(r["steps"] > 0 for r in data["summary"])
+    assert data["kv_capacity_tokens"]["plain"] and data["kv_capacity_tokens"]["split"]
+    assert out.with_suffix(".png").exists()

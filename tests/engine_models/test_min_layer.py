@@ -1,0 +1,79 @@
+"""min_layer: the server drops layers [0, min_layer): more KV capacity, same tokens."""
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.engine.conftest import complete
+from tests.engine.helpers import RawSession, split_generate
+from client_lib import LocalLayers
+from vllm_split import protocol as wire
+from vllm_split.server_process import VLLMServer, kv_capacity_tokens
+
+pytestmark = pytest.mark.engine
+MIN_LAYER = 15
+
+
+@pytest.fixture(scope="module")
+def plain_run(model_dir, tokenizer, tmp_path_factory):
+    log = tmp_path_factory.mktemp("plain-kv") / "server.log"
+    server = VLLMServer(model_dir, split=False, log_path=log)
+    try:
+        server.wait_ready()
+        ids = tokenizer("The three most important inventions of the 20th century are")["input_ids"]
+        tokens = complete(server.url, str(model_dir), ids, max_tokens=24, temperature=0, ignore_eos=True)["token_ids"]
+    finally:
+        server.stop()
+    return ids, tokens, kv_capacity_tokens(log)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_min_layer_server(model_dir, plain_run, tmp_path):
+    ids, expected, plain_kv = plain_run
+    log = tmp_path / "server.log"
+    server = VLLMServer(model_dir, split=True, log_path=log, extra_args=("--split-min-layer", str(MIN_LAYER)))
+    try:
+        server.wait_ready()
+        kv = kv_capacity_tokens(log)
+        assert plain_kv and kv and kv / plain_kv >= 1.8, (kv, plain_kv)
+        assert "this server holds layers [15, 30)" in log.read_text()
+        # split sessions at k >= min_layer: the same tokens as the full plain engine
+        for k in (MIN_LAYER, 22):
+            tokens, _ = asyncio.run(split_generate(server.url, LocalLayers(model_dir, split_layer=k), ids,
+                                                   max_tokens=24, ignore_eos=True))
+            assert tokens == expected, k
+
+        async def refused() -> wire.Message:
+            layers = LocalLayers(model_dir, split_layer=7)
+            async with await RawSession.connect(server.url) as raw:
+                await raw.send(wire.Open(model_fingerprint=layers.fingerprint, split_layer=7))
+                return await raw.recv()
+
+        msg = asyncio.run(refused())
+        assert isinstance(msg, wire.Error) and msg.fatal
+        assert "expected 15 <= split_layer <= 30 (this server holds no layers below 15)" in msg.message
+        # ordinary requests cannot run without layers [0, 15): refused, and the server goes on
+        body = {"model": str(model_dir), "prompt": ids, "max_tokens": 4}
+        req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                choice = json.load(r)["choices"][0]
+            assert choice["finish_reason"] in ("error", "abort") and not choice.get("token_ids"), choice
+        except urllib.error.HTTPError as exc:
+            assert exc.code >= 400
+        tokens, _ = asyncio.run(split_generate(server.url, LocalLayers(model_dir, split_layer=MIN_LAYER), ids,
+                                               max_tokens=24, ignore_eos=True))
+        assert tokens == expected
+    finally:
+        server.stop()
