@@ -11,7 +11,8 @@ sent the hidden state ``x`` at layer ``k`` enters by setting, just before layer 
 ``h = x`` and ``residual = 0`` (or leaving ``residual`` None before the first layer, which
 then takes ``h`` as the residual): exact in float32. Rows entering at ``k = L`` are set
 just before the final norm. Layers below a row's ``k`` still run on it here and their
-output is overwritten (the compute-saving version is a later step); the results are final.
+output is overwritten: this is the exact fallback for configurations the compute-saving
+``compact_forward`` does not cover yet (pipeline parallelism, GPU attention backends).
 
 Only models whose inner model runs exactly that loop are accepted: the inner model's
 ``forward`` must be one of the known standard-loop functions, checked at start-up.
