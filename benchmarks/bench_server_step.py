@@ -30,8 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+MAX_BATCHED_TOKENS = 4096
 COMMON = ["--enforce-eager", "--no-enable-prefix-caching", "--max-num-seqs", "64",
-          "--max-num-batched-tokens", "4096"]
+          "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS)]
 
 
 def git_sha() -> str | None:
@@ -50,6 +51,14 @@ def scenarios(args) -> list[dict]:
 def mixed_layers(ks: list[int], batch: int) -> list[int]:
     """The mixed batch: requests cycle through the split layers."""
     return [ks[i % len(ks)] for i in range(batch)]
+
+
+def decode_tokens(args, sc: dict) -> int:
+    """Tokens per request: enough that all B requests decode together for several steps
+    after the last one's chunked prefill (B * C / max_num_batched_tokens steps)."""
+    if sc["kind"] == "prefill":
+        return 1
+    return args.decode_tokens + sc["batch"] * sc["context"] // MAX_BATCHED_TOKENS
 
 
 def read_steps(log: Path, t0: float, t1: float) -> list[dict]:
@@ -77,13 +86,13 @@ def run_plain(args, model, prompts, log: Path) -> tuple[dict, dict]:
         server.wait_ready()
         for sc in scenarios(args):
             ids = prompts[sc["context"]]
-            n = args.decode_tokens if sc["kind"] == "decode" else 1
+            n = decode_tokens(args, sc)
             for _ in range(args.repeats):
                 t0 = time.time()
                 outs = asyncio.run(completions(server.url, str(model), [ids] * sc["batch"], max_tokens=n))
                 samples.setdefault(key(sc, "plain"), []).extend(pick(read_steps(log, t0, time.time()), sc))
-            if sc["kind"] == "decode":
-                continuations[sc["context"]] = outs[0]
+            if sc["kind"] == "decode" and len(outs[0]) > len(continuations.get(sc["context"], [])):
+                continuations[sc["context"]] = outs[0]  # the longest greedy continuation
             print(f"  plain {key(sc, 'plain')}: {len(samples[key(sc, 'plain')])} steps", flush=True)
     finally:
         server.stop()
@@ -92,6 +101,13 @@ def run_plain(args, model, prompts, log: Path) -> tuple[dict, dict]:
 
 def key(sc: dict, system: str) -> str:
     return f"{system}|{sc['kind']}|B={sc['batch']}|C={sc['context']}"
+
+
+def truncated(script, n: int):
+    """The script's first n tokens (continuations are computed once, at their longest)."""
+    from dataclasses import replace
+
+    return replace(script, decode_rows=script.decode_rows[: n - 1], expected=script.expected[:n])
 
 
 def run_split(args, model, prompts, continuations, log: Path) -> tuple[dict, int]:
@@ -120,7 +136,8 @@ def run_split(args, model, prompts, continuations, log: Path) -> tuple[dict, int
                 if sc["kind"] == "prefill" and system == "mixed":
                     continue
                 ks = mixed_layers(args.ks, sc["batch"]) if system == "mixed" else [int(system)] * sc["batch"]
-                batch = [scripts[(k, sc["context"], sc["kind"])] for k in ks]
+                n = decode_tokens(args, sc)
+                batch = [truncated(scripts[(k, sc["context"], sc["kind"])], n) for k in ks]
                 for _ in range(args.repeats):
                     t0 = time.time()
                     results = asyncio.run(replay_many(server.url, batch, fingerprint=fingerprint))
