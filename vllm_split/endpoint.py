@@ -19,10 +19,11 @@ from vllm.logger import init_logger
 from vllm_split import protocol as wire
 from vllm_split.config import SplitConfig
 from vllm_split.fingerprint import model_fingerprint
+from vllm_split.scheduler import EXTRA_ARGS_KEY
 from vllm_split.session import ModelInfo, ServerSession, SessionError, run_session
 from vllm_split.version import check_vllm_version
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
 ROUTE = "/v1/split/session"
 router = APIRouter()
 
@@ -53,7 +54,10 @@ async def split_session(ws: WebSocket) -> None:
 
     async def send(msg: wire.Message) -> None:
         if ws.client_state == WebSocketState.CONNECTED:
-            await ws.send_bytes(wire.encode(msg))
+            try:
+                await ws.send_bytes(wire.encode(msg))
+            except (WebSocketDisconnect, RuntimeError, OSError):  # the client is gone
+                pass
 
     async def receive() -> bytes | str | None:
         try:
@@ -91,7 +95,7 @@ async def split_session(ws: WebSocket) -> None:
         if ws.client_state == WebSocketState.CONNECTED:
             try:
                 await ws.close(code=close_code)
-            except RuntimeError:
+            except (RuntimeError, OSError):
                 pass
 
 
@@ -128,8 +132,27 @@ class SplitEndpointPlugin:
             max_model_len=model_config.max_model_len,
         )
         state.vllm_split = SplitService(engine=engine_client, model=model, config=config)
+        if config.min_layer > 0:
+            _refuse_ordinary_requests(engine_client, config.min_layer)
         logger.info("vllm-split: sessions on %s (model %s, %d layers, fingerprint %s)",
                     ROUTE, model_dir, model.num_layers, fingerprint[:16])
+
+
+def _refuse_ordinary_requests(engine_client: Any, min_layer: int) -> None:
+    """A server without layers [0, min_layer) cannot run ordinary requests: refuse them
+    with a clear error (the OpenAI routes answer it as a bad request) instead of letting
+    them reach the engine. Wraps this app's engine client only."""
+    generate = engine_client.generate
+
+    async def split_only_generate(prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any):
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        if EXTRA_ARGS_KEY not in extra:
+            raise ValueError(f"this vllm-split server holds no layers below {min_layer} (min_layer): it serves "
+                             f"split sessions at split_layer >= {min_layer} only, not ordinary requests")
+        async for output in generate(prompt, sampling_params, *args, **kwargs):
+            yield output
+
+    engine_client.generate = split_only_generate
 
 
 def endpoint_plugin() -> SplitEndpointPlugin:

@@ -31,7 +31,7 @@ from vllm_split.patches import min_layer
 from vllm_split.compact_forward import Entry, compact_forward
 from vllm_split.split_forward import SplitRows, check_supported, split_forward
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 

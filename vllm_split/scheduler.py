@@ -19,14 +19,13 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import RequestStatus
 
 from vllm_split.patches import engine_core_utility
 from vllm_split.version import check_vllm_version
 from vllm_split.config import SplitConfig
 from vllm_split.activations import ActivationStore, DeliveryError, SplitInput
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
 
 EXTRA_ARGS_KEY = "vllm_split"
 
@@ -56,7 +55,6 @@ class SplitSchedulerMixin:
         self.split_requests: dict[str, tuple[str, int]] = {}
         config = SplitConfig.from_additional_config(self.vllm_config.additional_config)
         self.split_batch_wait_s = config.batch_wait_ms / 1000.0
-        self.split_min_layer = config.min_layer
         self._split_gather_since: float | None = None
 
     # ---------------------------------------------------------------- deliveries
@@ -90,11 +88,6 @@ class SplitSchedulerMixin:
         if info is not None:
             self.split_requests[request.request_id] = info
         super().add_request(request)
-        if info is None and self.split_min_layer > 0:
-            # This server has no layers below min_layer: it cannot run an ordinary request.
-            logger.warning("vllm-split: refusing request %s: this server (min_layer %d) serves split "
-                           "sessions only", request.request_id, self.split_min_layer)
-            self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR)
 
     def _split_gathering(self, held_running: list) -> list:
         """Ready split requests to defer while the gather window waits for the held ones."""

@@ -24,7 +24,7 @@ from vllm_split.config import SplitConfig
 from vllm_split.patches.engine_core_utility import DELIVER, RELEASE
 from vllm_split.scheduler import EXTRA_ARGS_KEY
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
 PLACEHOLDER_TOKEN_ID = 0  # prompt ids the engine never embeds (rows are replaced)
 
 
