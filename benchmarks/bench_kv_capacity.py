@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_server_step import git_sha  # noqa: E402
+from benchmarks.bench_env import git_sha  # noqa: E402
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,16 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_env import git_sha  # noqa: E402
+
 MAX_BATCHED_TOKENS = 4096
 COMMON = ["--enforce-eager", "--no-enable-prefix-caching", "--max-num-seqs", "64",
           "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS)]
-
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def scenarios(args) -> list[dict]:

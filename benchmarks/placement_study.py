@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import random
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -26,6 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_env import git_sha  # noqa: E402
 
 from vllm_split.planner import (  # noqa: E402
     KNOWN_MODELS,
@@ -48,13 +49,6 @@ ROW_FIELDS = ("model", "device", "network", "sla", "shape", "request", "kind", "
               *(f"work_{m}" for m in METHODS), *(f"feasible_{m}" for m in METHODS),
               "dp_client_nodes", "dp_ms")
 
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def device_spec(entry: dict) -> DeviceSpec:

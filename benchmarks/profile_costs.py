@@ -13,25 +13,19 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_env import git_sha  # noqa: E402
+
 # This machine: Intel Xeon (AVX-512, 2 FMA units) at 2.6 GHz, 2 vCPUs:
 # 2 x 2.6e9 x 2 FMA x 16 fp32 lanes x 2 FLOP = 333 GFLOP/s peak (an upper bound: the vCPUs
 # may share one physical core). Memory bandwidth: 20 GB/s assumed for a 2-vCPU VM share.
 CPU_PEAK_FLOPS = 333e9
 CPU_MEM_BW = 20e9
-
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections import defaultdict
 from typing import Any
 
 DECODE_STEPS = 8

@@ -1,7 +1,6 @@
 """Client-side helpers for the engine tests."""
 from __future__ import annotations
 
-import json
 import re
 import urllib.request
 
