@@ -37,7 +37,8 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 class SplitRunnerMixin:
     _split_inputs: dict[str, SplitInput] = {}
-    _split_prefix_md: dict[int, tuple[int, dict]] | None = None
+    # split layer per request in batch order, and {num_active_requests: (num_tokens, metadata)}
+    _split_prefix_md: tuple[list[int], dict[int, tuple[int, dict]]] | None = None
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         config = SplitConfig.from_additional_config(self.vllm_config.additional_config)
@@ -105,10 +106,11 @@ class SplitRunnerMixin:
                 slot_mappings={gid: sm[:num_tokens] for gid, sm in slot_mappings.items()},
             )
             prefixes[num_active] = (num_tokens, md)
-        self._split_prefix_md = prefixes
+        self._split_prefix_md = (ks, prefixes)
         return result
 
-    def _install_prefix_metadata(self, ks: list[int]) -> tuple[Any, Any]:
+    def _install_prefix_metadata(self) -> tuple[Any, Any]:
+        ks, prefixes = self._split_prefix_md
         fc = get_forward_context()
         saved = (fc.attn_metadata, fc.slot_mapping)
         attn, slots = dict(fc.attn_metadata), dict(fc.slot_mapping)
@@ -117,7 +119,7 @@ class SplitRunnerMixin:
             if m is None:
                 continue
             num_active = bisect.bisect_right(ks, int(m.group(1)))
-            prefix = self._split_prefix_md.get(num_active)
+            prefix = prefixes.get(num_active)
             if prefix is not None:
                 num_tokens, md = prefix
                 attn[name] = md[name]
@@ -127,21 +129,6 @@ class SplitRunnerMixin:
         return saved
 
     # ---------------------------------------------------------------- forward
-    def _split_groups(self, num_tokens: int, device: torch.device) -> list[SplitRows]:
-        starts = self.query_start_loc.np
-        by_layer: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for i, req_id in enumerate(self.input_batch.req_ids):
-            item = self._split_inputs.get(req_id)
-            if item is None:
-                continue
-            begin, end = int(starts[i]), int(starts[i + 1])
-            assert end - begin == item.hidden.shape[0], f"{req_id}: {end - begin} tokens, {item.hidden.shape[0]} rows"
-            idx, rows = by_layer.setdefault(item.split_layer, ([], []))
-            idx.append(torch.arange(begin, end, dtype=torch.long))
-            rows.append(item.hidden)
-        return [SplitRows(split_layer=layer, index=torch.cat(idx).to(device), hidden=torch.cat(rows).to(device))
-                for layer, (idx, rows) in sorted(by_layer.items())]
-
     def _split_entries(self, device: torch.device) -> list[Entry]:
         starts = self.query_start_loc.np
         entries = []
@@ -155,6 +142,18 @@ class SplitRunnerMixin:
                 entries.append(Entry(split_layer=item.split_layer, begin=begin, end=end, hidden=item.hidden.to(device)))
         return entries
 
+    def _split_groups(self, device: torch.device) -> list[SplitRows]:
+        """The client rows of the batch grouped by split layer (for ``split_forward``)."""
+        by_layer: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for e in self._split_entries(device):
+            if e.hidden is None:
+                continue
+            idx, rows = by_layer.setdefault(e.split_layer, ([], []))
+            idx.append(torch.arange(e.begin, e.end, dtype=torch.long, device=device))
+            rows.append(e.hidden)
+        return [SplitRows(split_layer=layer, index=torch.cat(idx), hidden=torch.cat(rows))
+                for layer, (idx, rows) in sorted(by_layer.items())]
+
     def _model_forward(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                        intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,
                        **model_kwargs: Any) -> Any:
@@ -163,8 +162,7 @@ class SplitRunnerMixin:
                                           intermediate_tensors=intermediate_tensors,
                                           inputs_embeds=inputs_embeds, **model_kwargs)
         if self._split_prefix_md is not None:
-            ks = self._split_layers_in_batch()
-            saved = self._install_prefix_metadata(ks)
+            saved = self._install_prefix_metadata()
             try:
                 out = compact_forward(self._split_inner, entries=self._split_entries(positions.device),
                                       input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds,
@@ -174,7 +172,7 @@ class SplitRunnerMixin:
                 fc.attn_metadata, fc.slot_mapping = saved
             pad = positions.shape[-1] - out.shape[0]
             return out if pad == 0 else torch.cat([out, out.new_zeros((pad, out.shape[1]))])
-        groups = self._split_groups(positions.shape[-1], positions.device)
+        groups = self._split_groups(positions.device)
         return split_forward(self._split_inner, groups=groups, input_ids=input_ids, positions=positions,
                              intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds,
                              **model_kwargs)
