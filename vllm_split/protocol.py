@@ -27,6 +27,7 @@ MAGIC = b"VSPL"
 _HEADER = struct.Struct("<4sBBI")
 HEADER_SIZE = _HEADER.size
 MAX_META_BYTES = 64 * 1024
+MAX_PROBE_BYTES = 1024 * 1024
 # dtype name -> bytes per element; the server casts whatever arrives to the model's dtype.
 TENSOR_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -62,25 +63,75 @@ class SamplingOptions:
         _check_bool("ignore_eos", self.ignore_eos)
 
 
+@dataclass(frozen=True, slots=True)
+class RequestSLA:
+    """The latency the client wants: time to first token and time per output token."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.ttft_s is None and self.tpot_s is None:
+            raise ProtocolError("sla: expected at least one of ttft_s, tpot_s")
+        for name in ("ttft_s", "tpot_s"):
+            if getattr(self, name) is not None:
+                _check_float(f"sla.{name}", getattr(self, name), low=0.0, high=3600.0, low_open=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientProfile:
+    """How fast the client runs one decoder layer: measured times, or a declared FLOP/s.
+
+    ``layer_prefill_s_per_token``: one layer's prefill time divided by the prompt length;
+    ``layer_decode_s``: one layer's time for one decode step. Decoder layers are identical,
+    so one figure stands for every layer.
+    """
+
+    layer_prefill_s_per_token: float | None = None
+    layer_decode_s: float | None = None
+    flops_per_s: float | None = None
+
+    def __post_init__(self) -> None:
+        times = (self.layer_prefill_s_per_token, self.layer_decode_s)
+        if (None in times) != all(t is None for t in times):
+            raise ProtocolError("client: give both layer_prefill_s_per_token and layer_decode_s, or neither")
+        if times[0] is None and self.flops_per_s is None:
+            raise ProtocolError("client: expected layer times (layer_prefill_s_per_token, layer_decode_s) or flops_per_s")
+        for name in ("layer_prefill_s_per_token", "layer_decode_s"):
+            if getattr(self, name) is not None:
+                _check_float(f"client.{name}", getattr(self, name), low=0.0, high=60.0)
+        if self.flops_per_s is not None:
+            _check_float("client.flops_per_s", self.flops_per_s, low=0.0, high=1e18, low_open=True)
+
+
 # ---------------------------------------------------------------- messages, client -> server
 @dataclass(frozen=True, slots=True)
 class Open:
-    """First frame of a session: which model, where to split, how to sample."""
+    """First frame of a session: which model, where to split, how to sample.
+
+    ``split_layer=None`` asks the server to choose (its admission controller plans the
+    request from ``client``, ``sla``, ``expected_output_tokens`` and the measured network).
+    """
 
     KIND: ClassVar[int] = 1
     model_fingerprint: str
-    split_layer: int
+    split_layer: int | None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     protocol_version: int = PROTOCOL_VERSION
+    sla: RequestSLA | None = None
+    client: ClientProfile | None = None
+    expected_output_tokens: int | None = None  # None: sampling.max_tokens
 
     def __post_init__(self) -> None:
         _check_str("model_fingerprint", self.model_fingerprint)
-        _check_int("split_layer", self.split_layer, low=0)
+        if self.split_layer is not None:
+            _check_int("split_layer", self.split_layer, low=0)
         _check_int("protocol_version", self.protocol_version, low=0)
-        if isinstance(self.sampling, dict):
-            object.__setattr__(self, "sampling", _build(SamplingOptions, self.sampling, "sampling"))
-        elif not isinstance(self.sampling, SamplingOptions):
-            raise ProtocolError(f"sampling: expected an object, got {type(self.sampling).__name__}")
+        _nested(self, "sampling", SamplingOptions, optional=False)
+        _nested(self, "sla", RequestSLA, optional=True)
+        _nested(self, "client", ClientProfile, optional=True)
+        if self.expected_output_tokens is not None:
+            _check_int("expected_output_tokens", self.expected_output_tokens, low=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +182,18 @@ class Activation:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeReply:
+    """The client's immediate answer to a :class:`Probe`, ``reply_bytes`` of payload."""
+
+    KIND: ClassVar[int] = 9
+    nonce: int
+    data: bytes = field(default=b"", repr=False)
+
+    def __post_init__(self) -> None:
+        _check_int("nonce", self.nonce, low=0)
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """The client ends the session (the request is aborted if still running)."""
 
@@ -149,12 +212,34 @@ class Opened:
     hidden_size: int
     dtype: str
     max_frame_bytes: int
+    placement: str = "fixed"  # "fixed" (the client's k), "dp" (planned) or "server_only"
+    predicted_ttft_s: float | None = None
+    predicted_tpot_s: float | None = None
 
     def __post_init__(self) -> None:
         _check_str("session_id", self.session_id)
         _check_str("dtype", self.dtype)
+        _check_str("placement", self.placement)
         for name in ("split_layer", "num_layers", "hidden_size", "max_frame_bytes"):
             _check_int(name, getattr(self, name), low=0)
+        for name in ("predicted_ttft_s", "predicted_tpot_s"):
+            if getattr(self, name) is not None:
+                _check_float(name, getattr(self, name), low=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Network measurement before planning: answer at once with ``reply_bytes`` of payload."""
+
+    KIND: ClassVar[int] = 8
+    nonce: int
+    reply_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("nonce", self.nonce, low=0)
+        _check_int("reply_bytes", self.reply_bytes, low=0)
+        if self.reply_bytes > MAX_PROBE_BYTES:
+            raise ProtocolError(f"reply_bytes: expected <= {MAX_PROBE_BYTES}, got {self.reply_bytes}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,16 +281,21 @@ class Error:
     code: str
     message: str
     fatal: bool = False
+    retry_after_s: float | None = None  # set when retrying later may succeed
 
     def __post_init__(self) -> None:
         _check_str("code", self.code)
         if not isinstance(self.message, str):
             raise ProtocolError(f"message: expected a string, got {self.message!r}")
         _check_bool("fatal", self.fatal)
+        if self.retry_after_s is not None:
+            _check_float("retry_after_s", self.retry_after_s, low=0.0)
 
 
-Message = Union[Open, Activation, Close, Opened, Token, Finished, Error]
-_KINDS: dict[int, type] = {cls.KIND: cls for cls in (Open, Activation, Close, Opened, Token, Finished, Error)}
+Message = Union[Open, Activation, ProbeReply, Close, Opened, Probe, Token, Finished, Error]
+_KINDS: dict[int, type] = {cls.KIND: cls for cls in (Open, Activation, ProbeReply, Close, Opened, Probe,
+                                                     Token, Finished, Error)}
+_PAYLOAD_KINDS = (Activation, ProbeReply)  # messages whose ``data`` field is the raw payload
 
 
 # ---------------------------------------------------------------- encode / decode
@@ -213,7 +303,7 @@ def encode(msg: Message) -> bytes:
     """Serialize a message to one binary frame."""
     payload = b""
     meta = asdict(msg)
-    if isinstance(msg, Activation):
+    if isinstance(msg, _PAYLOAD_KINDS):
         payload = meta.pop("data")
     meta_bytes = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
     return _HEADER.pack(MAGIC, PROTOCOL_VERSION, msg.KIND, len(meta_bytes)) + meta_bytes + payload
@@ -251,7 +341,7 @@ def decode(frame: bytes, *, max_frame_bytes: int | None = None) -> Message:
     if not isinstance(meta, dict):
         raise ProtocolError(f"metadata: expected a JSON object, got {type(meta).__name__}")
     payload = frame[HEADER_SIZE + meta_len :]
-    if cls is Activation:
+    if cls in _PAYLOAD_KINDS:
         meta["data"] = payload
     elif payload:
         raise ProtocolError(f"{cls.__name__} carries no payload, got {len(payload)} extra bytes")
@@ -327,6 +417,17 @@ def _check_bool(name: str, value: Any) -> None:
 def _check_str(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value:
         raise ProtocolError(f"{name}: expected a non-empty string, got {value!r}")
+
+
+def _nested(msg: Any, name: str, cls: type, *, optional: bool) -> None:
+    """Turn a nested JSON object into ``cls`` (in place on a frozen dataclass)."""
+    value = getattr(msg, name)
+    if value is None and optional:
+        return
+    if isinstance(value, dict):
+        object.__setattr__(msg, name, _build(cls, value, name))
+    elif not isinstance(value, cls):
+        raise ProtocolError(f"{name}: expected an object, got {type(value).__name__}")
 
 
 def _list(name: str, value: Any) -> list:

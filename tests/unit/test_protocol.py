@@ -50,6 +50,16 @@ SAMPLE_MESSAGES = [
     wire.Token(index=9, token_id=2, finish_reason="stop"),
     wire.Finished(finish_reason="length", num_prompt_tokens=12, num_output_tokens=8),
     wire.Error(code="protocol", message="bad frame", fatal=True),
+    wire.Open(model_fingerprint="fp1-abc", split_layer=None, sla=wire.RequestSLA(ttft_s=2.0, tpot_s=0.1),
+              client=wire.ClientProfile(layer_prefill_s_per_token=1e-5, layer_decode_s=4e-4),
+              expected_output_tokens=32),
+    wire.Open(model_fingerprint="fp1-abc", split_layer=None, sla=wire.RequestSLA(tpot_s=0.1),
+              client=wire.ClientProfile(flops_per_s=2e12)),
+    wire.Opened(session_id="s-2", split_layer=12, num_layers=30, hidden_size=576, dtype="float32",
+                max_frame_bytes=8 << 20, placement="dp", predicted_ttft_s=0.4, predicted_tpot_s=0.09),
+    wire.Probe(nonce=3, reply_bytes=65536),
+    wire.ProbeReply(nonce=3, data=b"x" * 100),
+    wire.Error(code="server_busy", message="retry", fatal=True, retry_after_s=1.5),
 ]
 
 
@@ -152,7 +162,7 @@ MALFORMED = [
     ("bad magic", _frame(1, _open_meta(), magic=b"XSPL"), r"bad magic: expected b'VSPL', got b'XSPL'"),
     ("wrong version", _frame(1, _open_meta(), version=2),
      r"protocol version 2 is not supported: this side speaks version 1"),
-    ("unknown kind", _frame(99, {}), r"unknown message kind 99: expected one of \[1, 2, 3, 4, 5, 6, 7\]"),
+    ("unknown kind", _frame(99, {}), r"unknown message kind 99: expected one of \[1, 2, 3, 4, 5, 6, 7, 8, 9\]"),
     ("meta longer than frame", _frame(1, b"{}", meta_len=100),
      r"declared metadata length 100 does not fit: frame has 2 bytes after the header"),
     ("meta over limit", _frame(1, b"{}", meta_len=wire.MAX_META_BYTES + 1),
@@ -163,11 +173,21 @@ MALFORMED = [
     ("JSON string", _frame(7, b'"x"'), r"metadata: expected a JSON object, got str"),
     ("unknown field", _frame(1, _open_meta(colour="red")),
      r"Open: unknown field\(s\) \['colour'\]; expected a subset of "
-     r"\['model_fingerprint', 'protocol_version', 'sampling', 'split_layer'\]"),
+     r"\['client', 'expected_output_tokens', 'model_fingerprint', 'protocol_version', 'sampling', 'sla', "
+     r"'split_layer'\]"),
     ("unknown sampling field", _frame(1, _open_meta(sampling={"temp": 1})),
      r"sampling: unknown field\(s\) \['temp'\]"),
     ("missing field", _frame(1, {"model_fingerprint": "fp"}),
      r"Open: .*missing 1 required positional argument: 'split_layer'"),
+    ("SLA without bounds", _frame(1, _open_meta(split_layer=None, sla={})),
+     r"sla: expected at least one of ttft_s, tpot_s"),
+    ("negative SLA", _frame(1, _open_meta(sla={"tpot_s": -1})), r"sla.tpot_s: expected a value in \(0.0, 3600.0\]"),
+    ("half a client profile", _frame(1, _open_meta(client={"layer_decode_s": 0.001})),
+     r"client: give both layer_prefill_s_per_token and layer_decode_s, or neither"),
+    ("empty client profile", _frame(1, _open_meta(client={})), r"client: expected layer times"),
+    ("client profile not an object", _frame(1, _open_meta(client=[1])), r"client: expected an object, got list"),
+    ("zero expected tokens", _frame(1, _open_meta(expected_output_tokens=0)), r"expected_output_tokens: expected >= 1"),
+    ("huge probe", _frame(8, {"nonce": 1, "reply_bytes": 1 << 30}), r"reply_bytes: expected <= 1048576"),
     ("missing activation fields", _frame(3, {"start": 0}),
      r"Activation: .*missing 2 required .*'dtype' and 'shape'"),
     ("bool where int", _frame(1, _open_meta(split_layer=True)), r"split_layer: expected an integer, got True"),
@@ -258,7 +278,7 @@ def _decode_or_protocol_error(frame: bytes) -> None:
         msg = wire.decode(frame)
     except wire.ProtocolError:
         return
-    assert type(msg) in (wire.Open, wire.Activation, wire.Close, wire.Opened, wire.Token, wire.Finished, wire.Error)
+    assert type(msg) in wire._KINDS.values()
 
 
 @settings(max_examples=300, deadline=None)
