@@ -1,7 +1,7 @@
 """Patch: EngineCore utility methods that pass client activations to the split scheduler.
 
-Target:  ``vllm.v1.engine.core.EngineCore`` (adds ``vllm_split_deliver`` and
-         ``vllm_split_release``; changes no existing attribute).
+Target:  ``vllm.v1.engine.core.EngineCore`` (adds ``vllm_split_deliver``,
+         ``vllm_split_release`` and ``vllm_split_step_stats``; changes no existing attribute).
 Process: EngineCore, applied by ``SplitSchedulerMixin.__init__``, so only when the split
          scheduler is configured.
 Why:     The API server reaches EngineCore through ``call_utility_async(name, *args)``,
@@ -22,6 +22,7 @@ from typing import Any
 
 DELIVER = "vllm_split_deliver"
 RELEASE = "vllm_split_release"
+STEP_STATS = "vllm_split_step_stats"
 
 
 def _deliver(self: Any, session_id: str, start: int, num_rows: int, data: bytes) -> str | None:
@@ -36,6 +37,11 @@ def _release(self: Any, session_id: str) -> bool:
     return bool(hasattr(scheduler, "split_release") and scheduler.split_release(session_id))
 
 
+def _step_stats(self: Any, since: int) -> dict | None:
+    scheduler = self.scheduler
+    return scheduler.split_step_stats(since) if hasattr(scheduler, "split_step_stats") else None
+
+
 def apply() -> None:
     """Idempotent."""
     from vllm.v1.engine.core import EngineCore
@@ -43,3 +49,4 @@ def apply() -> None:
     if getattr(EngineCore, DELIVER, None) is not _deliver:
         setattr(EngineCore, DELIVER, _deliver)
         setattr(EngineCore, RELEASE, _release)
+        setattr(EngineCore, STEP_STATS, _step_stats)

@@ -24,6 +24,7 @@ from vllm_split.patches import engine_core_utility
 from vllm_split.version import check_vllm_version
 from vllm_split.config import SplitConfig
 from vllm_split.activations import ActivationStore, DeliveryError, SplitInput
+from vllm_split.step_stats import StepRecorder, step_shape
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
 
@@ -56,6 +57,8 @@ class SplitSchedulerMixin:
         config = SplitConfig.from_additional_config(self.vllm_config.additional_config)
         self.split_batch_wait_s = config.batch_wait_ms / 1000.0
         self._split_gather_since: float | None = None
+        self.split_num_layers = model_config.hf_config.num_hidden_layers
+        self.split_steps = StepRecorder()
 
     # ---------------------------------------------------------------- deliveries
     def split_deliver(self, session_id: str, start: int, num_rows: int, data: bytes) -> str | None:
@@ -126,7 +129,19 @@ class SplitSchedulerMixin:
             if held_waiting:
                 self.waiting.prepend_requests(held_waiting)
         output.split_inputs = self._split_inputs_for(output)
+        self.split_steps.scheduled(id(output), step_shape(self.split_num_layers, (
+            (count, self.split_requests.get(req_id, ("", 0))[1])
+            for req_id, count in output.num_scheduled_tokens.items())))
         return output
+
+    def update_from_output(self, scheduler_output: Any, *args: Any, **kwargs: Any):
+        self.split_steps.finished(id(scheduler_output))
+        return super().update_from_output(scheduler_output, *args, **kwargs)
+
+    def split_step_stats(self, since: int) -> dict:
+        """Step records newer than ``since`` and the queue lengths (for the controller)."""
+        return {"num_layers": self.split_num_layers, "records": self.split_steps.since(since),
+                "num_running": len(self.running), "num_waiting": len(self.waiting)}
 
     def _split_inputs_for(self, output: Any) -> dict[str, SplitInput]:
         inputs: dict[str, SplitInput] = {}

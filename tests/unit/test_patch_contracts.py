@@ -72,6 +72,9 @@ SOURCE_CONTAINS = {
     # utility calls are looked up by name on the engine, so added methods are reachable
     "vllm.v1.engine.core:EngineCoreProc._handle_client_request": (
         "getattr(self, method_name)", "patches/engine_core_utility.py"),
+    # step timing pairs each schedule() output with the update_from_output() call it gets
+    "vllm.v1.engine.core:EngineCore.step": (
+        "self.scheduler.update_from_output(\n            scheduler_output, model_output", "vllm_split/step_stats.py"),
     # held running requests are counted like paused streaming sessions during admission
     "vllm.v1.core.sched.scheduler:Scheduler.schedule": (
         "len(self.running) + self.num_waiting_for_streaming_input", "vllm_split/scheduler.py"),
@@ -156,7 +159,7 @@ def test_installed_vllm_is_the_pinned_version():
 def clean_engine_core():
     from vllm_split.patches import engine_core_utility as ecu
 
-    saved = {name: EngineCore.__dict__.get(name) for name in (ecu.DELIVER, ecu.RELEASE)}
+    saved = {name: EngineCore.__dict__.get(name) for name in (ecu.DELIVER, ecu.RELEASE, ecu.STEP_STATS)}
     for name in saved:
         if name in EngineCore.__dict__:
             delattr(EngineCore, name)
@@ -183,7 +186,7 @@ def test_engine_core_utility_apply_adds_the_methods_idempotently(clean_engine_co
     first = (EngineCore.__dict__[ecu.DELIVER], EngineCore.__dict__[ecu.RELEASE])
     ecu.apply()
     assert (EngineCore.__dict__[ecu.DELIVER], EngineCore.__dict__[ecu.RELEASE]) == first
-    assert set(vars(EngineCore)) - before == {ecu.DELIVER, ecu.RELEASE}  # changes nothing else
+    assert set(vars(EngineCore)) - before == {ecu.DELIVER, ecu.RELEASE, ecu.STEP_STATS}  # nothing else
     assert (ecu.DELIVER, ecu.RELEASE) == ("vllm_split_deliver", "vllm_split_release")
     # subclasses that vLLM actually runs see them too
     assert getattr(EngineCoreProc, ecu.DELIVER) is first[0]
@@ -220,6 +223,7 @@ def test_utility_methods_on_a_stock_scheduler(clean_engine_core):
     engine = _engine_with(object())
     assert getattr(engine, ecu.DELIVER)("s", 0, 1, b"") == "vllm-split: the engine does not run the split scheduler"
     assert getattr(engine, ecu.RELEASE)("s") is False
+    assert getattr(engine, ecu.STEP_STATS)(0) is None
 
 
 # ---------------------------------------------------------------- patches/cli_version
