@@ -24,8 +24,8 @@ def test_fit_recovers_the_true_costs():
     fit = fit_step_cost(_records(200), prior=DEFAULT_PRIOR, prior_weight=2.0)
     assert fit.samples == 200
     assert fit.fixed_s == pytest.approx(TRUE.fixed_s, rel=0.2)  # the intercept is the least determined
-    assert fit.layer_s == pytest.approx(TRUE.layer_s, rel=0.02)
-    assert fit.row_s == pytest.approx(TRUE.row_s, rel=0.02)
+    assert fit.layer_s == pytest.approx(TRUE.layer_s, rel=0.05)
+    assert fit.row_s == pytest.approx(TRUE.row_s, rel=0.05)
 
 
 def test_noisy_fit_predicts_steps_within_a_few_percent():
