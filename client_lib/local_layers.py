@@ -29,17 +29,24 @@ class StepTiming:
 
 
 class LocalLayers:
-    """Embeddings + layers ``[0, split_layer)`` of an HF decoder-only checkpoint."""
+    """Embeddings + layers ``[0, split_layer)`` of an HF decoder-only checkpoint.
 
-    def __init__(self, model_dir: str | Path, *, split_layer: int, device: str = "cpu",
+    ``split_layer="auto"`` loads every layer and lets the server choose: the session calls
+    :meth:`use_split_layer` with the server's answer.
+    """
+
+    def __init__(self, model_dir: str | Path, *, split_layer: int | str, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoConfig, AutoModel, DynamicCache
 
         self.model_dir = Path(model_dir)
         config = AutoConfig.from_pretrained(self.model_dir)
         num_layers = config.num_hidden_layers
-        if not 0 <= split_layer <= num_layers:
-            raise LocalLayersError(f"split_layer {split_layer} out of range: expected 0 <= split_layer <= {num_layers}")
+        self.auto = split_layer == "auto"
+        if self.auto:
+            split_layer = num_layers
+        if isinstance(split_layer, bool) or not isinstance(split_layer, int) or not 0 <= split_layer <= num_layers:
+            raise LocalLayersError(f"split_layer {split_layer!r} out of range: expected 'auto' or 0 <= split_layer <= {num_layers}")
         self.split_layer = split_layer
         self.num_layers = num_layers
         self.hidden_size = config.hidden_size
@@ -80,6 +87,16 @@ class LocalLayers:
         if missing:
             raise LocalLayersError(f"{self.model_dir}: checkpoint lacks {len(missing)} tensor(s) the client needs, e.g. {missing[:3]}")
         model.load_state_dict(state, strict=True)
+
+    def use_split_layer(self, split_layer: int) -> None:
+        """Run only layers ``[0, split_layer)`` from now on (an ``auto`` session's placement)."""
+        loaded = len(self.model.layers) if self.split_layer else 0
+        if not 0 <= split_layer <= loaded:
+            raise LocalLayersError(f"split layer {split_layer} needs layers this client did not load (it has {loaded})")
+        self.model.layers = self.model.layers[:split_layer]
+        self.model.config.num_hidden_layers = max(split_layer, 1)
+        self.split_layer = split_layer
+        self.reset()
 
     def reset(self) -> None:
         """Forget the KV cache (start a new sequence)."""

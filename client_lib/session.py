@@ -1,9 +1,16 @@
 """Async client session: open, stream tokens, close (usable as ``async with``).
 
-    layers = LocalLayers(model_dir, split_layer=7)
-    async with await SplitSession.create("ws://host:8000", layers) as session:
-        async for token in session.generate(prompt_ids, SamplingOptions(max_tokens=64)):
+    layers = LocalLayers(model_dir, split_layer="auto")   # or a fixed k, e.g. 7
+    async with await SplitSession.create("http://host:8000", layers,
+                                         sampling=SamplingOptions(max_tokens=64),
+                                         sla=RequestSLA(ttft_s=2.0, tpot_s=0.2)) as session:
+        async for token in session.generate(prompt_ids):
             print(token.token_id)
+
+With ``split_layer="auto"`` the server's admission controller chooses ``k`` when the
+session opens (in ``generate``, once the prompt length is known): the client sends its
+measured per-layer times (``client_lib.client_profile``, cached per device and model) and
+its SLA, and answers the server's network probes.
 
 One session runs one generation. Per step the client computes the hidden state at its
 split layer for the new token(s) locally and posts it; the server answers with the next
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import aiohttp
 
@@ -47,38 +54,77 @@ class GenerationStats:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
-    time_to_first_token: float | None = None
+    time_to_first_token: float | None = None  # from Opened to the first token
     events: list[TokenEvent] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        t = self.token_times
+        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
 
 
 class SplitSession:
-    def __init__(self, *, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
-                 layers: LocalLayers, opened: wire.Opened) -> None:
+    def __init__(self, *, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, layers: Any,
+                 sampling: wire.SamplingOptions, sla: wire.RequestSLA | None, profile: wire.ClientProfile | None,
+                 expected_output_tokens: int | None, link: Any = None) -> None:
         self._http = http
         self._ws = ws
         self.layers = layers
-        self.opened = opened
+        self.sampling = sampling
+        self.sla = sla
+        self.profile = profile
+        self.expected_output_tokens = expected_output_tokens
+        self.link = link  # client_lib.emulation.EmulatedLink: delays as on a slower network
+        self.opened: wire.Opened | None = None
         self.stats = GenerationStats()
         self._closed = False
 
     @classmethod
-    async def create(cls, url: str, layers: LocalLayers, *, sampling: wire.SamplingOptions | None = None,
-                     api_key: str | None = None, max_frame_bytes: int = 64 * 1024 * 1024) -> "SplitSession":
-        """Connect and open a session at ``layers.split_layer``."""
+    async def create(cls, url: str, layers: Any, *, sampling: wire.SamplingOptions | None = None,
+                     api_key: str | None = None, max_frame_bytes: int = 64 * 1024 * 1024,
+                     sla: wire.RequestSLA | None = None, profile: wire.ClientProfile | None = None,
+                     expected_output_tokens: int | None = None, link: Any = None) -> "SplitSession":
+        """Connect; open the session now at a fixed ``layers.split_layer``, or, for
+        ``split_layer="auto"``, in :meth:`generate` (planning needs the prompt length).
+        ``profile`` defaults to this device's measured one when the server chooses."""
         ws_url = url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + SESSION_PATH
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        auto = getattr(layers, "auto", False)
+        if auto and profile is None:
+            from client_lib.client_profile import client_profile
+
+            profile = client_profile(layers)
         http = aiohttp.ClientSession()
         try:
             ws = await http.ws_connect(ws_url, headers=headers, max_msg_size=max_frame_bytes)
-            await _send(ws, wire.Open(model_fingerprint=layers.fingerprint, split_layer=layers.split_layer,
-                                      sampling=sampling or wire.SamplingOptions()))
-            opened = await _recv(ws)
-            if not isinstance(opened, wire.Opened):
-                raise ServerError("protocol", f"expected Opened, got {type(opened).__name__}", True)
+            session = cls(http=http, ws=ws, layers=layers, sampling=sampling or wire.SamplingOptions(), sla=sla,
+                          profile=profile, expected_output_tokens=expected_output_tokens, link=link)
+            if not auto:
+                await session._open(prompt_tokens=None)
         except BaseException:
             await http.close()
             raise
-        return cls(http=http, ws=ws, layers=layers, opened=opened)
+        return session
+
+    async def _open(self, prompt_tokens: int | None) -> wire.Opened:
+        auto = getattr(self.layers, "auto", False)
+        await self._send(wire.Open(
+            model_fingerprint=self.layers.fingerprint, split_layer=None if auto else self.layers.split_layer,
+            sampling=self.sampling, sla=self.sla, client=self.profile,
+            expected_output_tokens=self.expected_output_tokens, prompt_tokens=prompt_tokens))
+        while True:  # answer the server's network probes until it decides
+            msg = await self._recv()
+            if isinstance(msg, wire.Probe):
+                await self._send(wire.ProbeReply(nonce=msg.nonce, data=bytes(msg.reply_bytes)))
+                continue
+            if not isinstance(msg, wire.Opened):
+                raise ServerError("protocol", f"expected Opened, got {type(msg).__name__}", True)
+            break
+        if auto:
+            self.layers.use_split_layer(msg.split_layer)
+        self.opened = msg
+        return msg
 
     async def __aenter__(self) -> "SplitSession":
         return self
@@ -98,10 +144,20 @@ class SplitSession:
             await self._http.close()
 
     async def _send(self, msg: wire.Message) -> None:
-        await _send(self._ws, msg)
+        frame = wire.encode(msg)
+        if self.link is not None:
+            await self.link.uplink(len(frame))
+        await self._ws.send_bytes(frame)
 
     async def _recv(self) -> wire.Message:
-        return await _recv(self._ws)
+        msg = await _recv(self._ws)
+        if self.link is not None:
+            await self.link.downlink(len(wire.encode(msg)))
+        return msg
+
+    async def _forward(self, token_ids: list[int]):
+        aforward = getattr(self.layers, "aforward", None)  # emulated clients compute asynchronously
+        return await aforward(token_ids) if aforward is not None else self.layers.forward(token_ids)
 
     async def generate(self, prompt_ids: list[int], *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> AsyncIterator[TokenEvent]:
         """Run the prompt through the local layers, then stream tokens until finished.
@@ -111,9 +167,11 @@ class SplitSession:
         """
         if not prompt_ids:
             raise ValueError("prompt_ids is empty: at least one token is needed")
+        if self.opened is None:
+            await self._open(prompt_tokens=len(prompt_ids))
         self.layers.reset()
         t_start = time.perf_counter()
-        hidden = self.layers.forward(list(prompt_ids))
+        hidden = await self._forward(list(prompt_ids))
         local = time.perf_counter() - t_start
         n = len(prompt_ids)
         row_bytes = hidden.shape[1] * hidden.element_size()
@@ -132,6 +190,7 @@ class SplitSession:
             if not isinstance(msg, wire.Token):
                 raise ServerError("protocol", f"expected Token or Finished, got {type(msg).__name__}", True)
             now = time.perf_counter()
+            self.stats.token_times.append(now)
             if self.stats.time_to_first_token is None:
                 self.stats.time_to_first_token = now - t_start
             event = TokenEvent(index=msg.index, token_id=msg.token_id, finish_reason=msg.finish_reason,
@@ -140,14 +199,10 @@ class SplitSession:
             yield event
             if msg.finish_reason is None:
                 t0 = time.perf_counter()
-                row = self.layers.forward([msg.token_id])
+                row = await self._forward([msg.token_id])
                 local = time.perf_counter() - t0
                 await self._send(wire.Activation.from_tensor(row, start=n + msg.index))
                 sent_at = time.perf_counter()
-
-
-async def _send(ws: aiohttp.ClientWebSocketResponse, msg: wire.Message) -> None:
-    await ws.send_bytes(wire.encode(msg))
 
 
 async def _recv(ws: aiohttp.ClientWebSocketResponse) -> wire.Message:

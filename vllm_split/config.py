@@ -28,11 +28,24 @@ class SplitConfig:
     # KV cache for layers [0, min_layer) (more room for requests) and serves split sessions
     # only: ordinary requests are refused. 0: off.
     min_layer: int = 0
+    # Admission controller (docs/admission.md): sessions that may wait for admission at once
+    # (0: refuse at once when busy), how long one may wait, the SLA assumed for a client that
+    # states none, and whether to warm the live cost model up at start-up (1) or not (0).
+    admission_queue: int = 64
+    admission_wait_ms: int = 5000
+    default_ttft_ms: int = 5000
+    default_tpot_ms: int = 250
+    warmup: int = 1
+    # Engine utilisation (percent of the last 2 s spent running the model) above which the
+    # controller minimises server work (the DP); below it the server has compute to spare and
+    # offloads as little as the SLA allows. 0: the DP at any load.
+    offload_above_pct: int = 50
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            low = 0 if f.name in ("batch_wait_ms", "min_layer") else 1
+            low = 0 if f.name in ("batch_wait_ms", "min_layer", "admission_queue", "admission_wait_ms", "warmup",
+                                        "offload_above_pct") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected an integer >= {low}, got {value!r}")
 

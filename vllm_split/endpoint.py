@@ -17,8 +17,13 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from vllm.logger import init_logger
 
 from vllm_split import protocol as wire
+from vllm_split.admission import AdmissionController, AdmissionPolicy
 from vllm_split.config import SplitConfig
 from vllm_split.fingerprint import model_fingerprint
+from vllm_split.patches.engine_core_utility import STEP_STATS
+from vllm_split.planner import SLA
+from vllm_split.planner.model_configs import ModelConfig
+from vllm_split.split_metrics import split_metrics
 from vllm_split.scheduler import EXTRA_ARGS_KEY
 from vllm_split.session import ModelInfo, ServerSession, SessionError, run_session
 from vllm_split.version import check_vllm_version
@@ -31,10 +36,12 @@ router = APIRouter()
 class SplitService:
     """Per-app state: the engine client, the model's identity, open sessions."""
 
-    def __init__(self, *, engine: Any, model: ModelInfo, config: SplitConfig) -> None:
+    def __init__(self, *, engine: Any, model: ModelInfo, config: SplitConfig,
+                 controller: AdmissionController | None = None) -> None:
         self.engine = engine
         self.model = model
         self.config = config
+        self.controller = controller
         self.sessions: dict[str, ServerSession] = {}
 
 
@@ -74,7 +81,8 @@ async def split_session(ws: WebSocket) -> None:
         await send(wire.Error(code="too_many_sessions", message=f"server has {len(service.sessions)} open split sessions, the limit is {service.config.max_sessions}; retry later", fatal=True))
         await ws.close(code=1013)
         return
-    session = ServerSession(engine=service.engine, model=service.model, config=service.config, send=send)
+    session = ServerSession(engine=service.engine, model=service.model, config=service.config, send=send,
+                            controller=service.controller)
     service.sessions[session.session_id] = session
     close_code = 1000
     try:
@@ -131,11 +139,42 @@ class SplitEndpointPlugin:
             dtype=model_config.dtype,
             max_model_len=model_config.max_model_len,
         )
-        state.vllm_split = SplitService(engine=engine_client, model=model, config=config)
+        controller = _controller(engine_client, model, config)
+        if config.warmup:
+            from vllm_split.warmup import warm_up
+
+            try:
+                await warm_up(engine_client, model, config)
+            except Exception:  # the controller then starts from its prior
+                logger.warning("vllm-split: warm-up failed", exc_info=True)
+        await controller.poll_once()
+        controller.start()
+        state.vllm_split = SplitService(engine=engine_client, model=model, config=config, controller=controller)
         if config.min_layer > 0:
             _refuse_ordinary_requests(engine_client, config.min_layer)
         logger.info("vllm-split: sessions on %s (model %s, %d layers, fingerprint %s)",
                     ROUTE, model_dir, model.num_layers, fingerprint[:16])
+
+
+def _controller(engine_client: Any, model: ModelInfo, config: SplitConfig) -> AdmissionController:
+    hf_config = engine_client.model_config.hf_config
+    policy = AdmissionPolicy(queue_limit=config.admission_queue, queue_wait_s=config.admission_wait_ms / 1000,
+                             offload_above=config.offload_above_pct / 100,
+                             default_sla=SLA(ttft_s=config.default_ttft_ms / 1000, tpot_s=config.default_tpot_ms / 1000))
+
+    async def step_stats(since: int) -> dict | None:
+        return await engine_client.engine_core.call_utility_async(STEP_STATS, since)
+
+    dtype_bytes = max(1, torch_dtype_bytes(model.dtype))
+    return AdmissionController(
+        model=ModelConfig.from_hf_config(hf_config.to_dict(), name=str(engine_client.model_config.model)),
+        min_layer=config.min_layer, hidden_bytes=model.hidden_size * dtype_bytes,
+        max_model_len=model.max_model_len, step_stats=step_stats, metrics=split_metrics(model.num_layers),
+        policy=policy)
+
+
+def torch_dtype_bytes(dtype: Any) -> int:
+    return int(getattr(dtype, "itemsize", 4))
 
 
 def _refuse_ordinary_requests(engine_client: Any, min_layer: int) -> None:

@@ -65,6 +65,12 @@ class LiveCostModel:
         self.updated_at = time.time()
         return self.cost
 
+    def utilization(self, now: float | None = None) -> float:
+        """Fraction of the last ``occupancy_window_s`` the engine spent running the model."""
+        now = time.time() if now is None else now
+        busy = sum(r.exec_s for r in self.records if now - r.wall_time <= self.occupancy_window_s)
+        return min(1.0, busy / self.occupancy_window_s)
+
     def occupancy(self, now: float | None = None) -> float:
         """Mean requests per step over the last ``occupancy_window_s`` (0 when idle)."""
         now = time.time() if now is None else now

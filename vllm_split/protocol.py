@@ -110,7 +110,8 @@ class Open:
     """First frame of a session: which model, where to split, how to sample.
 
     ``split_layer=None`` asks the server to choose (its admission controller plans the
-    request from ``client``, ``sla``, ``expected_output_tokens`` and the measured network).
+    request from ``client``, ``sla``, ``prompt_tokens``, ``expected_output_tokens`` and the
+    network it measures).
     """
 
     KIND: ClassVar[int] = 1
@@ -121,6 +122,7 @@ class Open:
     sla: RequestSLA | None = None
     client: ClientProfile | None = None
     expected_output_tokens: int | None = None  # None: sampling.max_tokens
+    prompt_tokens: int | None = None  # length of the prompt to come (needed for planning)
 
     def __post_init__(self) -> None:
         _check_str("model_fingerprint", self.model_fingerprint)
@@ -130,8 +132,9 @@ class Open:
         _nested(self, "sampling", SamplingOptions, optional=False)
         _nested(self, "sla", RequestSLA, optional=True)
         _nested(self, "client", ClientProfile, optional=True)
-        if self.expected_output_tokens is not None:
-            _check_int("expected_output_tokens", self.expected_output_tokens, low=1)
+        for name in ("expected_output_tokens", "prompt_tokens"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), low=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +215,7 @@ class Opened:
     hidden_size: int
     dtype: str
     max_frame_bytes: int
-    placement: str = "fixed"  # "fixed" (the client's k), "dp" (planned) or "server_only"
+    placement: str = "fixed"  # "fixed" (the client's k), "dp", "least_offload" or "server_only"
     predicted_ttft_s: float | None = None
     predicted_tpot_s: float | None = None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -20,7 +21,9 @@ from vllm.logger import init_logger
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from vllm_split import protocol as wire
+from vllm_split.admission import AdmissionController, AdmissionRefused
 from vllm_split.config import SplitConfig
+from vllm_split.net_probe import ProbeFailed, measure_network
 from vllm_split.patches.engine_core_utility import DELIVER, RELEASE
 from vllm_split.scheduler import EXTRA_ARGS_KEY
 
@@ -31,14 +34,15 @@ PLACEHOLDER_TOKEN_ID = 0  # prompt ids the engine never embeds (rows are replace
 class SessionError(Exception):
     """A frame or request the session rejects: ``code`` and a message for the client."""
 
-    def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
+    def __init__(self, code: str, message: str, *, fatal: bool = False, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.fatal = fatal
+        self.retry_after_s = retry_after_s
         self.sent = False
 
     def to_frame(self) -> wire.Error:
-        return wire.Error(code=self.code, message=str(self), fatal=self.fatal)
+        return wire.Error(code=self.code, message=str(self), fatal=self.fatal, retry_after_s=self.retry_after_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +58,19 @@ class ServerSession:
     """State and rules of one session; I/O goes through ``send`` and ``engine``."""
 
     def __init__(self, *, engine: Any, model: ModelInfo, config: SplitConfig,
-                 send: Callable[[wire.Message], Awaitable[None]]) -> None:
+                 send: Callable[[wire.Message], Awaitable[None]],
+                 controller: AdmissionController | None = None) -> None:
         self.engine = engine
         self.model = model
         self.config = config
         self.send = send
+        self.controller = controller
         self.session_id = secrets.token_urlsafe(18)
         self.open: wire.Open | None = None
+        self.split_layer = 0
+        self.admitted = False
+        self._opened_at: float | None = None
+        self._token_times: list[float] = []
         self.prompt_rows: list[torch.Tensor] = []
         self.num_prompt_rows = 0
         self.expected_start: int | None = None  # position of the activation we wait for
@@ -69,7 +79,8 @@ class ServerSession:
         self._delivered = False
 
     # ---------------------------------------------------------------- open
-    async def handle_open(self, msg: wire.Message) -> None:
+    async def handle_open(self, msg: wire.Message,
+                          receive: Callable[[], Awaitable[wire.Message | None]] | None = None) -> None:
         if not isinstance(msg, wire.Open):
             raise SessionError("out_of_turn", f"expected Open as the first frame, got {type(msg).__name__}", fatal=True)
         if msg.protocol_version != wire.PROTOCOL_VERSION:
@@ -77,15 +88,36 @@ class ServerSession:
         if msg.model_fingerprint != self.model.fingerprint:
             raise SessionError("fingerprint_mismatch", f"client model fingerprint {msg.model_fingerprint} does not match the server's {self.model.fingerprint}: both sides must hold the same weights", fatal=True)
         low = self.config.min_layer
-        if not low <= msg.split_layer <= self.model.num_layers:
+        if msg.split_layer is not None and not low <= msg.split_layer <= self.model.num_layers:
             why = f" (this server holds no layers below {low})" if low else ""
             raise SessionError("split_layer", f"split_layer {msg.split_layer} out of range: expected {low} <= split_layer <= {self.model.num_layers}{why}", fatal=True)
+        network = None
+        if receive is not None and (msg.split_layer is None or msg.client is not None):
+            try:  # a client that asks to be planned (or sends its profile) answers probes
+                network = await measure_network(self.send, receive)
+            except ProbeFailed as exc:
+                raise SessionError("probe", f"network probe failed: {exc}", fatal=True) from None
+        if self.controller is None:
+            if msg.split_layer is None:
+                raise SessionError("split_layer", "this server has no admission controller: give split_layer", fatal=True)
+            admission = None
+        else:
+            try:
+                admission = await self.controller.admit(self.session_id, msg, network)
+            except AdmissionRefused as exc:
+                raise SessionError(exc.reason, str(exc), fatal=True, retry_after_s=exc.retry_after_s) from None
+            self.admitted = True
         self.open = msg
+        self.split_layer = msg.split_layer if admission is None else admission.split_layer
         await self.send(wire.Opened(
-            session_id=self.session_id, split_layer=msg.split_layer, num_layers=self.model.num_layers,
+            session_id=self.session_id, split_layer=self.split_layer, num_layers=self.model.num_layers,
             hidden_size=self.model.hidden_size, dtype=str(self.model.dtype).removeprefix("torch."),
             max_frame_bytes=self.config.max_frame_bytes,
+            placement=admission.placement if admission else "fixed",
+            predicted_ttft_s=admission.predicted_ttft_s if admission else None,
+            predicted_tpot_s=admission.predicted_tpot_s if admission else None,
         ))
+        self._opened_at = time.perf_counter()
 
     # ---------------------------------------------------------------- activations
     def _rows(self, msg: wire.Activation) -> torch.Tensor:
@@ -135,7 +167,7 @@ class ServerSession:
             n=1, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k if s.top_k > 0 else 0, seed=s.seed, stop_token_ids=list(s.stop_token_ids),
             ignore_eos=s.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA,
-            extra_args={EXTRA_ARGS_KEY: {"session": self.session_id, "split_layer": self.open.split_layer}},
+            extra_args={EXTRA_ARGS_KEY: {"session": self.session_id, "split_layer": self.split_layer}},
         )
 
     async def generate(self) -> None:
@@ -157,6 +189,7 @@ class ServerSession:
                 if reason is None:
                     self.expected_start = n + index
                 await self.send(wire.Token(index=index, token_id=int(token_id), finish_reason=reason))
+                self._token_times.append(time.perf_counter())
             if out.finished:
                 break
         self.finished = True
@@ -164,7 +197,21 @@ class ServerSession:
         await self.send(wire.Finished(finish_reason=reason or "abort", num_prompt_tokens=n,
                                       num_output_tokens=self.num_output_tokens))
 
+    def measured_latencies(self) -> tuple[float | None, float | None]:
+        """(TTFT, TPOT) as the client sees them: from Opened (the client starts its prefill
+        when it arrives) to the first token, and the mean gap between tokens; the one-way
+        delays of Opened and of a token cancel."""
+        times = self._token_times
+        ttft = times[0] - self._opened_at if times and self._opened_at is not None else None
+        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+        return ttft, tpot
+
     async def release(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            ttft, tpot = self.measured_latencies()
+            await self.controller.release(self.session_id, prompt_tokens=self.num_prompt_rows,
+                                          output_tokens=self.num_output_tokens, ttft_s=ttft, tpot_s=tpot)
         if self._delivered:
             try:
                 await self.engine.engine_core.call_utility_async(RELEASE, self.session_id)
@@ -200,7 +247,12 @@ async def run_session(*, session: ServerSession, receive: Callable[[], Awaitable
     msg = await next_message()
     if msg is None:
         return
-    await guarded(session.handle_open, msg)
+    try:
+        await session.handle_open(msg, next_message)
+    except SessionError as exc:
+        await session.send(exc.to_frame())
+        exc.sent = True
+        raise
     while True:  # prompt chunks
         msg = await next_message()
         if msg is None:

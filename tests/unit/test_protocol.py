@@ -52,7 +52,7 @@ SAMPLE_MESSAGES = [
     wire.Error(code="protocol", message="bad frame", fatal=True),
     wire.Open(model_fingerprint="fp1-abc", split_layer=None, sla=wire.RequestSLA(ttft_s=2.0, tpot_s=0.1),
               client=wire.ClientProfile(layer_prefill_s_per_token=1e-5, layer_decode_s=4e-4),
-              expected_output_tokens=32),
+              expected_output_tokens=32, prompt_tokens=100),
     wire.Open(model_fingerprint="fp1-abc", split_layer=None, sla=wire.RequestSLA(tpot_s=0.1),
               client=wire.ClientProfile(flops_per_s=2e12)),
     wire.Opened(session_id="s-2", split_layer=12, num_layers=30, hidden_size=576, dtype="float32",
@@ -173,8 +173,8 @@ MALFORMED = [
     ("JSON string", _frame(7, b'"x"'), r"metadata: expected a JSON object, got str"),
     ("unknown field", _frame(1, _open_meta(colour="red")),
      r"Open: unknown field\(s\) \['colour'\]; expected a subset of "
-     r"\['client', 'expected_output_tokens', 'model_fingerprint', 'protocol_version', 'sampling', 'sla', "
-     r"'split_layer'\]"),
+     r"\['client', 'expected_output_tokens', 'model_fingerprint', 'prompt_tokens', 'protocol_version', "
+     r"'sampling', 'sla', 'split_layer'\]"),
     ("unknown sampling field", _frame(1, _open_meta(sampling={"temp": 1})),
      r"sampling: unknown field\(s\) \['temp'\]"),
     ("missing field", _frame(1, {"model_fingerprint": "fp"}),

@@ -1,0 +1,73 @@
+"""vllm-split's metrics on vLLM's ``/metrics`` (prometheus_client, the registry vLLM serves).
+
+Created once per API-server process, after vLLM has chosen single- or multi-process
+collection (``PROMETHEUS_MULTIPROC_DIR``), so they are exported either way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+_RATIO_BUCKETS = (0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
+
+
+@dataclass
+class SplitMetrics:
+    sessions_open: Any
+    split_layer: Any
+    offloaded_fraction: Any
+    work_done: Any
+    work_saved: Any
+    predicted_ttft: Any
+    measured_ttft: Any
+    predicted_tpot: Any
+    measured_tpot: Any
+    tpot_ratio: Any
+    finished: Any
+    refusals: Any
+    queue_length: Any
+    server_cost: Any
+    occupancy: Any
+
+
+_metrics: SplitMetrics | None = None
+
+
+def split_metrics(num_layers: int) -> SplitMetrics:
+    global _metrics
+    if _metrics is None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        layer_buckets = tuple(float(k) for k in range(num_layers + 1))
+        _metrics = SplitMetrics(
+            sessions_open=Gauge("vllm_split:sessions_open", "Split sessions open", multiprocess_mode="livesum"),
+            split_layer=Histogram("vllm_split:placement_split_layer", "Split layer k of admitted sessions",
+                                  buckets=layer_buckets),
+            offloaded_fraction=Histogram("vllm_split:layers_offloaded_fraction",
+                                         "Fraction of decoder layers run by the client (k / N)",
+                                         buckets=tuple(i / 10 for i in range(11))),
+            work_done=Counter("vllm_split:server_layer_tokens", "Layer-tokens the server ran for split sessions"),
+            work_saved=Counter("vllm_split:server_layer_tokens_saved",
+                               "Layer-tokens clients ran instead of the server (vs server-only)"),
+            predicted_ttft=Histogram("vllm_split:predicted_ttft_seconds", "Controller's predicted time to first token",
+                                     buckets=_LATENCY_BUCKETS),
+            measured_ttft=Histogram("vllm_split:measured_ttft_seconds", "Measured time to first token",
+                                    buckets=_LATENCY_BUCKETS),
+            predicted_tpot=Histogram("vllm_split:predicted_tpot_seconds", "Controller's predicted time per output token",
+                                     buckets=_LATENCY_BUCKETS),
+            measured_tpot=Histogram("vllm_split:measured_tpot_seconds", "Measured time per output token",
+                                    buckets=_LATENCY_BUCKETS),
+            tpot_ratio=Histogram("vllm_split:tpot_measured_over_predicted", "Measured / predicted TPOT per session",
+                                 buckets=_RATIO_BUCKETS),
+            finished=Counter("vllm_split:sessions_finished", "Finished sessions by SLA outcome", ["sla"]),
+            refusals=Counter("vllm_split:refusals", "Sessions refused by the admission controller", ["reason"]),
+            queue_length=Gauge("vllm_split:admission_queue_length", "Sessions waiting for admission",
+                               multiprocess_mode="livesum"),
+            server_cost=Gauge("vllm_split:server_step_cost_seconds",
+                              "Live step cost model: fixed per step, per layer call, per layer-row", ["term"],
+                              multiprocess_mode="mostrecent"),
+            occupancy=Gauge("vllm_split:server_occupancy", "Mean requests per engine step (last seconds)",
+                            multiprocess_mode="mostrecent"),
+        )
+    return _metrics
