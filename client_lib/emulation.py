@@ -76,3 +76,46 @@ class ReplayLayers:
         await asyncio.sleep(per_layer * self.split_layer)
         self.num_positions += n
         return self.states[self.split_layer, start : start + n]
+
+
+@dataclass
+class Script:
+    """What emulated clients replay: the prompt, its greedy continuation, every layer's input."""
+
+    prompt_ids: list[int]
+    expected: list[int]
+    states: torch.Tensor  # [N + 1, len(prompt_ids) + len(expected), hidden]
+    fingerprint: str
+
+    def layers(self, profile: wire.ClientProfile, split_layer: int | str = "auto") -> ReplayLayers:
+        return ReplayLayers(self.states, self.prompt_ids + self.expected, profile=profile,
+                            fingerprint=self.fingerprint, split_layer=split_layer)
+
+
+async def make_script(url: str, model_dir, prompt_ids: list[int], num_tokens: int, *, split_layer: int = 7) -> Script:
+    """Greedy continuation from the server (a real session at ``split_layer``, token-exact
+    to the plain engine), then every layer's input for the whole sequence."""
+    from client_lib.local_layers import LocalLayers
+    from client_lib.session import SplitSession
+
+    expected = []
+    async with await SplitSession.create(url, LocalLayers(model_dir, split_layer=split_layer),
+                                         sampling=wire.SamplingOptions(max_tokens=num_tokens, ignore_eos=True)) as s:
+        async for event in s.generate(prompt_ids):
+            expected.append(event.token_id)
+    full = LocalLayers(model_dir, split_layer="auto")
+    return Script(list(prompt_ids), expected, all_layer_states(full, list(prompt_ids) + expected), full.fingerprint)
+
+
+async def run_emulated(url: str, script: Script, *, profile: wire.ClientProfile, link: EmulatedLink | None,
+                       sla: wire.RequestSLA | None, max_tokens: int, split_layer: int | str = "auto"):
+    """One emulated client's whole session: (session with its Opened and stats, tokens, layers)."""
+    from client_lib.session import SplitSession
+
+    layers = script.layers(profile, split_layer)
+    tokens = []
+    async with await SplitSession.create(url, layers, sampling=wire.SamplingOptions(max_tokens=max_tokens, ignore_eos=True),
+                                         sla=sla, profile=profile, link=link) as session:
+        async for event in session.generate(script.prompt_ids):
+            tokens.append(event.token_id)
+    return session, tokens, layers

@@ -35,8 +35,8 @@ from vllm_split import protocol as wire
 from vllm_split.live_cost import LiveCostModel
 from vllm_split.planner import SLA, NetworkSpec, evaluate, plan, result_for
 from vllm_split.planner.model_configs import ModelConfig
-from vllm_split.request_graph import (ClientCosts, RequestGraphInputs, ServerLoad, placement_for,
-                                      request_graph, split_layer_of)
+from vllm_split.request_graph import (TOKEN_BYTES, ClientCosts, RequestGraphInputs, ServerLoad, busy_fraction,
+                                      decode_wait_s, placement_for, request_graph, split_layer_of)
 from vllm_split.step_stats import StepRecord
 
 POLL_S = 0.5
@@ -54,7 +54,6 @@ class AdmissionPolicy:
     queue_limit: int = 64  # sessions waiting for admission at once
     queue_wait_s: float = 5.0  # longest wait in the queue before a refusal
     default_sla: SLA = field(default_factory=lambda: SLA(ttft_s=5.0, tpot_s=0.25))
-    wait_fraction: float = 0.5  # of the recent step, waited for when others run (see request_graph)
     offload_above: float = 0.5  # engine utilisation above which the DP minimises server work
 
 
@@ -147,15 +146,20 @@ class AdmissionController:
 
     def _predict(self, k: int, inputs: RequestGraphInputs, load: ServerLoad, client: ClientCosts,
                  network: NetworkSpec) -> tuple[float, float]:
-        graph = request_graph(inputs, load, client, wait_fraction=self.policy.wait_fraction)
+        """Expected (TTFT, TPOT) at split layer ``k``: the graph's latencies plus the wait for
+        the step in progress (half a step for the prompt, :func:`decode_wait_s` per token)."""
+        graph = request_graph(inputs, load, client)
         ttft, tpot, _, _ = evaluate(graph, network, placement_for(k, self.num_layers))
-        return ttft, tpot
+        turnaround = (k * client.decode_s + network.uplink_s(self.hidden_bytes) + network.downlink_s(TOKEN_BYTES))
+        return (ttft + 0.5 * busy_fraction(load) * load.recent_step_s, tpot + decode_wait_s(load, turnaround))
 
     def _plan(self, inputs: RequestGraphInputs, load: ServerLoad, client: ClientCosts, network: NetworkSpec,
               sla: SLA, spare: bool = False):
         """The DP's least-server-work placement; with ``spare`` (the server has compute to
-        spare) the least offloaded placement meeting the SLA instead, if there is one."""
-        graph = request_graph(inputs, load, client, wait_fraction=self.policy.wait_fraction)
+        spare) the least offloaded placement meeting the SLA instead, if there is one. Both
+        plan with the worst wait (a whole step when others run), so a plan that meets the SLA
+        meets it whatever the phase of the steps."""
+        graph = request_graph(inputs, load, client, wait_s=busy_fraction(load) * load.recent_step_s)
         if spare:
             for k in range(self.min_layer, self.num_layers + 1):
                 result = result_for(graph, network, sla, placement_for(k, self.num_layers), method="least_offload")
@@ -205,8 +209,8 @@ class AdmissionController:
                 if result.feasible and blocker is None:
                     k = split_layer_of(result.placement)
                     kind = "server_only" if k == 0 else ("least_offload" if result.method == "least_offload" else "dp")
-                    return self._register(session_id, Admission(k, kind, result.ttft_s, result.tpot_s),
-                                          sla, inputs, client, network)
+                    ttft, tpot = self._predict(k, inputs, load, client, network)
+                    return self._register(session_id, Admission(k, kind, ttft, tpot), sla, inputs, client, network)
                 if not result.feasible:
                     idle = ServerLoad(cost=self.costs.cost, occupancy=0.0, recent_step_s=0.0)
                     best = await loop.run_in_executor(self._executor, self._plan, inputs, idle, client, network, sla)

@@ -8,8 +8,8 @@ placement that keeps ``embed`` and layers ``[0, k)`` on the client is split laye
 Server latencies follow the engine's step model (:mod:`vllm_split.live_cost`) at the
 current occupancy ``B`` (requests per step, this one excluded): a decoder layer costs
 ``layer_s + row_s * (B + 1)`` in a decode step and ``layer_s + row_s * (P + B)`` in the
-prefill step; the head costs ``fixed_s`` plus the wait for the step already running when
-the activation arrives (``wait_fraction`` of the recent mean step, when others run). This is
+prefill step; the head costs ``fixed_s`` plus ``wait_s``, the wait for the step already
+running when the activation arrives (see :func:`decode_wait_s`). This is
 exact for a batch whose requests share this request's placement (each request waits for
 one step that runs its layers) and is the assumption the controller plans under: the load
 it sees persists and is placed like this request. Layers below the server's ``min_layer``
@@ -58,11 +58,30 @@ class RequestGraphInputs:
     output_len: int
 
 
+def busy_fraction(load: ServerLoad) -> float:
+    """How likely an arriving activation finds the engine running others' step."""
+    return min(1.0, load.occupancy)
+
+
+def decode_wait_s(load: ServerLoad, turnaround_s: float) -> float:
+    """Expected wait of a decode activation for the step in progress.
+
+    With others in the batch the engine steps back to back, period ``S`` (the recent mean
+    step). The token leaves at the end of a step; the next step starts at once without this
+    request; its activation comes back ``turnaround_s`` later (client compute + network) and
+    waits for the running step to end: ``S - (turnaround mod S)``. So a fast client waits a
+    whole step (its token cadence is two steps), which the measurements show.
+    """
+    s = load.recent_step_s
+    if s <= 0:
+        return 0.0
+    return busy_fraction(load) * (s - (turnaround_s % s))
+
+
 def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts, *,
-                  wait_fraction: float = 0.5) -> LayerGraph:
+                  wait_s: float = 0.0) -> LayerGraph:
     c, b, p, n_out = load.cost, load.occupancy, req.prompt_len, req.output_len
-    busy = b >= 0.5
-    wait = wait_fraction * load.recent_step_s if busy else 0.0
+    wait = wait_s
     per_layer_work = c.row_s * (p + n_out - 1) + c.layer_s * (1 + (n_out - 1) / (b + 1))
     nodes = [LayerNode("embed", 0.0, 0.0, FORBIDDEN_S, FORBIDDEN_S, 0.0)]
     for layer in range(req.num_layers):

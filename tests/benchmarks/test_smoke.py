@@ -57,3 +57,13 @@ def test_bench_server_step_quick(tmp_path):
     assert all(r["steps"] > 0 for r in data["summary"])
     assert data["kv_capacity_tokens"]["plain"] and data["kv_capacity_tokens"]["split"]
     assert out.with_suffix(".png").exists()
+
+
+@pytest.mark.engine
+def test_bench_admission_quick(tmp_path):
+    out = tmp_path / "admission.json"
+    run("bench_admission.py", "--quick", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["summary"]["points"] == 4 and data["summary"]["all_exact"]
+    assert all(s["predicted_tpot_s"] > 0 and s["measured_tpot_s"] > 0 for s in data["samples"])
+    assert out.with_suffix(".png").exists()

@@ -8,13 +8,10 @@ told apart without owning either.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import pytest
-import torch
 
-from client_lib import LocalLayers, SamplingOptions, SplitSession
-from client_lib.emulation import EmulatedLink, ReplayLayers, all_layer_states
+from client_lib.emulation import EmulatedLink, Script, make_script, run_emulated
 from vllm_split import protocol as wire
 from vllm_split.server_process import VLLMServer
 
@@ -26,14 +23,6 @@ MEDIUM = wire.ClientProfile(layer_prefill_s_per_token=5e-5, layer_decode_s=2.2e-
 SLOW = wire.ClientProfile(layer_prefill_s_per_token=2e-4, layer_decode_s=8e-3)  # much slower
 LAN = EmulatedLink(rtt_s=0.004, uplink_bps=1e9, downlink_bps=1e9)
 WIFI = EmulatedLink(rtt_s=0.02, uplink_bps=5e7, downlink_bps=5e7)
-
-
-@dataclass
-class Script:
-    prompt_ids: list[int]
-    expected: list[int]  # the greedy continuation (from a fixed-k split session)
-    states: torch.Tensor  # [N + 1, prompt + LONG, hidden]
-    fingerprint: str
 
 
 @pytest.fixture(scope="package")
@@ -51,31 +40,7 @@ def script(admission_server, model_dir) -> Script:
     from transformers import AutoTokenizer
 
     prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT)["input_ids"]
-    layers = LocalLayers(model_dir, split_layer=7)
-
-    async def reference() -> list[int]:
-        out = []
-        async with await SplitSession.create(admission_server.url, layers,
-                                             sampling=SamplingOptions(max_tokens=LONG, ignore_eos=True)) as s:
-            async for event in s.generate(prompt_ids):
-                out.append(event.token_id)
-        return out
-
-    expected = asyncio.run(reference())
-    full = LocalLayers(model_dir, split_layer="auto")
-    states = all_layer_states(full, prompt_ids + expected)
-    return Script(prompt_ids, expected, states, full.fingerprint)
+    return asyncio.run(make_script(admission_server.url, model_dir, prompt_ids, LONG))
 
 
-async def emulated(url: str, script: Script, *, profile: wire.ClientProfile, link: EmulatedLink,
-                   sla: wire.RequestSLA | None, max_tokens: int, split_layer: int | str = "auto"
-                   ) -> tuple[SplitSession, list[int], ReplayLayers]:
-    """One emulated client's whole session; returns the session (opened, stats), tokens, layers."""
-    layers = ReplayLayers(script.states, script.prompt_ids + script.expected, profile=profile,
-                          fingerprint=script.fingerprint, split_layer=split_layer)
-    tokens = []
-    async with await SplitSession.create(url, layers, sampling=SamplingOptions(max_tokens=max_tokens, ignore_eos=True),
-                                         sla=sla, profile=profile, link=link) as session:
-        async for event in session.generate(script.prompt_ids):
-            tokens.append(event.token_id)
-    return session, tokens, layers
+emulated = run_emulated
