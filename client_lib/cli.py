@@ -1,7 +1,8 @@
 """``vllm-split-client``: generate text through a vllm-split server, streaming to the terminal.
 
-    vllm-split-client --server http://localhost:8000 --model DIR --split-layer 7 \\
-        --prompt "What is the capital of France?" --max-tokens 64 [--chat] [--timings]
+    vllm-split-client --server http://localhost:8000 --model DIR [--split-layer auto|K] \\
+        [--ttft 2.0 --tpot 0.2] --prompt "What is the capital of France?" --max-tokens 64 \\
+        [--chat] [--timings]
 """
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ import sys
 
 from client_lib.local_layers import LocalLayers
 from client_lib.session import ServerError, SplitSession
-from vllm_split.protocol import SamplingOptions
+from vllm_split.protocol import RequestSLA, SamplingOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vllm-split-client", description=__doc__.splitlines()[0])
     p.add_argument("--server", default="http://localhost:8000", help="vLLM server URL")
     p.add_argument("--model", required=True, help="local HF checkpoint folder (same weights as the server)")
-    p.add_argument("--split-layer", type=int, required=True, help="run layers [0, k) locally")
+    p.add_argument("--split-layer", default="auto",
+                   help="run layers [0, k) locally; 'auto' (default): the server chooses k")
+    p.add_argument("--ttft", type=float, default=None, help="SLA: time to first token (s)")
+    p.add_argument("--tpot", type=float, default=None, help="SLA: time per output token (s)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -52,13 +56,16 @@ async def run(args: argparse.Namespace) -> dict:
 
         torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    layers = LocalLayers(args.model, split_layer=args.split_layer, device=args.device)
+    split_layer = args.split_layer if args.split_layer == "auto" else int(args.split_layer)
+    layers = LocalLayers(args.model, split_layer=split_layer, device=args.device)
+    sla = RequestSLA(ttft_s=args.ttft, tpot_s=args.tpot) if (args.ttft or args.tpot) else None
     prompt_ids = _prompt_ids(tokenizer, args.prompt, args.chat)
     sampling = SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                seed=args.seed)
     tokens: list[int] = []
     printed = ""
-    async with await SplitSession.create(args.server, layers, sampling=sampling, api_key=args.api_key) as session:
+    async with await SplitSession.create(args.server, layers, sampling=sampling, api_key=args.api_key,
+                                         sla=sla, expected_output_tokens=args.max_tokens) as session:
         async for event in session.generate(prompt_ids):
             tokens.append(event.token_id)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -69,20 +76,28 @@ async def run(args: argparse.Namespace) -> dict:
                 sys.stderr.write(f"\n  [token {event.index}: local {event.local_seconds * 1e3:.1f} ms, "
                                  f"server+network {event.round_trip_seconds * 1e3:.1f} ms]\n")
         stats = session.stats
+        opened = session.opened
     sys.stdout.write("\n")
     rtts = [e.round_trip_seconds for e in stats.events[1:]]
     locals_ = [e.local_seconds for e in stats.events[1:]]
     summary = {
-        "split_layer": args.split_layer, "num_layers": layers.num_layers,
+        "split_layer": opened.split_layer, "placement": opened.placement, "num_layers": layers.num_layers,
+        "predicted_ttft_s": opened.predicted_ttft_s, "predicted_tpot_s": opened.predicted_tpot_s,
+        "tpot_s": stats.time_per_output_token,
         "prompt_tokens": stats.num_prompt_tokens, "output_tokens": stats.num_output_tokens,
         "finish_reason": stats.finish_reason, "text": printed, "token_ids": tokens,
         "ttft_s": stats.time_to_first_token,
         "median_local_s_per_token": statistics.median(locals_) if locals_ else None,
         "median_server_network_s_per_token": statistics.median(rtts) if rtts else None,
     }
+    if opened.predicted_tpot_s is not None:
+        sys.stderr.write(
+            f"placement: split layer {opened.split_layer}/{layers.num_layers} ({opened.placement}); predicted "
+            f"TTFT {opened.predicted_ttft_s * 1e3:.0f} ms, TPOT {opened.predicted_tpot_s * 1e3:.0f} ms; measured "
+            f"TTFT {(stats.time_to_first_token or 0) * 1e3:.0f} ms, TPOT {(stats.time_per_output_token or 0) * 1e3:.0f} ms\n")
     if args.timings:
         sys.stderr.write(
-            f"split_layer {args.split_layer}/{layers.num_layers}: {stats.num_prompt_tokens} prompt + "
+            f"split_layer {opened.split_layer}/{layers.num_layers}: {stats.num_prompt_tokens} prompt + "
             f"{stats.num_output_tokens} output tokens ({stats.finish_reason}); TTFT "
             f"{(stats.time_to_first_token or 0) * 1e3:.0f} ms; per token: local "
             f"{(summary['median_local_s_per_token'] or 0) * 1e3:.1f} ms, server+network "
