@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable
 
 from vllm_split import protocol as wire
@@ -55,6 +55,7 @@ class AdmissionPolicy:
     queue_wait_s: float = 5.0  # longest wait in the queue before a refusal
     default_sla: SLA = field(default_factory=lambda: SLA(ttft_s=5.0, tpot_s=0.25))
     offload_above: float = 0.5  # engine utilisation above which the DP minimises server work
+    placement: str = "dp"  # or "greedy": the baseline rule instead of the DP (for comparisons)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,11 +161,20 @@ class AdmissionController:
         plan with the worst wait (a whole step when others run), so a plan that meets the SLA
         meets it whatever the phase of the steps."""
         graph = request_graph(inputs, load, client, wait_s=busy_fraction(load) * load.recent_step_s)
+        candidates = [result_for(graph, network, sla, placement_for(k, self.num_layers), method="scan")
+                      for k in range(self.min_layer, self.num_layers + 1)] if spare or self.policy.placement == "greedy" else []
         if spare:
-            for k in range(self.min_layer, self.num_layers + 1):
-                result = result_for(graph, network, sla, placement_for(k, self.num_layers), method="least_offload")
-                if result.feasible:
-                    return result
+            feasible = [r for r in candidates if r.feasible]
+            if feasible:
+                return replace(feasible[0], method="least_offload")
+        if self.policy.placement == "greedy":
+            # planner/baselines.py's prefix rule with the embedding pinned on the client: from
+            # k = min_layer, move the next layer to the client while the SLA holds; stop at the
+            # first violation
+            k = 0
+            while k + 1 < len(candidates) and candidates[k + 1].feasible:
+                k += 1
+            return replace(candidates[k], method="greedy")
         return plan(graph, network, sla)
 
     def _others_keep_their_sla(self, load: ServerLoad) -> str | None:
@@ -208,7 +218,7 @@ class AdmissionController:
                 blocker = self._others_keep_their_sla(load) if result.feasible else None
                 if result.feasible and blocker is None:
                     k = split_layer_of(result.placement)
-                    kind = "server_only" if k == 0 else ("least_offload" if result.method == "least_offload" else "dp")
+                    kind = "server_only" if k == 0 else result.method
                     ttft, tpot = self._predict(k, inputs, load, client, network)
                     return self._register(session_id, Admission(k, kind, ttft, tpot), sla, inputs, client, network)
                 if not result.feasible:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 CONFIG_KEY = "vllm_split"
+STRING_OPTIONS = {"placement": ("dp", "greedy")}
 
 
 class SplitConfigError(ValueError):
@@ -40,10 +41,17 @@ class SplitConfig:
     # controller minimises server work (the DP); below it the server has compute to spare and
     # offloads as little as the SLA allows. 0: the DP at any load.
     offload_above_pct: int = 50
+    # Placement algorithm under load: "dp" (the planner's DP) or "greedy" (the baseline rule
+    # of vllm_split/planner/baselines.py, for comparisons).
+    placement: str = "dp"
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in STRING_OPTIONS:
+                if value not in STRING_OPTIONS[f.name]:
+                    raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected one of {list(STRING_OPTIONS[f.name])}, got {value!r}")
+                continue
             low = 0 if f.name in ("batch_wait_ms", "min_layer", "admission_queue", "admission_wait_ms", "warmup",
                                         "offload_above_pct") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

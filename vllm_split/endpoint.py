@@ -159,7 +159,7 @@ class SplitEndpointPlugin:
 def _controller(engine_client: Any, model: ModelInfo, config: SplitConfig) -> AdmissionController:
     hf_config = engine_client.model_config.hf_config
     policy = AdmissionPolicy(queue_limit=config.admission_queue, queue_wait_s=config.admission_wait_ms / 1000,
-                             offload_above=config.offload_above_pct / 100,
+                             offload_above=config.offload_above_pct / 100, placement=config.placement,
                              default_sla=SLA(ttft_s=config.default_ttft_ms / 1000, tpot_s=config.default_tpot_ms / 1000))
 
     async def step_stats(since: int) -> dict | None:

@@ -31,16 +31,16 @@ SPLIT_FLAGS = {
 def build_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """(vllm CLI argv, environment additions) for ``vllm-split serve ...``."""
     args: list[str] = []
-    options: dict[str, int] = {}
+    options: dict[str, int | str] = {}
     it = iter(argv)
     for arg in it:
         if arg.startswith("--split-"):
             name, eq, value = arg[len("--split-"):].partition("=")
             if not eq:
                 value = next(it, None)
-            if value is None or not value.isdigit():
-                raise SystemExit(f"vllm-split: {arg.partition('=')[0]} needs a non-negative integer value, got {value!r}")
-            options[name.replace("-", "_")] = int(value)
+            if value is None or value.startswith("--") or not value:
+                raise SystemExit(f"vllm-split: {arg.partition('=')[0]} needs a value, got {value!r}")
+            options[name.replace("-", "_")] = int(value) if value.isdigit() else value
         else:
             args.append(arg)
     if not args or args[0] != "serve":

@@ -146,3 +146,18 @@ def test_escape_hatch_needs_exactly_1(monkeypatch):
     monkeypatch.setenv(ESCAPE_HATCH, "true")
     with pytest.raises(VLLMVersionError, match=r"vLLM 0\.33\.0 is installed"):
         check_vllm_version("0.33.0")
+
+
+def test_placement_option_takes_dp_or_greedy():
+    assert SplitConfig().placement == "dp"
+    assert SplitConfig.from_additional_config({"vllm_split": {"placement": "greedy"}}).placement == "greedy"
+    with pytest.raises(SplitConfigError, match=r"vllm_split.placement: expected one of \['dp', 'greedy'\], got 'best'"):
+        SplitConfig(placement="best")
+
+
+def test_split_option_values_are_integers_or_words(no_plugins_env):
+    cmd, _ = build_command(["serve", "m", "--split-placement", "greedy", "--split-offload-above-pct=0"])
+    i = cmd.index("--additional-config")
+    assert json.loads(cmd[i + 1]) == {"vllm_split": {"placement": "greedy", "offload_above_pct": 0}}
+    with pytest.raises(SystemExit, match=r"--split-placement needs a value, got '--port'"):
+        build_command(["serve", "m", "--split-placement", "--port", "8000"])
