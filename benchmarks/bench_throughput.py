@@ -129,6 +129,9 @@ async def run_one(system: str, url: str, model: str, req: dict, w: dict, scripts
             out["exact"] = tokens == script.expected[:n_out] and layers.mismatch is None
             out["split_layer"] = session.opened.split_layer
             out["placement"] = session.opened.placement
+            out["predicted_ttft_s"] = session.opened.predicted_ttft_s
+            out["predicted_tpot_s"] = session.opened.predicted_tpot_s
+            out["after_open_ttft_s"] = session.stats.time_to_first_token  # from Opened to the first token
     except ServerError as exc:
         out["refused"] = exc.code
         return out
