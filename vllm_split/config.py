@@ -28,11 +28,18 @@ class SplitConfig:
     # KV cache for layers [0, min_layer) (more room for requests) and serves split sessions
     # only: ordinary requests are refused. 0: off.
     min_layer: int = 0
+    # Largest max_tokens a split session may ask for (a larger request is refused at Open).
+    max_tokens_per_session: int = 4096
+    # Seconds the server waits for a frame it needs from the client (the prompt, or the
+    # activation for the token it just sent); then the session is aborted, its KV freed. 0: off.
+    idle_timeout_s: int = 60
+    # Seconds a session may last, from connection to its last token; then it is aborted. 0: off.
+    session_lifetime_s: int = 3600
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            low = 0 if f.name in ("batch_wait_ms", "min_layer") else 1
+            low = 0 if f.name in ("batch_wait_ms", "min_layer", "idle_timeout_s", "session_lifetime_s") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected an integer >= {low}, got {value!r}")
 

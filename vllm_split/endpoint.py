@@ -20,7 +20,8 @@ from vllm_split import protocol as wire
 from vllm_split.config import SplitConfig
 from vllm_split.fingerprint import model_fingerprint
 from vllm_split.scheduler import EXTRA_ARGS_KEY
-from vllm_split.session import ModelInfo, ServerSession, SessionError, run_session
+from vllm_split.limits import run_with_limits
+from vllm_split.session import ModelInfo, ServerSession, SessionError
 from vllm_split.version import check_vllm_version
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
@@ -78,7 +79,7 @@ async def split_session(ws: WebSocket) -> None:
     service.sessions[session.session_id] = session
     close_code = 1000
     try:
-        await run_session(session=session, receive=receive)
+        await run_with_limits(session=session, receive=receive)
     except SessionError as exc:
         close_code = 1008
         if not exc.sent:

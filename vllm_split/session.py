@@ -80,12 +80,21 @@ class ServerSession:
         if not low <= msg.split_layer <= self.model.num_layers:
             why = f" (this server holds no layers below {low})" if low else ""
             raise SessionError("split_layer", f"split_layer {msg.split_layer} out of range: expected {low} <= split_layer <= {self.model.num_layers}{why}", fatal=True)
+        cap = self.config.max_tokens_per_session
+        if msg.sampling.max_tokens > cap:
+            raise SessionError("max_tokens", f"max_tokens {msg.sampling.max_tokens} exceeds this server's limit of {cap} tokens per session", fatal=True)
         self.open = msg
         await self.send(wire.Opened(
             session_id=self.session_id, split_layer=msg.split_layer, num_layers=self.model.num_layers,
             hidden_size=self.model.hidden_size, dtype=str(self.model.dtype).removeprefix("torch."),
             max_frame_bytes=self.config.max_frame_bytes,
         ))
+
+    @property
+    def awaiting_client(self) -> bool:
+        """True while the server waits on the client: Open, a prompt chunk, or the
+        activation for the token it last sent (not while the engine computes)."""
+        return not self.finished and (not self._delivered or self.expected_start is not None)
 
     # ---------------------------------------------------------------- activations
     def _rows(self, msg: wire.Activation) -> torch.Tensor:
@@ -210,6 +219,7 @@ async def run_session(*, session: ServerSession, receive: Callable[[], Awaitable
         if await guarded(session.accept_prompt_chunk, msg):
             break
     gen = asyncio.create_task(session.generate())
+    recv = None
     try:
         while not gen.done():
             recv = asyncio.create_task(next_message())
@@ -223,6 +233,8 @@ async def run_session(*, session: ServerSession, receive: Callable[[], Awaitable
             await guarded(session.accept_decode, msg)
         await gen  # surfaces engine errors
     finally:
+        if recv is not None and not recv.done():
+            recv.cancel()  # cancelled from outside (limits.py): stop reading the socket
         if not gen.done():
             gen.cancel()  # AsyncLLM.generate aborts the request on cancellation
             try:

@@ -29,7 +29,8 @@ def test_overrides_keep_the_other_defaults():
 
 def test_unknown_option_is_named_with_the_known_ones():
     with pytest.raises(SplitConfigError, match=r"vllm_split: unknown option\(s\) \['max_session'\]; known: "
-                                               r"\['batch_wait_ms', 'max_frame_bytes', 'max_prompt_tokens', 'max_sessions', 'min_layer'\]"):
+                                               r"\['batch_wait_ms', 'idle_timeout_s', 'max_frame_bytes', 'max_prompt_tokens', 'max_sessions', "
+                                               r"'max_tokens_per_session', 'min_layer', 'session_lifetime_s'\]"):
         SplitConfig.from_additional_config({"vllm_split": {"max_session": 4}})
 
 
