@@ -57,3 +57,12 @@ def test_bench_server_step_quick(tmp_path):
     assert all(r["steps"] > 0 for r in data["summary"])
     assert data["kv_capacity_tokens"]["plain"] and data["kv_capacity_tokens"]["split"]
     assert out.with_suffix(".png").exists()
+
+
+def test_fuzz_decoder_quick(tmp_path):
+    pytest.importorskip("atheris")
+    out = tmp_path / "fuzz_decoder.json"
+    run("fuzz_decoder.py", "--seconds", "5", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["crashes"] == 0 and report["executions"] > 1000
+    assert report["coverage_at_end"]["cov"] > report["coverage_at_start"]["cov"]  # the fuzzer found new branches
