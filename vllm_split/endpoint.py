@@ -96,7 +96,7 @@ async def split_session(ws: WebSocket) -> None:
         if ws.client_state == WebSocketState.CONNECTED:
             try:
                 await ws.close(code=close_code)
-            except (RuntimeError, OSError):
+            except (WebSocketDisconnect, RuntimeError, OSError):  # the client left first
                 pass
 
 
