@@ -119,6 +119,18 @@ def wrong_shape(s, rng):
     return frame(wire.Activation.KIND, activation_meta(_position(s), shape), rows(1, rng))
 
 
+def wrong_hidden_size(s, rng):
+    hidden = rng.choice([1, 100, 575, 577, 4096])
+    return frame(wire.Activation.KIND, activation_meta(_position(s), [1, hidden]), bytes(4 * hidden))
+
+
+def extreme_sampling(rng: random.Random) -> wire.SamplingOptions:
+    """Valid but extreme sampling values: the session must run (or be refused clearly)."""
+    return wire.SamplingOptions(max_tokens=32, ignore_eos=True, temperature=rng.choice([0.0, 1e-6, 1e6]),
+                                top_p=rng.choice([1.0, 1e-9]), top_k=rng.choice([0, 1, 2**20]),
+                                seed=rng.choice([None, 0, 2**63 - 1]), stop_token_ids=tuple(rng.sample([0, 2, 10**9], 2)))
+
+
 def wrong_payload_size(s, rng):
     data = rows(2, rng)
     return frame(wire.Activation.KIND, activation_meta(_position(s), [1, HIDDEN]), data[: rng.choice([0, 1, 100, 4 * HIDDEN - 1])]
@@ -177,7 +189,7 @@ Maker = Callable[[State, random.Random], "bytes | str"]
 ANY: dict[str, Maker] = {f.__name__: f for f in (random_bytes, truncated_header, bad_magic, bad_version, unknown_kind,
                                                   huge_meta_length, meta_not_json, meta_not_object, unknown_field, text_frame,
                                                   payload_on_close)}
-ACTIVATION: dict[str, Maker] = {f.__name__: f for f in (wrong_dtype, wrong_shape, wrong_payload_size, non_finite,
+ACTIVATION: dict[str, Maker] = {f.__name__: f for f in (wrong_dtype, wrong_shape, wrong_hidden_size, wrong_payload_size, non_finite,
                                                          out_of_order, reopen, server_kind)}
 MAKERS: dict[str, dict[str, Maker]] = {
     "fresh": {**ANY, "bad_open": bad_open, "activation_before_open": activation_before_open},

@@ -43,6 +43,8 @@ class Tally:
         self.no_message: list[str] = []
         self.internal: list[str] = []  # "internal" errors: a server bug, not a rejection
         self.advances = 0  # valid activations sent between adversarial frames
+        self.extreme_sampling_sessions = 0  # valid Opens with extreme sampling values
+        self.extreme_sampling_refused = 0  # ... that the server refused at Open (code "sampling")
         self.advance_failures: list[str] = []
         self.examples: dict[str, str] = {}
 
@@ -74,7 +76,7 @@ class Fuzzer:
 
     async def enter(self, want: str) -> None:
         """Bring the connection to state ``want`` (a new connection when needed)."""
-        from benchmarks.fuzz_frames import State, rows
+        from benchmarks.fuzz_frames import State, extreme_sampling, rows
         from client_lib.session import SESSION_PATH
         from vllm_split import protocol as wire
 
@@ -85,9 +87,16 @@ class Fuzzer:
         self.state = State("fresh", self.fingerprint, self.split_layer)
         if want == "fresh":
             return
+        extreme = self.rng.random() < 0.3
+        sampling = extreme_sampling(self.rng) if extreme else wire.SamplingOptions(max_tokens=32, ignore_eos=True)
+        self.tally.extreme_sampling_sessions += extreme
         await self.ws.send_bytes(wire.encode(wire.Open(model_fingerprint=self.fingerprint, split_layer=self.split_layer,
-                                                       sampling=wire.SamplingOptions(max_tokens=32, ignore_eos=True))))
+                                                       sampling=sampling)))
         opened = await self.recv()
+        if extreme and isinstance(opened, wire.Error) and opened.code == "sampling" and opened.message:
+            self.tally.extreme_sampling_refused += 1  # refused at Open, clearly: fine
+            await self.close()
+            return
         if not isinstance(opened, wire.Opened):
             raise RuntimeError(f"valid Open refused: {opened}")
         self.state.name, self.state.max_frame_bytes = "prompt", opened.max_frame_bytes
@@ -213,6 +222,7 @@ async def run(args, url: str, server) -> dict:
     alive = health(url) and (server is None or server.proc.poll() is None)
     after = await reference_tokens(url, model_dir, prompt_ids) if alive else None
     leaked = idle_after["kv_blocks_in_use"] - idle_before["kv_blocks_in_use"]
+    log = server.log_path.read_text(errors="replace") if server is not None else None
     return {
         "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(), "git_sha": git_sha()},
@@ -226,8 +236,11 @@ async def run(args, url: str, server) -> dict:
         "rejections_without_error_frame": len(tally.unanswered),
         "rejections_without_message": len(tally.no_message),
         "internal_errors": len(tally.internal),
+        "server_log_tracebacks": log.count("Traceback") if log is not None else None,
         "fatal_rejections": tally.fatal,
         "valid_activations_between": tally.advances,
+        "extreme_sampling_sessions": tally.extreme_sampling_sessions,
+        "extreme_sampling_refused_at_open": tally.extreme_sampling_refused,
         "sessions_broken_by_rejections": len(tally.advance_failures),
         "reference_tokens_before": before,
         "reference_tokens_after": after,
@@ -243,7 +256,8 @@ async def run(args, url: str, server) -> dict:
 def ok(report: dict) -> bool:
     return (report["engine_alive"] and report["leaked_kv_blocks"] == 0 and report["reference_unchanged"]
             and report["rejections_without_error_frame"] == 0 and report["rejections_without_message"] == 0
-            and report["internal_errors"] == 0 and report["sessions_broken_by_rejections"] == 0)
+            and report["internal_errors"] == 0 and report["sessions_broken_by_rejections"] == 0
+            and not report["server_log_tracebacks"])
 
 
 def main() -> None:

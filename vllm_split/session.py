@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import torch
+from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.logger import init_logger
 from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -84,11 +85,23 @@ class ServerSession:
         if msg.sampling.max_tokens > cap:
             raise SessionError("max_tokens", f"max_tokens {msg.sampling.max_tokens} exceeds this server's limit of {cap} tokens per session", fatal=True)
         self.open = msg
+        self._check_sampling()
         await self.send(wire.Opened(
             session_id=self.session_id, split_layer=msg.split_layer, num_layers=self.model.num_layers,
             hidden_size=self.model.hidden_size, dtype=str(self.model.dtype).removeprefix("torch."),
             max_frame_bytes=self.config.max_frame_bytes,
         ))
+
+    def _check_sampling(self) -> None:
+        """vLLM's own checks of the sampling values (ranges, vocabulary) at Open, not after the prompt."""
+        try:
+            params = self.sampling_params()
+            vllm_config = getattr(self.engine, "vllm_config", None)
+            if vllm_config is not None:
+                params.verify(vllm_config.model_config, vllm_config.speculative_config,
+                              vllm_config.structured_outputs_config, None)
+        except (ValueError, VLLMClientError) as exc:
+            raise SessionError("sampling", f"sampling options refused: {exc}", fatal=True) from exc
 
     @property
     def awaiting_client(self) -> bool:

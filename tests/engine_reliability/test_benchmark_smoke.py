@@ -21,6 +21,7 @@ def test_fuzz_live_smoke(box, tmp_path):
     assert report["frames_tried"] >= 300 and report["engine_crashes"] == 0 and report["leaked_kv_blocks"] == 0
     assert report["rejections_without_error_frame"] == 0 and report["internal_errors"] == 0
     assert report["reference_unchanged"] and report["valid_activations_between"] > 0
+    assert "Exception in ASGI application" not in box.server.log_path.read_text(errors="replace")
 
 
 def test_soak_smoke(box, tmp_path):

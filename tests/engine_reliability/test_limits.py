@@ -104,3 +104,16 @@ async def test_session_lifetime_ends_a_slow_but_live_client(box, reference, mode
     assert lifetime - 0.5 <= time.monotonic() - t0 <= lifetime + 4
     assert 2 <= len(tokens) < 40 and tokens == reference.greedy[1][: len(tokens)]
     await wait_idle(box.url)
+
+
+@pytest.mark.parametrize("sampling, match", [
+    ({"temperature": 1e6}, "sampling options refused: temperature must be in [0, 2], got 1000000.0"),
+    ({"stop_token_ids": (10**9,)}, "sampling options refused: token_id(s) [1000000000] in stop_token_ids contain out-of-vocab"),
+])
+async def test_sampling_the_engine_would_refuse_is_refused_at_open(box, model_dir, sampling, match):
+    """Found by fuzz_live: these used to pass Open and fail after the prompt as 'internal'."""
+    layers = local_layers(model_dir, 7)
+    async with await RawSession.connect(box.url) as raw:
+        await raw.send(wire.Open(model_fingerprint=layers.fingerprint, split_layer=7,
+                                 sampling=wire.SamplingOptions(max_tokens=8, **sampling)))
+        await expect_error(raw, "sampling", match, fatal=True)

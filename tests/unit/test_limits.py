@@ -98,3 +98,12 @@ async def test_max_tokens_above_the_cap_is_refused_at_open():
     await session.handle_open(wire.Open(model_fingerprint="fp", split_layer=2,
                                         sampling=wire.SamplingOptions(max_tokens=16)))
     assert isinstance(sent[-1], wire.Opened)
+
+
+async def test_sampling_vllm_refuses_is_refused_at_open():
+    sent: list = []
+    session = _session(SplitConfig(), sent)
+    with pytest.raises(SessionError, match=r"sampling options refused: temperature must be in \[0, 2\], got 1000000.0"):
+        await session.handle_open(wire.Open(model_fingerprint="fp", split_layer=2,
+                                            sampling=wire.SamplingOptions(temperature=1e6)))
+    assert sent == []  # no Opened: the client learns before it sends its prompt
