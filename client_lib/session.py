@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 
 from client_lib.local_layers import LocalLayers
 from vllm_split import protocol as wire
+
+if TYPE_CHECKING:
+    import torch
 
 SESSION_PATH = "/v1/split/session"
 DEFAULT_CHUNK_ROWS = 512
@@ -172,8 +175,18 @@ class SplitSession:
         self.layers.reset()
         t_start = time.perf_counter()
         hidden = await self._forward(list(prompt_ids))
+        async for event in self.stream(hidden, chunk_rows=chunk_rows, t_start=t_start):
+            yield event
+
+    async def stream(self, hidden: "torch.Tensor", *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                     t_start: float | None = None) -> AsyncIterator[TokenEvent]:
+        """Send prompt rows already computed (``hidden``, the hidden states at the split
+        layer of every prompt position, with ``self.layers``' cache holding them), then
+        stream tokens, computing each token's row with ``self.layers``. The resume path
+        (``client_lib/resume.py``) uses this to replay the rows it kept."""
+        t_start = time.perf_counter() if t_start is None else t_start
         local = time.perf_counter() - t_start
-        n = len(prompt_ids)
+        n = hidden.shape[0]
         row_bytes = hidden.shape[1] * hidden.element_size()
         chunk_rows = max(1, min(chunk_rows, (self.opened.max_frame_bytes - 4096) // row_bytes))
         for begin in range(0, n, chunk_rows):

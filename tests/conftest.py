@@ -13,3 +13,10 @@ def model_dir():
     from vllm_split.model_prep import prepare
 
     return prepare()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

@@ -29,6 +29,13 @@ class SplitConfig:
     # KV cache for layers [0, min_layer) (more room for requests) and serves split sessions
     # only: ordinary requests are refused. 0: off.
     min_layer: int = 0
+    # Largest max_tokens a split session may ask for (a larger request is refused at Open).
+    max_tokens_per_session: int = 4096
+    # Seconds the server waits for a frame it needs from the client (the prompt, or the
+    # activation for the token it just sent); then the session is aborted, its KV freed. 0: off.
+    idle_timeout_s: int = 60
+    # Seconds a session may last, from connection to its last token; then it is aborted. 0: off.
+    session_lifetime_s: int = 3600
     # Admission controller (docs/admission.md): sessions that may wait for admission at once
     # (0: refuse at once when busy), how long one may wait, the SLA assumed for a client that
     # states none, and whether to warm the live cost model up at start-up (1) or not (0).
@@ -52,8 +59,8 @@ class SplitConfig:
                 if value not in STRING_OPTIONS[f.name]:
                     raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected one of {list(STRING_OPTIONS[f.name])}, got {value!r}")
                 continue
-            low = 0 if f.name in ("batch_wait_ms", "min_layer", "admission_queue", "admission_wait_ms", "warmup",
-                                        "offload_above_pct") else 1
+            low = 0 if f.name in ("batch_wait_ms", "min_layer", "idle_timeout_s", "session_lifetime_s",
+                                  "admission_queue", "admission_wait_ms", "warmup", "offload_above_pct") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected an integer >= {low}, got {value!r}")
 

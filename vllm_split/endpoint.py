@@ -25,7 +25,8 @@ from vllm_split.planner import SLA
 from vllm_split.planner.model_configs import ModelConfig
 from vllm_split.split_metrics import split_metrics
 from vllm_split.scheduler import EXTRA_ARGS_KEY
-from vllm_split.session import ModelInfo, ServerSession, SessionError, run_session
+from vllm_split.limits import run_with_limits
+from vllm_split.session import ModelInfo, ServerSession, SessionError
 from vllm_split.version import check_vllm_version
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
@@ -86,7 +87,7 @@ async def split_session(ws: WebSocket) -> None:
     service.sessions[session.session_id] = session
     close_code = 1000
     try:
-        await run_session(session=session, receive=receive)
+        await run_with_limits(session=session, receive=receive)
     except SessionError as exc:
         close_code = 1008
         if not exc.sent:
@@ -103,7 +104,7 @@ async def split_session(ws: WebSocket) -> None:
         if ws.client_state == WebSocketState.CONNECTED:
             try:
                 await ws.close(code=close_code)
-            except (RuntimeError, OSError):
+            except (WebSocketDisconnect, RuntimeError, OSError):  # the client left first
                 pass
 
 

@@ -20,6 +20,26 @@ def kv_capacity_tokens(server_log: Path) -> int | None:
     return int(m.group(1).replace(",", "")) if m else None
 
 
+def metrics(url: str) -> dict[str, float]:
+    """vLLM's Prometheus gauges/counters at ``url`` (unlabelled sums by metric name)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(vllm:[a-z_]+)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$", line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+        m = re.search(r'^vllm:cache_config_info\{.*num_gpu_blocks="(\d+)"', line)
+        if m:
+            out["num_gpu_blocks"] = float(m.group(1))
+    return out
+
+
+def kv_blocks_in_use(m: dict[str, float]) -> int:
+    """KV blocks held by requests, from :func:`metrics` (usage fraction x pool size)."""
+    return round(m.get("vllm:kv_cache_usage_perc", 0.0) * m.get("num_gpu_blocks", 0.0))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -30,8 +50,8 @@ class VLLMServer:
     """A vLLM API server subprocess: ``split=True`` runs ``vllm-split serve``."""
 
     def __init__(self, model: str | Path, *, split: bool, log_path: Path, extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+                 env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()  # a given port: restart a server where its clients expect it
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         launcher = [] if split else ["plain"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import torch
+from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.logger import init_logger
 from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -69,6 +70,7 @@ class ServerSession:
         self.open: wire.Open | None = None
         self.split_layer = 0
         self.admitted = False
+        self._admitting = False
         self._opened_at: float | None = None
         self._token_times: list[float] = []
         self.prompt_rows: list[torch.Tensor] = []
@@ -91,6 +93,11 @@ class ServerSession:
         if msg.split_layer is not None and not low <= msg.split_layer <= self.model.num_layers:
             why = f" (this server holds no layers below {low})" if low else ""
             raise SessionError("split_layer", f"split_layer {msg.split_layer} out of range: expected {low} <= split_layer <= {self.model.num_layers}{why}", fatal=True)
+        cap = self.config.max_tokens_per_session
+        if msg.sampling.max_tokens > cap:
+            raise SessionError("max_tokens", f"max_tokens {msg.sampling.max_tokens} exceeds this server's limit of {cap} tokens per session", fatal=True)
+        self.open = msg
+        self._check_sampling()
         network = None
         if receive is not None and (msg.split_layer is None or msg.client is not None):
             try:  # a client that asks to be planned (or sends its profile) answers probes
@@ -102,12 +109,14 @@ class ServerSession:
                 raise SessionError("split_layer", "this server has no admission controller: give split_layer", fatal=True)
             admission = None
         else:
+            self._admitting = True  # waiting in the admission queue is not the client idling
             try:
                 admission = await self.controller.admit(self.session_id, msg, network)
             except AdmissionRefused as exc:
                 raise SessionError(exc.reason, str(exc), fatal=True, retry_after_s=exc.retry_after_s) from None
+            finally:
+                self._admitting = False
             self.admitted = True
-        self.open = msg
         self.split_layer = msg.split_layer if admission is None else admission.split_layer
         await self.send(wire.Opened(
             session_id=self.session_id, split_layer=self.split_layer, num_layers=self.model.num_layers,
@@ -118,6 +127,25 @@ class ServerSession:
             predicted_tpot_s=admission.predicted_tpot_s if admission else None,
         ))
         self._opened_at = time.perf_counter()
+
+    def _check_sampling(self) -> None:
+        """vLLM's own checks of the sampling values (ranges, vocabulary) at Open, not after the prompt."""
+        try:
+            params = self.sampling_params()
+            vllm_config = getattr(self.engine, "vllm_config", None)
+            if vllm_config is not None:
+                params.verify(vllm_config.model_config, vllm_config.speculative_config,
+                              vllm_config.structured_outputs_config, None)
+        except (ValueError, VLLMClientError) as exc:
+            raise SessionError("sampling", f"sampling options refused: {exc}", fatal=True) from exc
+
+    @property
+    def awaiting_client(self) -> bool:
+        """True while the server waits on the client: Open, a prompt chunk, or the
+        activation for the token it last sent (not while the engine computes)."""
+        if self._admitting:
+            return False
+        return not self.finished and (not self._delivered or self.expected_start is not None)
 
     # ---------------------------------------------------------------- activations
     def _rows(self, msg: wire.Activation) -> torch.Tensor:
@@ -262,6 +290,7 @@ async def run_session(*, session: ServerSession, receive: Callable[[], Awaitable
         if await guarded(session.accept_prompt_chunk, msg):
             break
     gen = asyncio.create_task(session.generate())
+    recv = None
     try:
         while not gen.done():
             recv = asyncio.create_task(next_message())
@@ -275,6 +304,8 @@ async def run_session(*, session: ServerSession, receive: Callable[[], Awaitable
             await guarded(session.accept_decode, msg)
         await gen  # surfaces engine errors
     finally:
+        if recv is not None and not recv.done():
+            recv.cancel()  # cancelled from outside (limits.py): stop reading the socket
         if not gen.done():
             gen.cancel()  # AsyncLLM.generate aborts the request on cancellation
             try:

@@ -67,3 +67,12 @@ def test_bench_admission_quick(tmp_path):
     assert data["summary"]["points"] == 4 and data["summary"]["all_exact"]
     assert all(s["predicted_tpot_s"] > 0 and s["measured_tpot_s"] > 0 for s in data["samples"])
     assert out.with_suffix(".png").exists()
+
+
+def test_fuzz_decoder_quick(tmp_path):
+    pytest.importorskip("atheris")
+    out = tmp_path / "fuzz_decoder.json"
+    run("fuzz_decoder.py", "--seconds", "5", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["crashes"] == 0 and report["executions"] > 1000
+    assert report["coverage_at_end"]["cov"] > report["coverage_at_start"]["cov"]  # the fuzzer found new branches

@@ -41,13 +41,6 @@ class Reference:
     plain_text: str  # /v1/completions text of prompt 0 by string
 
 
-@pytest.fixture(scope="session")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
 @pytest.fixture(scope="package")
 def reference(model_dir, tokenizer, tmp_path_factory) -> Reference:
     server = VLLMServer(model_dir, split=False, log_path=tmp_path_factory.mktemp("plain") / "server.log")

@@ -1,14 +1,12 @@
 """Client-side helpers for the engine tests."""
 from __future__ import annotations
 
-import re
-import urllib.request
-
 import aiohttp
 
 from client_lib import LocalLayers, SamplingOptions, SplitSession
 from client_lib.session import SESSION_PATH
 from vllm_split import protocol as wire
+from vllm_split.server_process import metrics  # noqa: F401 (the engine tests import it from here)
 
 _layers_cache: dict[tuple[str, int], LocalLayers] = {}
 
@@ -58,15 +56,3 @@ class RawSession:
 
     async def __aexit__(self, *exc):
         await self.close()
-
-
-def metrics(url: str) -> dict[str, float]:
-    """vLLM's Prometheus gauges/counters (unlabelled sums by metric name)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^(vllm:[a-z_]+)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$", line)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
-    return out

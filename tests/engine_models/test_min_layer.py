@@ -31,13 +31,6 @@ def plain_run(model_dir, tokenizer, tmp_path_factory):
     return ids, tokens, kv_capacity_tokens(log)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
 def test_min_layer_server(model_dir, plain_run, tmp_path):
     ids, expected, plain_kv = plain_run
     log = tmp_path / "server.log"

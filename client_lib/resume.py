@@ -1,0 +1,147 @@
+"""A generation that survives dropped connections and server restarts (opt-in).
+
+    gen = ResumableGeneration("http://host:8000", layers, sampling=SamplingOptions(max_tokens=64))
+    async for token in gen.generate(prompt_ids):
+        print(token.token_id)
+    print(gen.num_reconnects)
+
+The client keeps every activation it has computed: the prompt's rows and one row per
+generated token. When the connection drops (the server restarted, the network failed, the
+server was full) it reconnects with exponential backoff and opens a new session whose
+prompt is those kept rows (prompt + tokens so far) and whose ``max_tokens`` is what is left;
+the local layers' own KV cache is kept, so nothing is recomputed on the client. Token
+indices continue where they stopped. For greedy decoding the result equals an
+uninterrupted run token for token (the server's KV for the replayed rows is recomputed
+from the same activations). Seeded sampling cannot resume exactly: the server would
+restart its random generator at the resumed position, so it is refused here.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator
+
+import aiohttp
+import torch
+
+from client_lib.session import DEFAULT_CHUNK_ROWS, ServerError, SplitSession, TokenEvent
+from vllm_split import protocol as wire
+
+# Server error codes after which a new session can go on: the connection is gone, the
+# server is full, or its engine failed (e.g. shutting down for a restart).
+RETRY_CODES = frozenset({"closed", "too_many_sessions", "internal"})
+
+
+class ResumeError(RuntimeError):
+    """The generation cannot be resumed (message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectPolicy:
+    max_reconnects: int = 8  # dropped connections tolerated in one generation
+    initial_delay_s: float = 0.5  # first wait before reconnecting, doubled per failed try
+    max_delay_s: float = 8.0
+    give_up_after_s: float = 300.0  # per drop: stop trying to reconnect after this long
+    retry_codes: frozenset[str] = RETRY_CODES
+
+
+class _KeptRows:
+    """``LocalLayers`` stand-in that records every row the local layers compute."""
+
+    def __init__(self, layers: Any) -> None:
+        self.layers = layers
+        self.fingerprint = layers.fingerprint
+        self.split_layer = layers.split_layer
+        self.rows: list[torch.Tensor] = []
+
+    def reset(self) -> None:
+        self.layers.reset()
+        self.rows = []
+
+    def forward(self, token_ids: list[int]) -> torch.Tensor:
+        out = self.layers.forward(token_ids)
+        self.rows.append(out.detach().clone())
+        return out
+
+    def num_rows(self) -> int:
+        return sum(r.shape[0] for r in self.rows)
+
+
+class ResumableGeneration:
+    """One generation over as many sessions as it takes (see module docstring)."""
+
+    def __init__(self, url: str, layers: Any, *, sampling: wire.SamplingOptions | None = None,
+                 api_key: str | None = None, policy: ReconnectPolicy = ReconnectPolicy(),
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+        self.sampling = sampling or wire.SamplingOptions()
+        if self.sampling.temperature > 0:
+            raise ResumeError(f"resume is exact only for greedy decoding (temperature 0), got temperature "
+                              f"{self.sampling.temperature}: a resumed request would restart the server's sampler")
+        if getattr(layers, "auto", False):
+            raise ResumeError("resume replays rows kept at one split layer: give LocalLayers a fixed split_layer, "
+                              "not 'auto'")
+        self.url, self.api_key, self.policy, self.chunk_rows = url, api_key, policy, chunk_rows
+        self.kept = _KeptRows(layers)
+        self.num_reconnects = 0
+        self.finish_reason: str | None = None
+        self.events: list[TokenEvent] = []
+        self._session: SplitSession | None = None
+
+    async def disconnect(self) -> None:
+        """Drop the current connection (fault injection: the generation reconnects)."""
+        if self._session is not None:
+            await self._session._ws.close()
+
+    async def generate(self, prompt_ids: list[int]) -> AsyncIterator[TokenEvent]:
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty: at least one token is needed")
+        self.kept.reset()
+        self.kept.forward(list(prompt_ids))
+        num_prompt = len(prompt_ids)
+        while True:
+            done = len(self.events)
+            sampling = replace(self.sampling, max_tokens=self.sampling.max_tokens - done)
+            try:
+                self._session = await self._connect(sampling)
+                try:
+                    async for event in self._session.stream(torch.cat(self.kept.rows), chunk_rows=self.chunk_rows):
+                        event = replace(event, index=done + event.index)
+                        self.events.append(event)
+                        yield event
+                finally:
+                    await self._session.close()
+                self.finish_reason = self._session.stats.finish_reason
+                return
+            except (ServerError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                if isinstance(exc, ServerError) and exc.code not in self.policy.retry_codes:
+                    raise
+                if self.events and self.events[-1].finish_reason is not None:
+                    self.finish_reason = self.events[-1].finish_reason  # dropped before Finished: all tokens are here
+                    return
+                self.num_reconnects += 1
+                if self.num_reconnects > self.policy.max_reconnects:
+                    raise ResumeError(f"connection dropped {self.num_reconnects} times, more than the "
+                                      f"{self.policy.max_reconnects} allowed: {exc}") from exc
+                self._catch_up(num_prompt)
+
+    def _catch_up(self, num_prompt: int) -> None:
+        """Rows for every received token must be kept before the rows are replayed."""
+        while self.kept.num_rows() < num_prompt + len(self.events):
+            self.kept.forward([self.events[self.kept.num_rows() - num_prompt].token_id])
+
+    async def _connect(self, sampling: wire.SamplingOptions) -> SplitSession:
+        delay = self.policy.initial_delay_s
+        deadline = time.monotonic() + self.policy.give_up_after_s
+        while True:
+            try:
+                return await SplitSession.create(self.url, self.kept, sampling=sampling, api_key=self.api_key)
+            except (ServerError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                if isinstance(exc, ServerError) and exc.code not in self.policy.retry_codes:
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise ResumeError(f"could not reconnect to {self.url} within "
+                                      f"{self.policy.give_up_after_s} s: {exc}") from exc
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(2 * delay, self.policy.max_delay_s)
