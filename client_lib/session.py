@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 
-from client_lib.local_layers import LocalLayers
 from vllm_split import protocol as wire
 
 if TYPE_CHECKING:

@@ -231,7 +231,7 @@ class AdmissionController:
                             f"idle server: the best this client can get is TTFT {best.ttft_s:.3f} s and TPOT "
                             f"{best.tpot_s:.3f} s (split layer {split_layer_of(best.placement)}); relax the SLA"))
                 why = ("the SLA cannot be met at the current load" if not result.feasible else
-                       f"admitting it would push an admitted session past its TPOT bound")
+                       "admitting it would push an admitted session past its TPOT bound")
                 if not queued:
                     if self.queued >= self.policy.queue_limit:
                         self._refuse("queue_full")

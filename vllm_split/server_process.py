@@ -20,12 +20,25 @@ def kv_capacity_tokens(server_log: Path) -> int | None:
     return int(m.group(1).replace(",", "")) if m else None
 
 
+def _scrape(url: str) -> list[str]:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        return r.read().decode().splitlines()
+
+
+def split_metrics(url: str) -> dict[str, float]:
+    """vllm-split's own metrics at ``url``, by name with labels (``name{label="v"}``)."""
+    out: dict[str, float] = {}
+    for line in _scrape(url):
+        m = re.match(r"^(vllm_split:[a-z_]+(?:\{[^}]*\})?)\s+([-+0-9.eE]+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
 def metrics(url: str) -> dict[str, float]:
     """vLLM's Prometheus gauges/counters at ``url`` (unlabelled sums by metric name)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
     out: dict[str, float] = {}
-    for line in text.splitlines():
+    for line in _scrape(url):
         m = re.match(r"^(vllm:[a-z_]+)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$", line)
         if m:
             out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))

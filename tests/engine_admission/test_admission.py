@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import urllib.request
 
 import aiohttp
 import pytest
@@ -12,22 +11,12 @@ import pytest
 from client_lib import ServerError
 from client_lib.session import SESSION_PATH
 from vllm_split import protocol as wire
+from vllm_split.server_process import split_metrics
 
 from .conftest import FAST, LAN, MEDIUM, SLOW, WIFI, emulated
 
 pytestmark = pytest.mark.engine
 SLA = wire.RequestSLA(ttft_s=3.0, tpot_s=0.3)
-
-
-def split_metrics(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^(vllm_split:[a-z_]+(?:\{[^}]*\})?)\s+([-+0-9.eE]+)$", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
 
 
 async def _with_load(url, script, n, body):

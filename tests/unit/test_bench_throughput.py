@@ -1,5 +1,4 @@
 """Pure parts of benchmarks/bench_throughput.py: arrivals, the 90% rate, the split limit."""
-import json
 import sys
 from pathlib import Path
 
