@@ -76,3 +76,17 @@ def test_fuzz_decoder_quick(tmp_path):
     report = json.loads(out.read_text())
     assert report["crashes"] == 0 and report["executions"] > 1000
     assert report["coverage_at_end"]["cov"] > report["coverage_at_start"]["cov"]  # the fuzzer found new branches
+
+
+@pytest.mark.engine
+def test_bench_throughput_quick(tmp_path):
+    out = tmp_path / "throughput.json"
+    run("bench_throughput.py", "--quick", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert set(data["systems"]) == {"plain", "split_dp"}
+    for system in data["systems"].values():
+        (point,) = system["points"]
+        assert point["requests"] >= 1 and point["errors"] == 0 and point["wrong_outputs"] == 0
+    samples = [s for per_rate in data["samples"]["split_dp"].values() for s in per_rate]
+    assert all(s["exact"] for s in samples if s["output_tokens"])
+    assert out.with_suffix(".png").exists()
