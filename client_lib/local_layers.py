@@ -35,7 +35,7 @@ class LocalLayers:
     :meth:`use_split_layer` with the server's answer.
     """
 
-    def __init__(self, model_dir: str | Path, *, split_layer: int | str, device: str = "cpu",
+    def __init__(self, model_dir: str | Path, *, split_layer: int | str = "auto", device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoConfig, AutoModel, DynamicCache
 
