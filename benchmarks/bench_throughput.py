@@ -148,22 +148,26 @@ async def run_one(system: str, url: str, model: str, req: dict, w: dict, scripts
 
 
 # ---------------------------------------------------------------- one rate on one server
-def server_cpu_s(pid: int) -> float:
+def cpu_breakdown(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the server's processes (API server, EngineCore, ...) by name,
+    and of this process (the emulated clients)."""
     import psutil
 
+    out: dict[str, float] = {}
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        procs = [("api_server", root), *((p.name(), p) for p in root.children(recursive=True))]
     except psutil.Error:
-        return 0.0
-    total = 0.0
-    for p in procs:
+        procs = []
+    for name, p in procs:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            out[name] = out.get(name, 0.0) + t.user + t.system
         except psutil.Error:
             pass
-    return total
+    t = psutil.Process().cpu_times()
+    out["bench_clients"] = t.user + t.system
+    return out
 
 
 async def run_rate(system: str, url: str, model: str, w: dict, scripts: dict, reqs: list[dict], progress) -> list[dict]:
@@ -248,6 +252,8 @@ def main() -> None:
     p.add_argument("--workload", type=Path, default=ROOT / "benchmarks" / "workloads" / "default.json")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--quick", action="store_true", help="CI smoke: plain and split_dp, one short rate")
+    p.add_argument("--rates", default=None, help="comma-separated rates instead of the workload's")
+    p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_throughput.json")
     args = p.parse_args()
     import torch
@@ -266,7 +272,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown system(s) {unknown}; known: {list(SYSTEMS)}")
     rates = [w["rates"][1]] if args.quick else list(w["rates"])
-    duration = 6.0 if args.quick else float(w["duration_s"])
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else rates
+    duration = args.duration or (6.0 if args.quick else float(w["duration_s"]))
     if "plain" not in systems:
         systems = ["plain", *systems]  # the references come from the plain engine
     model = prepare()
@@ -290,10 +297,13 @@ def main() -> None:
                 reqs = arrivals(w, rate, duration, seed=w.get("seed", 0) * 1000 + ri)
                 label = f"[{si + 1}/{len(systems)} {system}] rate {rate:g}/s ({ri + 1}/{len(rates)})"
                 bar = ProgressBar(label, len(reqs))
-                cpu0, t0 = server_cpu_s(server.proc.pid), time.perf_counter()
+                cpu0, t0 = cpu_breakdown(server.proc.pid), time.perf_counter()
                 got = asyncio.run(run_rate(system, server.url, str(model), w, scripts, reqs, bar.update))
                 wall = time.perf_counter() - t0
-                point = summarise(got, rate, duration, server_cpu_s(server.proc.pid) - cpu0, wall)
+                cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_breakdown(server.proc.pid).items()}
+                point = summarise(got, rate, duration, sum(v for k, v in cpu.items() if k != "bench_clients"), wall)
+                point["cpu_s_by_process"] = cpu
+                point["wall_s"] = wall
                 bar.close(f"attainment {point['attainment'] if point['attainment'] is not None else float('nan'):.0%}, "
                           f"goodput {point['goodput_rps']:.2f}/s, mean k {point['mean_split_layer']}")
                 points.append(point)
