@@ -254,6 +254,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="CI smoke: plain and split_dp, one short rate")
     p.add_argument("--rates", default=None, help="comma-separated rates instead of the workload's")
     p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate")
+    p.add_argument("--split-args", default="", help="extra options for the split servers, e.g. "
+                   "'--split-batch-wait-ms 30'")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_throughput.json")
     args = p.parse_args()
     import torch
@@ -287,7 +289,8 @@ def main() -> None:
     t_all = time.perf_counter()
     for si, system in enumerate(systems):
         spec = SYSTEMS[system]
-        server = VLLMServer(model, split=spec["split"], log_path=tmp / f"{system}.log", extra_args=(*COMMON_ARGS, *spec["args"]))
+        extra = (*COMMON_ARGS, *spec["args"], *(args.split_args.split() if spec["split"] else ()))
+        server = VLLMServer(model, split=spec["split"], log_path=tmp / f"{system}.log", extra_args=extra)
         try:
             server.wait_ready()
             if not scripts:
