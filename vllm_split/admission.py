@@ -79,7 +79,7 @@ class _InFlight:
 class AdmissionController:
     def __init__(self, *, model: ModelConfig, min_layer: int, hidden_bytes: int, max_model_len: int,
                  step_stats: Callable[[int], Awaitable[dict | None]], metrics: Any,
-                 policy: AdmissionPolicy = AdmissionPolicy()) -> None:
+                 policy: AdmissionPolicy = AdmissionPolicy(), max_num_seqs: int | None = None) -> None:
         self.model = model
         self.num_layers = model.num_hidden_layers
         self.min_layer = min_layer
@@ -89,6 +89,7 @@ class AdmissionController:
         self.metrics = metrics
         self.policy = policy
         self.costs = LiveCostModel()
+        self.max_num_seqs = max_num_seqs  # the engine's request slots
         self.inflight: dict[str, _InFlight] = {}
         self.queued = 0
         self._changed = asyncio.Condition()
@@ -177,6 +178,14 @@ class AdmissionController:
             return replace(candidates[k], method="greedy")
         return plan(graph, network, sla)
 
+    def _slots_full(self) -> bool:
+        """No request slot for one more session: it would wait in the engine's queue, where
+        its time to first token runs out unseen; it waits in the admission queue instead.
+        (The engine's own waiting queue also holds split requests whose client is still
+        computing its prompt, so it is no sign of full slots; the sessions this API server
+        admitted are.)"""
+        return self.max_num_seqs is not None and len(self.inflight) >= self.max_num_seqs
+
     def _others_keep_their_sla(self, load: ServerLoad) -> str | None:
         """None, or the first admitted session whose TPOT bound one more session would break
         (for each admitted session, ``load.occupancy`` counts it; the newcomer replaces it)."""
@@ -216,7 +225,8 @@ class AdmissionController:
                 result = await loop.run_in_executor(self._executor, self._plan, inputs, load, client, network, sla,
                                                     spare)
                 blocker = self._others_keep_their_sla(load) if result.feasible else None
-                if result.feasible and blocker is None:
+                slots_full = self._slots_full()
+                if result.feasible and blocker is None and not slots_full:
                     k = split_layer_of(result.placement)
                     kind = "server_only" if k == 0 else result.method
                     ttft, tpot = self._predict(k, inputs, load, client, network)
@@ -231,6 +241,7 @@ class AdmissionController:
                             f"idle server: the best this client can get is TTFT {best.ttft_s:.3f} s and TPOT "
                             f"{best.tpot_s:.3f} s (split layer {split_layer_of(best.placement)}); relax the SLA"))
                 why = ("the SLA cannot be met at the current load" if not result.feasible else
+                       f"all {self.max_num_seqs} request slots of the engine are taken" if slots_full else
                        "admitting it would push an admitted session past its TPOT bound")
                 if not queued:
                     if self.queued >= self.policy.queue_limit:

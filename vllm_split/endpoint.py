@@ -171,7 +171,7 @@ def _controller(engine_client: Any, model: ModelInfo, config: SplitConfig) -> Ad
         model=ModelConfig.from_hf_config(hf_config.to_dict(), name=str(engine_client.model_config.model)),
         min_layer=config.min_layer, hidden_bytes=model.hidden_size * dtype_bytes,
         max_model_len=model.max_model_len, step_stats=step_stats, metrics=split_metrics(model.num_layers),
-        policy=policy)
+        policy=policy, max_num_seqs=engine_client.vllm_config.scheduler_config.max_num_seqs)
 
 
 def torch_dtype_bytes(dtype: Any) -> int:

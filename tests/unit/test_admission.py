@@ -104,3 +104,14 @@ async def test_fixed_split_layer_is_admitted_with_predictions():
     c = controller()
     a = await c.admit("f", open_msg(FAST, tpot=10.0, k=12), LAN)
     assert (a.split_layer, a.placement) == (12, "fixed") and a.predicted_tpot_s > 0
+
+
+async def test_a_session_waits_for_a_request_slot_instead_of_the_engine_queue():
+    c = controller(queue_limit=4, queue_wait_s=0.3)
+    c.max_num_seqs = 1
+    await c.admit("s1", open_msg(FAST, tpot=1.0), LAN)
+    with pytest.raises(AdmissionRefused) as err:
+        await c.admit("s2", open_msg(FAST, tpot=1.0), LAN)
+    assert err.value.reason == "server_busy" and "all 1 request slots of the engine are taken" in str(err.value)
+    await c.release("s1", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=0.05)
+    assert (await c.admit("s3", open_msg(FAST, tpot=1.0), LAN)).split_layer >= 0
