@@ -31,7 +31,7 @@ from vllm_split import protocol as wire
 
 # Server error codes after which a new session can go on: the connection is gone, the
 # server is full, or its engine failed (e.g. shutting down for a restart).
-RETRY_CODES = frozenset({"closed", "too_many_sessions", "internal"})
+RETRY_CODES = frozenset({"closed", "too_many_sessions", "internal", "aborted", "server_busy"})
 
 
 class ResumeError(RuntimeError):
@@ -112,7 +112,12 @@ class ResumableGeneration:
                         yield event
                 finally:
                     await self._session.close()
-                self.finish_reason = self._session.stats.finish_reason
+                reason = self._session.stats.finish_reason
+                if reason == "abort" and len(self.events) < self.sampling.max_tokens:
+                    # the server aborted the request (it is shutting down or restarting; this
+                    # client did not ask for it): resume like after a dropped connection
+                    raise ServerError("aborted", "the server aborted the request", False)
+                self.finish_reason = reason
                 return
             except (ServerError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 if isinstance(exc, ServerError) and exc.code not in self.policy.retry_codes:

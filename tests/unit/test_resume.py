@@ -34,8 +34,9 @@ class FakeLayers:
 
 
 class FakeServer:
-    def __init__(self, *, drop_after: list[int], busy_first: int = 0) -> None:
+    def __init__(self, *, drop_after: list[int], busy_first: int = 0, abort: bool = False) -> None:
         self.drop_after = list(drop_after)  # per connection: close after this many tokens
+        self.abort = abort  # at a drop, end with Finished(abort) (a server shutting down) first
         self.busy = busy_first  # refuse this many connections with too_many_sessions first
         self.opens: list[wire.Open] = []
 
@@ -60,6 +61,9 @@ class FakeServer:
         drop = self.drop_after.pop(0) if self.drop_after else None
         for index in range(msg.sampling.max_tokens):
             if index == drop:
+                if self.abort:  # a shutting-down server aborts the request and says so
+                    await ws.send_bytes(wire.encode(wire.Finished(finish_reason="abort", num_prompt_tokens=0,
+                                                                  num_output_tokens=index)))
                 await ws.close()  # the server goes away mid-generation
                 return ws
             token = int(sum(v * (i + 1) for i, v in enumerate(context))) % 997
@@ -104,6 +108,13 @@ async def test_resumed_generation_equals_an_uninterrupted_one():
     assert tokens == expected and indices == list(range(12))
     assert gen.num_reconnects == 2 and gen.finish_reason == "length"
     assert [o.sampling.max_tokens for o in fake.opens] == [12, 8, 5]  # what is left, each time
+
+
+async def test_a_request_the_server_aborted_is_resumed():
+    expected, _, _ = await _generate(FakeServer(drop_after=[]))
+    tokens, indices, gen = await _generate(FakeServer(drop_after=[6], abort=True))
+    assert tokens == expected and indices == list(range(12))
+    assert gen.num_reconnects == 1 and gen.finish_reason == "length"
 
 
 async def test_a_full_server_is_retried_with_backoff():
