@@ -132,9 +132,8 @@ class AdmissionController:
         """The load a new session meets: the requests per engine step lately, or the sessions
         this server has admitted if more (they are about to run), and the recent step time."""
         now = time.time()
-        recent = [r.exec_s for r in self.costs.records if now - r.wall_time <= self.costs.occupancy_window_s]
         occupancy = max(self.costs.occupancy(now), float(len(self.inflight)))
-        recent_step = sum(recent) / len(recent) if recent else 0.0
+        recent_step = self.costs.recent_step_s(now)
         if occupancy and not recent_step:  # admitted sessions not running yet: a step of them
             recent_step = self.costs.cost.step_s(self.num_layers, self.num_layers * occupancy)
         return ServerLoad(cost=self.costs.cost, occupancy=occupancy, recent_step_s=recent_step)

@@ -65,17 +65,24 @@ class LiveCostModel:
         self.updated_at = time.time()
         return self.cost
 
+    def recent(self, now: float | None = None) -> list[StepRecord]:
+        """The steps of the last ``occupancy_window_s``."""
+        now = time.time() if now is None else now
+        return [r for r in self.records if now - r.wall_time <= self.occupancy_window_s]
+
     def utilization(self, now: float | None = None) -> float:
         """Fraction of the last ``occupancy_window_s`` the engine spent running the model."""
-        now = time.time() if now is None else now
-        busy = sum(r.exec_s for r in self.records if now - r.wall_time <= self.occupancy_window_s)
-        return min(1.0, busy / self.occupancy_window_s)
+        return min(1.0, sum(r.exec_s for r in self.recent(now)) / self.occupancy_window_s)
 
     def occupancy(self, now: float | None = None) -> float:
         """Mean requests per step over the last ``occupancy_window_s`` (0 when idle)."""
-        now = time.time() if now is None else now
-        recent = [r.num_reqs for r in self.records if now - r.wall_time <= self.occupancy_window_s]
-        return sum(recent) / len(recent) if recent else 0.0
+        recent = self.recent(now)
+        return sum(r.num_reqs for r in recent) / len(recent) if recent else 0.0
+
+    def recent_step_s(self, now: float | None = None) -> float:
+        """Mean model time of the steps of the last ``occupancy_window_s`` (0 when idle)."""
+        recent = self.recent(now)
+        return sum(r.exec_s for r in recent) / len(recent) if recent else 0.0
 
 
 def fit_step_cost(records: Sequence[StepRecord], *, prior: StepCost, prior_weight: float) -> StepCost:
