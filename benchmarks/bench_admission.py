@@ -6,7 +6,7 @@ For each load (``B`` sessions in the batch) and split layer ``k``: ``B - 1`` emu
 sessions at ``k`` keep the engine busy; once the controller has seen that load, one more
 session at ``k`` opens with its client profile (so the server probes its network and
 predicts), and its measured TPOT (mean gap between tokens, client side) is compared with
-the prediction the server gave in ``Opened``. Clients are emulated (client_lib.emulation):
+the prediction the server gave in ``Opened``. Clients are emulated (harness.emulation):
 their compute is a wait from the profile, their activations are exact. Writes JSON with
 every sample and a plot of predicted against measured.
 """
@@ -33,8 +33,8 @@ LINK = {"rtt_s": 0.004, "uplink_bps": 1e9, "downlink_bps": 1e9}
 
 
 async def measure_point(url, script, *, k: int, load: int, tokens: int, settle_s: float):
-    from client_lib.emulation import EmulatedLink, run_emulated
-    from vllm_split import protocol as wire
+    from harness.emulation import EmulatedLink, run_emulated
+    from vllm_split.wire import protocol as wire
 
     profile, link = wire.ClientProfile(**PROFILE), EmulatedLink(**LINK)
     stop = asyncio.Event()
@@ -69,9 +69,9 @@ def main() -> None:
     torch.set_num_threads(1)  # the emulated clients share the machine with the server
     from transformers import AutoTokenizer
 
-    from client_lib.emulation import make_script
-    from vllm_split.model_prep import prepare
-    from vllm_split.server_process import VLLMServer
+    from harness.emulation import make_script
+    from harness.model_prep import prepare
+    from harness.server_process import VLLMServer
 
     model = prepare()
     ks, loads, tokens, settle = ((0, 20), (1, 4), 12, 3.0) if args.quick else ((0, 10, 20, 30), (1, 4, 8), 48, 4.0)

@@ -27,8 +27,8 @@ def main() -> None:
     p.add_argument("--kv-space-gib", default="1")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_kv_capacity.json")
     args = p.parse_args()
-    from vllm_split.model_prep import prepare
-    from vllm_split.server_process import VLLMServer, kv_capacity_tokens
+    from harness.model_prep import prepare
+    from harness.server_process import VLLMServer, kv_capacity_tokens
 
     model = prepare()
     num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]

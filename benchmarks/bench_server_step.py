@@ -3,11 +3,11 @@
     python benchmarks/bench_server_step.py [--quick] [--out results/bench_server_step.json]
 
 Runs, one engine at a time on this machine: (A) plain vLLM without the plugin (only a
-timing hook added: ``vllm_split.step_timing.TimingWorker``), then (B) ``vllm-split serve``.
+timing hook added: ``vllm_split.engine.step_timing.TimingWorker``), then (B) ``vllm-split serve``.
 Both run eager, float32, prefix caching off, the same requests: decode batches of B
 requests at context C, and prefills of P tokens. On B the requests are split sessions at
 each k (and a mixed batch) replayed from activations computed beforehand by the client
-library (``benchmarks/replay.py``). The worker logs every step (step time, time inside the
+library (``harness/replay.py``). The worker logs every step (step time, time inside the
 decoder layers); the summary gives medians and ratios against plain vLLM, and the limit
 ``fixed + (L - k) / L * layers`` from plain vLLM's own split of its step. The plot is
 made from the JSON alone (``--plot-only``).
@@ -69,11 +69,11 @@ def pick(steps: list[dict], sc: dict) -> list[dict]:
 
 def run_plain(args, model, prompts, log: Path) -> tuple[dict, dict]:
     """Returns (samples per scenario, greedy continuation per context length)."""
-    from vllm_split.server_process import VLLMServer
+    from harness.server_process import VLLMServer
     from benchmarks.http_load import completions
 
     server = VLLMServer(model, split=False, log_path=log.with_suffix(".server.log"),
-                        extra_args=(*COMMON, "--worker-cls", "vllm_split.step_timing.TimingWorker"),
+                        extra_args=(*COMMON, "--worker-cls", "vllm_split.engine.step_timing.TimingWorker"),
                         env={"VLLM_SPLIT_STEP_LOG": str(log), "VLLM_CPU_KVCACHE_SPACE": "4"})
     samples, continuations = {}, {}
     try:
@@ -105,9 +105,9 @@ def truncated(script, n: int):
 
 
 def run_split(args, model, prompts, continuations, log: Path) -> tuple[dict, int]:
-    from benchmarks.replay import make_script, replay_many
+    from harness.replay import make_script, replay_many
     from client_lib.local_layers import LocalLayers
-    from vllm_split.server_process import VLLMServer
+    from harness.server_process import VLLMServer
 
     systems = [str(k) for k in args.ks] + ["mixed"]
     layers = {k: LocalLayers(model, split_layer=k) for k in args.ks}
@@ -215,8 +215,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)  # the clients' precompute must not fight the server for cores
-    from vllm_split.model_prep import prepare
-    from vllm_split.server_process import kv_capacity_tokens
+    from harness.model_prep import prepare
+    from harness.server_process import kv_capacity_tokens
 
     model = prepare()
     num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]

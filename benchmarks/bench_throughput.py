@@ -12,7 +12,7 @@ file). Four systems run the same arrivals, one after the other, on this machine:
 * ``split_greedy``: the admission controller with the greedy placement rule.
 * ``split_dp``: the admission controller with the DP (the product's default).
 
-Clients are emulated (``client_lib.emulation``) so that the 2-core machine measures the
+Clients are emulated (``harness.emulation``) so that the 2-core machine measures the
 server: each request's hidden states at every layer are computed beforehand, exactly, by
 the client library (greedy decoding: the continuation is the plain engine's, known in
 advance), and a client waits what its device class would take for its layers and what its
@@ -107,8 +107,8 @@ async def run_plain(url: str, model: str, ids: list[int], n_out: int, link, http
 
 async def run_one(system: str, url: str, model: str, req: dict, w: dict, scripts: dict, http) -> dict:
     from client_lib import ServerError
-    from client_lib.emulation import EmulatedLink, run_emulated
-    from vllm_split import protocol as wire
+    from harness.emulation import EmulatedLink, run_emulated
+    from vllm_split.wire import protocol as wire
 
     rtype = next(r for r in w["request_types"] if r["name"] == req["type"])
     device = next(d for d in w["device_classes"] if d["name"] == req["device"])
@@ -268,9 +268,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from client_lib import LocalLayers
-    from client_lib.emulation import Script, all_layer_states
-    from vllm_split.model_prep import prepare
-    from vllm_split.server_process import VLLMServer
+    from harness.emulation import Script, all_layer_states
+    from harness.model_prep import prepare
+    from harness.server_process import VLLMServer
 
     w = load_workload(args.workload)
     systems = ["plain", "split_dp"] if args.quick else [s.strip() for s in args.systems.split(",")]

@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the wire-format decoder (``vllm_split.protocol.decode``).
+"""Coverage-guided fuzzing of the wire-format decoder (``vllm_split.wire.protocol.decode``).
 
 Uses atheris (libFuzzer for Python, ``pip install atheris``): the decoder's bytecode is
 instrumented and libFuzzer mutates a seed corpus of valid frames of every message kind
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 def seed_frames() -> list[bytes]:
     import torch
 
-    from vllm_split import protocol as wire
+    from vllm_split.wire import protocol as wire
 
     sampling = wire.SamplingOptions(max_tokens=8, temperature=0.7, top_p=0.9, top_k=5, seed=3, stop_token_ids=(2, 7))
     return [wire.encode(m) for m in (
@@ -50,7 +50,7 @@ def seed_frames() -> list[bytes]:
 
 def check_one(data: bytes) -> None:
     """The fuzzing property (see module docstring); raises on a violation."""
-    from vllm_split import protocol as wire
+    from vllm_split.wire import protocol as wire
 
     try:
         msg = wire.decode(data, max_frame_bytes=1 << 20)
@@ -66,8 +66,8 @@ def check_one(data: bytes) -> None:
 def worker(argv: list[str]) -> None:
     import atheris
 
-    with atheris.instrument_imports(include=["vllm_split.protocol"]):
-        from vllm_split import protocol  # noqa: F401 (imported to be instrumented)
+    with atheris.instrument_imports(include=["vllm_split.wire.protocol"]):
+        from vllm_split.wire import protocol  # noqa: F401 (imported to be instrumented)
     atheris.instrument_func(check_one)
     atheris.Setup([sys.argv[0], *argv], check_one)
     atheris.Fuzz()
@@ -92,7 +92,7 @@ def run(seconds: int, out: Path, workdir: Path) -> dict:
     execs = int(re.findall(r"stat::number_of_executed_units: (\d+)", log)[-1]) if "number_of_executed_units" in log else None
     return {
         "fuzzer": f"atheris {version('atheris')} (libFuzzer), decoder bytecode instrumented",
-        "target": "vllm_split.protocol.decode + re-encode round trip",
+        "target": "vllm_split.wire.protocol.decode + re-encode round trip",
         "arguments": {"seconds": seconds},
         "environment": {"python": sys.version.split()[0], "platform": platform.platform()},
         "executions": execs if execs is not None else (int(done[-1][0]) if done else None),

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from vllm_split import protocol as wire
+from vllm_split.wire import protocol as wire
 
 HEADER = struct.Struct("<4sBBI")
 HIDDEN = 576

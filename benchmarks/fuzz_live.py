@@ -69,7 +69,7 @@ class Fuzzer:
     async def recv(self):
         import aiohttp
 
-        from vllm_split import protocol as wire
+        from vllm_split.wire import protocol as wire
 
         msg = await self.ws.receive(timeout=RESPONSE_TIMEOUT_S)
         return wire.decode(msg.data) if msg.type == aiohttp.WSMsgType.BINARY else None
@@ -77,8 +77,8 @@ class Fuzzer:
     async def enter(self, want: str) -> None:
         """Bring the connection to state ``want`` (a new connection when needed)."""
         from benchmarks.fuzz_frames import State, extreme_sampling, rows
-        from client_lib.session import SESSION_PATH
-        from vllm_split import protocol as wire
+        from vllm_split.wire.contract import SESSION_PATH
+        from vllm_split.wire import protocol as wire
 
         if self.state is not None and self.state.name == want:
             return
@@ -108,7 +108,7 @@ class Fuzzer:
         await self.expect_token(n)
 
     async def expect_token(self, num_prompt: int) -> None:
-        from vllm_split import protocol as wire
+        from vllm_split.wire import protocol as wire
 
         msg = await self.recv()
         if isinstance(msg, wire.Error) and msg.code in ("idle_timeout", "session_lifetime"):
@@ -128,7 +128,7 @@ class Fuzzer:
     async def advance(self) -> None:
         """Send the valid activation the server waits for: the session must go on."""
         from benchmarks.fuzz_frames import rows
-        from vllm_split import protocol as wire
+        from vllm_split.wire import protocol as wire
 
         self.tally.advances += 1
         await self.ws.send_bytes(wire.encode(wire.Activation(start=self.state.position, dtype="float32", shape=(1, 576),
@@ -137,7 +137,7 @@ class Fuzzer:
 
     async def one(self) -> None:
         from benchmarks.fuzz_frames import MAKERS, RARE
-        from vllm_split import protocol as wire
+        from vllm_split.wire import protocol as wire
 
         want = self.rng.choices(["fresh", "prompt", "decode"], weights=[2, 3, 5])[0]
         await self.enter(want)
@@ -206,8 +206,8 @@ async def run(args, url: str, server) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from vllm_split.fingerprint import model_fingerprint
-    from vllm_split.model_prep import prepare
+    from vllm_split.wire.fingerprint import model_fingerprint
+    from harness.model_prep import prepare
 
     torch.set_num_threads(1)
     model_dir = prepare()

@@ -22,7 +22,7 @@ def health(url: str) -> bool:
 async def wait_idle(url: str, timeout: float = 120) -> dict:
     """Wait until no request runs or waits and no KV block is held (or the timeout);
     returns what the server reports then."""
-    from vllm_split.server_process import kv_blocks_in_use, metrics
+    from harness.server_process import kv_blocks_in_use, metrics
 
     deadline = time.monotonic() + timeout
     while True:
@@ -40,8 +40,8 @@ def run_report(name: str, args: Any, run: Callable[[Any, str, Any], Awaitable[di
     (stopped afterwards); writes the report to ``args.out`` and returns it."""
     server = None
     if args.url is None:
-        from vllm_split.model_prep import prepare
-        from vllm_split.server_process import VLLMServer
+        from harness.model_prep import prepare
+        from harness.server_process import VLLMServer
 
         log = Path(tempfile.mkdtemp(prefix=f"{name}-")) / "server.log"
         print(f"[{name}] starting a vllm-split server (log {log})", flush=True)

@@ -37,7 +37,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with our functions
 
     from client_lib.profiler import profile_client
-    from vllm_split.model_prep import prepare
+    from harness.model_prep import prepare
 
     model_dir = prepare()
     hf_config = json.loads((model_dir / "config.json").read_text())
@@ -47,7 +47,7 @@ def main() -> None:
 
     from vllm import LLM
 
-    from vllm_split.server_profile import profile_server
+    from harness.server_profile import profile_server
 
     print("[profile] vLLM engine (CPU) ...", flush=True)
     llm = LLM(str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048,

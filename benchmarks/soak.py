@@ -4,7 +4,7 @@ reconnects and abandoned sessions, for minutes, against one real server.
 Each of ``--sessions`` concurrent clients runs generation after generation until the time
 is up, through the real client library's resuming generation
 (``client_lib.resume.ResumableGeneration``) fed by scripted layers (activations computed
-beforehand, ``benchmarks/replay.py``, so that 64 clients do not compete with the server
+beforehand, ``harness/replay.py``, so that 64 clients do not compete with the server
 for the CPU). Per token a client may drop its connection (it reconnects and resumes), and
 some clients vanish mid-generation for good. Every completed generation must equal its
 reference (an undisturbed session of the same prompt on the same server, which the
@@ -111,9 +111,9 @@ async def build_scripts(url: str, args) -> tuple[list, str, list]:
     import torch
     from transformers import AutoTokenizer
 
-    from benchmarks.replay import make_script
+    from harness.replay import make_script
     from client_lib import LocalLayers, SamplingOptions, SplitSession
-    from vllm_split.model_prep import prepare
+    from harness.model_prep import prepare
 
     torch.set_num_threads(1)
     model_dir = prepare()
@@ -132,7 +132,7 @@ async def build_scripts(url: str, args) -> tuple[list, str, list]:
 
 
 async def run(args, url: str, server) -> dict:
-    from vllm_split.server_process import metrics
+    from harness.server_process import metrics
 
     scripts, fingerprint, references = await build_scripts(url, args)
     idle_before = await wait_idle(url)

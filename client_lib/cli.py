@@ -14,7 +14,7 @@ import sys
 
 from client_lib.local_layers import LocalLayers
 from client_lib.session import ServerError, SplitSession
-from vllm_split.protocol import RequestSLA, SamplingOptions
+from vllm_split.wire.protocol import RequestSLA, SamplingOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_split import protocol as wire
+from vllm_split.wire import protocol as wire
 
 PREFILL_TOKENS = 64
 DECODE_STEPS = 8

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from vllm_split.fingerprint import model_fingerprint
+from vllm_split.wire.fingerprint import model_fingerprint
 
 
 class LocalLayersError(ValueError):

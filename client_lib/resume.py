@@ -27,11 +27,13 @@ import aiohttp
 import torch
 
 from client_lib.session import DEFAULT_CHUNK_ROWS, ServerError, SplitSession, TokenEvent
-from vllm_split import protocol as wire
+from vllm_split.wire import protocol as wire
+from vllm_split.wire.contract import ErrorCode
 
 # Server error codes after which a new session can go on: the connection is gone, the
 # server is full, or its engine failed (e.g. shutting down for a restart).
-RETRY_CODES = frozenset({"closed", "too_many_sessions", "internal", "aborted", "server_busy"})
+RETRY_CODES = frozenset({ErrorCode.CLOSED, ErrorCode.TOO_MANY_SESSIONS, ErrorCode.INTERNAL, ErrorCode.ABORTED,
+                         ErrorCode.SERVER_BUSY})
 
 
 class ResumeError(RuntimeError):
@@ -116,7 +118,7 @@ class ResumableGeneration:
                 if reason == "abort" and len(self.events) < self.sampling.max_tokens:
                     # the server aborted the request (it is shutting down or restarting; this
                     # client did not ask for it): resume like after a dropped connection
-                    raise ServerError("aborted", "the server aborted the request", False)
+                    raise ServerError(ErrorCode.ABORTED, "the server aborted the request", False)
                 self.finish_reason = reason
                 return
             except (ServerError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 
-from vllm_split import protocol as wire
+from vllm_split.wire import protocol as wire
+from vllm_split.wire.contract import SESSION_PATH, ErrorCode
 
 if TYPE_CHECKING:
     import torch
 
-SESSION_PATH = "/v1/split/session"
 DEFAULT_CHUNK_ROWS = 512
 
 
@@ -77,7 +77,7 @@ class SplitSession:
         self.sla = sla
         self.profile = profile
         self.expected_output_tokens = expected_output_tokens
-        self.link = link  # client_lib.emulation.EmulatedLink: delays as on a slower network
+        self.link = link  # harness.emulation.EmulatedLink: delays as on a slower network
         self.opened: wire.Opened | None = None
         self.stats = GenerationStats()
         self._closed = False
@@ -220,7 +220,7 @@ class SplitSession:
 async def _recv(ws: aiohttp.ClientWebSocketResponse) -> wire.Message:
     msg = await ws.receive()
     if msg.type != aiohttp.WSMsgType.BINARY:
-        raise ServerError("closed", f"connection closed ({msg.type.name}, code {ws.close_code}, {msg.extra!r})", True)
+        raise ServerError(ErrorCode.CLOSED, f"connection closed ({msg.type.name}, code {ws.close_code}, {msg.extra!r})", True)
     out = wire.decode(msg.data)
     if isinstance(out, wire.Error):
         raise ServerError(out.code, out.message, out.fatal)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-DELIVER = "vllm_split_deliver"
-RELEASE = "vllm_split_release"
-STEP_STATS = "vllm_split_step_stats"
+from vllm_split.wire.contract import UTILITY_DELIVER as DELIVER
+from vllm_split.wire.contract import UTILITY_RELEASE as RELEASE
+from vllm_split.wire.contract import UTILITY_STEP_STATS as STEP_STATS
 
 
 def _deliver(self: Any, session_id: str, start: int, num_rows: int, data: bytes) -> str | None:

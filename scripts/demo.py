@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 
 from client_lib import cli
-from vllm_split.model_prep import prepare
-from vllm_split.server_process import VLLMServer
+from harness.model_prep import prepare
+from harness.server_process import VLLMServer
 
 
 def plain_completion(url: str, model: str, prompt_ids: list[int], max_tokens: int) -> list[int]:

@@ -40,4 +40,4 @@ else
 fi
 
 say "preparing the model (cached in $cache)"
-"$py" -m vllm_split.model_prep --cache "$cache" >/dev/null
+(cd "$repo" && "$py" -m harness.model_prep --cache "$cache" >/dev/null)

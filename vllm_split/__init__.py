@@ -3,7 +3,7 @@
 A client runs the first ``split_layer`` decoder layers of the model and sends the hidden
 state at that layer; the server resumes the forward pass from there inside its normal
 continuous batch. Importing this package does not import vLLM: the client library uses
-:mod:`vllm_split.protocol` and :mod:`vllm_split.fingerprint` without it.
+:mod:`vllm_split.wire.protocol` and :mod:`vllm_split.wire.fingerprint` without it.
 """
 from vllm_split.version import BUILT_FOR_VLLM
 

@@ -3,8 +3,8 @@
 It is exactly ``vllm serve`` plus what enabling vllm-split means:
 
 * ``VLLM_PLUGINS`` gains ``vllm_split`` (vLLM loads endpoint plugins only when named there),
-* ``--scheduler-cls vllm_split.scheduler.SplitScheduler`` and
-  ``--worker-cls vllm_split.worker.SplitWorker`` (unless given),
+* ``--scheduler-cls vllm_split.engine.scheduler.SplitScheduler`` and
+  ``--worker-cls vllm_split.engine.worker.SplitWorker`` (unless given),
 * ``--enforce-eager`` (the split forward runs the decoder layers eagerly),
 * ``--split-*`` options become ``--additional-config '{"vllm_split": {...}}'``.
 
@@ -23,8 +23,8 @@ import sys
 from vllm_split.config import CONFIG_KEY
 
 SPLIT_FLAGS = {
-    "--scheduler-cls": "vllm_split.scheduler.SplitScheduler",
-    "--worker-cls": "vllm_split.worker.SplitWorker",
+    "--scheduler-cls": "vllm_split.engine.scheduler.SplitScheduler",
+    "--worker-cls": "vllm_split.engine.worker.SplitWorker",
 }
 
 

@@ -6,31 +6,14 @@ server is stopped before the next test package starts its own.
 """
 from __future__ import annotations
 
-import json
-import urllib.request
 from dataclasses import dataclass
 
 import pytest
 
-from vllm_split.server_process import VLLMServer
+from harness.server_process import VLLMServer
+from tests.engine.server_config import MAX_TOKENS, SAMPLED
+from tests.support.references import PROMPTS, complete
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain gravity to a child in two sentences.",
-    "def fibonacci(n):",
-    "The three most important inventions of the 20th century are",
-]
-MAX_TOKENS = 64
-SAMPLED = {"temperature": 0.8, "top_p": 0.95, "seed": 1234}
-
-
-def complete(url: str, model: str, prompt, **params) -> dict:
-    body = {"model": model, "prompt": prompt, "return_token_ids": True, **params}
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return json.load(r)["choices"][0]
 
 
 @dataclass

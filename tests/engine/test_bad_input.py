@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from tests.engine.conftest import MAX_TOKENS
-from tests.engine.helpers import RawSession, local_layers, metrics, split_generate
-from vllm_split import protocol as wire
+from tests.engine.server_config import MAX_TOKENS
+from tests.support.sessions import RawSession, local_layers, metrics, split_generate
+from vllm_split.wire import protocol as wire
 
 pytestmark = pytest.mark.engine
 

@@ -5,8 +5,9 @@ import asyncio
 
 import pytest
 
-from tests.engine.conftest import MAX_TOKENS, SAMPLED, complete
-from tests.engine.helpers import local_layers, split_generate
+from tests.engine.server_config import MAX_TOKENS, SAMPLED
+from tests.support.references import complete
+from tests.support.sessions import local_layers, split_generate
 
 pytestmark = pytest.mark.engine
 
@@ -63,7 +64,7 @@ async def test_long_prompt_is_chunked_and_exact(split_server, reference, model_d
 
 
 def test_plain_completion_unchanged_by_plugin(split_server, reference, model_dir):
-    from tests.engine.conftest import PROMPTS
+    from tests.support.references import PROMPTS
 
     text = complete(split_server.url, str(model_dir), PROMPTS[0], max_tokens=32, temperature=0)["text"]
     assert text == reference.plain_text

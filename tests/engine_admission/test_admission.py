@@ -9,11 +9,12 @@ import aiohttp
 import pytest
 
 from client_lib import ServerError
-from client_lib.session import SESSION_PATH
-from vllm_split import protocol as wire
-from vllm_split.server_process import split_metrics
+from vllm_split.wire.contract import SESSION_PATH
+from vllm_split.wire import protocol as wire
+from harness.server_process import split_metrics
 
-from .conftest import FAST, LAN, MEDIUM, SLOW, WIFI, emulated
+from harness.emulation import run_emulated as emulated
+from tests.engine_admission.server_config import FAST, LAN, MEDIUM, SLOW, WIFI
 
 pytestmark = pytest.mark.engine
 SLA = wire.RequestSLA(ttft_s=3.0, tpot_s=0.3)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tests.engine.helpers import RawSession
-from vllm_split import protocol as wire
-from vllm_split.server_process import kv_blocks_in_use, metrics
+from tests.support.sessions import RawSession
+from vllm_split.wire import protocol as wire
+from harness.server_process import kv_blocks_in_use, metrics
 
 
 async def opened(url: str, layers, **sampling) -> RawSession:

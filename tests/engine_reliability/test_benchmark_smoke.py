@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.benchmarks.test_smoke import run
+from tests.support.benchmarks import run
 
 pytestmark = pytest.mark.engine
 

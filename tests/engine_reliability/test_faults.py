@@ -7,14 +7,14 @@ import asyncio
 import pytest
 import torch
 
-from benchmarks.replay import make_script, replay_many
+from harness.replay import make_script, replay_many
 from client_lib import SamplingOptions
 from client_lib.resume import ReconnectPolicy, ResumableGeneration, ResumeError
-from tests.engine.helpers import RawSession, local_layers
-from tests.engine_reliability.conftest import MAX_TOKENS
+from tests.support.sessions import RawSession, local_layers
+from tests.engine_reliability.server_config import MAX_TOKENS
 from tests.engine_reliability.helpers import expect_error, opened, wait_idle
-from vllm_split import protocol as wire
-from vllm_split.server_process import kv_blocks_in_use, metrics
+from vllm_split.wire import protocol as wire
+from harness.server_process import kv_blocks_in_use, metrics
 
 pytestmark = pytest.mark.engine
 

@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
-from tests.engine.helpers import RawSession, local_layers
-from tests.engine_reliability.conftest import LIMITS, NUM_KV_BLOCKS
+from tests.support.sessions import RawSession, local_layers
+from tests.engine_reliability.server_config import LIMITS, NUM_KV_BLOCKS
 from tests.engine_reliability.helpers import expect_error, opened, wait_idle
-from vllm_split import protocol as wire
-from vllm_split.server_process import kv_blocks_in_use, metrics
+from vllm_split.wire import protocol as wire
+from harness.server_process import kv_blocks_in_use, metrics
 
 pytestmark = pytest.mark.engine
 

@@ -66,8 +66,8 @@ def no_plugins_env(monkeypatch):
 def test_serve_gets_the_split_classes_and_eager_mode(no_plugins_env):
     cmd, env = build_command(["serve", "my/model", "--port", "8001"])
     assert cmd == ["vllm", "serve", "my/model", "--port", "8001",
-                   "--scheduler-cls", "vllm_split.scheduler.SplitScheduler",
-                   "--worker-cls", "vllm_split.worker.SplitWorker",
+                   "--scheduler-cls", "vllm_split.engine.scheduler.SplitScheduler",
+                   "--worker-cls", "vllm_split.engine.worker.SplitWorker",
                    "--enforce-eager"]
     assert env == {"VLLM_PLUGINS": "vllm_split"}
 
@@ -75,7 +75,7 @@ def test_serve_gets_the_split_classes_and_eager_mode(no_plugins_env):
 @pytest.mark.parametrize("given", [["--scheduler-cls", "my.Sched"], ["--scheduler-cls=my.Sched"]])
 def test_user_given_classes_are_kept(no_plugins_env, given):
     cmd, _ = build_command(["serve", "m", *given, "--worker-cls=my.Worker", "--enforce-eager"])
-    assert "vllm_split.scheduler.SplitScheduler" not in cmd and "vllm_split.worker.SplitWorker" not in cmd
+    assert "vllm_split.engine.scheduler.SplitScheduler" not in cmd and "vllm_split.engine.worker.SplitWorker" not in cmd
     assert cmd.count("--enforce-eager") == 1
     assert cmd == ["vllm", "serve", "m", *given, "--worker-cls=my.Worker", "--enforce-eager"]
 

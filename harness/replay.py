@@ -1,0 +1,83 @@
+"""Emulated split clients: activations computed beforehand, replayed over real sessions.
+
+On a 2-core machine the clients' own compute would compete with the server being
+measured. So each client's activations are computed exactly, once, by the client library
+(greedy decoding makes the token sequence known in advance: it is the unsplit engine's
+continuation), and a replaying client only sends the stored rows over a real WebSocket
+session to the real server, checking that every token the server returns is the expected
+one.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+import torch
+
+from client_lib.local_layers import LocalLayers
+from vllm_split.wire.contract import SESSION_PATH
+from vllm_split.wire import protocol as wire
+
+
+@dataclass(frozen=True)
+class Script:
+    """What one emulated client sends: prompt rows and one row per expected token."""
+
+    split_layer: int
+    prompt_rows: torch.Tensor  # [prompt_len, hidden]
+    decode_rows: torch.Tensor  # [len(expected) - 1, hidden]: rows for tokens 0..n-2
+    expected: list[int]  # the continuation the server must produce
+
+
+def make_script(layers: LocalLayers, prompt_ids: list[int], continuation: list[int]) -> Script:
+    layers.reset()
+    rows = layers.forward(list(prompt_ids) + list(continuation[:-1]))
+    layers.reset()
+    n = len(prompt_ids)
+    return Script(split_layer=layers.split_layer, prompt_rows=rows[:n], decode_rows=rows[n:],
+                  expected=list(continuation))
+
+
+@dataclass
+class ReplayResult:
+    tokens: list[int]
+    exact: bool
+
+
+async def replay(url: str, script: Script, *, fingerprint: str, http: aiohttp.ClientSession,
+                 chunk_rows: int = 1024) -> ReplayResult:
+    """Run one session from a script; returns the tokens the server sent."""
+    n_tokens = len(script.expected)
+    ws = await http.ws_connect(url.replace("http://", "ws://") + SESSION_PATH, max_msg_size=0)
+    try:
+        await ws.send_bytes(wire.encode(wire.Open(
+            model_fingerprint=fingerprint, split_layer=script.split_layer,
+            sampling=wire.SamplingOptions(max_tokens=n_tokens, ignore_eos=True))))
+        opened = wire.decode((await ws.receive()).data)
+        if not isinstance(opened, wire.Opened):
+            raise RuntimeError(f"session refused: {opened}")
+        n = script.prompt_rows.shape[0]
+        for begin in range(0, n, chunk_rows):
+            end = min(begin + chunk_rows, n)
+            await ws.send_bytes(wire.encode(wire.Activation.from_tensor(
+                script.prompt_rows[begin:end], start=begin, end_of_prompt=end == n)))
+        tokens: list[int] = []
+        while True:
+            msg = wire.decode((await ws.receive()).data)
+            if isinstance(msg, wire.Finished):
+                break
+            if isinstance(msg, wire.Error):
+                raise RuntimeError(f"server error: {msg}")
+            tokens.append(msg.token_id)
+            if msg.finish_reason is None:
+                await ws.send_bytes(wire.encode(wire.Activation.from_tensor(
+                    script.decode_rows[msg.index : msg.index + 1], start=n + msg.index)))
+        return ReplayResult(tokens=tokens, exact=tokens == script.expected)
+    finally:
+        await ws.close()
+
+
+async def replay_many(url: str, scripts: list[Script], *, fingerprint: str) -> list[ReplayResult]:
+    async with aiohttp.ClientSession() as http:
+        return await asyncio.gather(*(replay(url, s, fingerprint=fingerprint, http=http) for s in scripts))

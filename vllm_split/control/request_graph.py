@@ -1,0 +1,112 @@
+"""One request's planner graph from the live server model, the client's profile and the
+measured network (pure; used by the admission controller and its benchmark).
+
+Nodes, in order: ``embed`` (always on the client: it holds the token ids), the ``N``
+decoder layers, ``head`` (final norm, LM head, sampling: always on the server). A prefix
+placement that keeps ``embed`` and layers ``[0, k)`` on the client is split layer ``k``.
+
+Server latencies follow the engine's step model (:mod:`vllm_split.control.live_cost`) at the
+current occupancy ``B`` (requests per step, this one excluded): a decoder layer costs
+``layer_s + row_s * (B + 1)`` in a decode step and ``layer_s + row_s * (P + B)`` in the
+prefill step; the head costs ``fixed_s`` plus ``wait_s``, the wait for the step already
+running when the activation arrives (see :func:`decode_wait_s`). This is
+exact for a batch whose requests share this request's placement (each request waits for
+one step that runs its layers) and is the assumption the controller plans under: the load
+it sees persists and is placed like this request. Layers below the server's ``min_layer``
+cannot run on the server.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_split.control.live_cost import StepCost
+from vllm_split.planner import LayerGraph, LayerNode, Placement
+from vllm_split.planner.model_configs import ModelConfig
+from vllm_split.planner.cost_model import node_cost
+
+FORBIDDEN_S = 1e4  # latency of a node on the side that cannot run it
+TOKEN_BYTES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCosts:
+    """One decoder layer on the client."""
+
+    prefill_s_per_token: float
+    decode_s: float
+
+    @classmethod
+    def from_flops(cls, flops_per_s: float, model: ModelConfig, *, context: int = 512) -> "ClientCosts":
+        decode = node_cost(model, "block", phase="decode", tokens=1, context=context).flops
+        prefill = node_cost(model, "block", phase="prefill", tokens=context, context=0).flops / context
+        return cls(prefill_s_per_token=prefill / flops_per_s, decode_s=decode / flops_per_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLoad:
+    cost: StepCost
+    occupancy: float  # requests per step besides this one
+    recent_step_s: float  # mean model time of the recent steps (0 when idle)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestGraphInputs:
+    num_layers: int
+    min_layer: int
+    hidden_bytes: int  # one row of activations on the wire
+    prompt_len: int
+    output_len: int
+
+
+def busy_fraction(load: ServerLoad) -> float:
+    """How likely an arriving activation finds the engine running others' step."""
+    return min(1.0, load.occupancy)
+
+
+def decode_wait_s(load: ServerLoad, turnaround_s: float) -> float:
+    """Expected wait of a decode activation for the step in progress.
+
+    With others in the batch the engine steps back to back, period ``S`` (the recent mean
+    step). The token leaves at the end of a step; the next step starts at once without this
+    request; its activation comes back ``turnaround_s`` later (client compute + network) and
+    waits for the running step to end: ``S - (turnaround mod S)``. So a fast client waits a
+    whole step (its token cadence is two steps), which the measurements show.
+    """
+    s = load.recent_step_s
+    if s <= 0:
+        return 0.0
+    return busy_fraction(load) * (s - (turnaround_s % s))
+
+
+def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts, *,
+                  wait_s: float = 0.0) -> LayerGraph:
+    c, b, p, n_out = load.cost, load.occupancy, req.prompt_len, req.output_len
+    wait = wait_s
+    per_layer_work = c.row_s * (p + n_out - 1) + c.layer_s * (1 + (n_out - 1) / (b + 1))
+    nodes = [LayerNode("embed", 0.0, 0.0, FORBIDDEN_S, FORBIDDEN_S, 0.0)]
+    for layer in range(req.num_layers):
+        server_ok = layer >= req.min_layer
+        nodes.append(LayerNode(
+            f"layer{layer}",
+            client_prefill_s=client.prefill_s_per_token * p,
+            client_decode_s=client.decode_s,
+            server_prefill_s=c.layer_s + c.row_s * (p + b) if server_ok else FORBIDDEN_S,
+            server_decode_s=c.layer_s + c.row_s * (b + 1) if server_ok else FORBIDDEN_S,
+            server_work=per_layer_work,
+        ))
+    nodes.append(LayerNode("head", FORBIDDEN_S, FORBIDDEN_S, c.fixed_s + wait, c.fixed_s + wait,
+                           c.fixed_s * (1 + (n_out - 1) / (b + 1))))
+    rows = req.hidden_bytes
+    prefill = [0] + [p * rows] * (len(nodes) - 1) + [TOKEN_BYTES]
+    decode = [TOKEN_BYTES] + [rows] * (len(nodes) - 1) + [TOKEN_BYTES]
+    return LayerGraph(nodes=tuple(nodes), prefill_edge_bytes=tuple(prefill),
+                      decode_edge_bytes=tuple(decode), num_output_tokens=n_out)
+
+
+def placement_for(split_layer: int, num_layers: int) -> Placement:
+    """The graph's placement of split layer ``k`` (embed + layers [0, k) on the client)."""
+    return Placement.prefix(split_layer + 1, num_layers + 2)
+
+
+def split_layer_of(placement: Placement) -> int:
+    return placement.split_layer - 1

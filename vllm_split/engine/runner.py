@@ -1,0 +1,178 @@
+"""Model-runner wrapper: feeds each step's client activations into the forward pass.
+
+The scheduler puts ``split_inputs`` (request id -> rows and split layer) on the
+``SchedulerOutput``; this mixin reads them in ``execute_model`` and, in the documented
+``_model_forward`` override point, runs the split forward instead of the model's own loop.
+Steps without split requests (and vLLM's dummy runs) take the unchanged path.
+
+Compute saving (``compact_forward``): ``_may_reorder_batch`` sorts the batch by split layer
+(ordinary requests first, as ``k = 0``), ``_build_attention_metadata`` additionally builds,
+through the runner's own builders, the attention metadata of each request prefix that is
+active at some layer, and ``_model_forward`` installs per layer the prefix's metadata and
+slot mapping in the forward context. Where that is not possible (pipeline parallelism,
+backends that reorder the batch themselves, non-CPU builders not yet validated) the exact
+but non-saving ``split_forward`` runs instead.
+"""
+from __future__ import annotations
+
+import bisect
+import re
+from typing import Any
+
+import torch
+from vllm.distributed import get_pp_group
+from vllm.forward_context import get_forward_context
+from vllm.logger import init_logger
+from vllm.platforms import current_platform
+
+from vllm_split.engine.activations import SplitInput
+from vllm_split.config import SplitConfig
+from vllm_split.patches import min_layer
+from vllm_split.engine.compact_forward import Entry, compact_forward
+from vllm_split.engine.exact_forward import SplitRows, check_supported, split_forward
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class SplitRunnerMixin:
+    _split_inputs: dict[str, SplitInput] = {}
+    # split layer per request in batch order, and {num_active_requests: (num_tokens, metadata)}
+    _split_prefix_md: tuple[list[int], dict[int, tuple[int, dict]]] | None = None
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        config = SplitConfig.from_additional_config(self.vllm_config.additional_config)
+        min_layer.apply(config.min_layer, num_hidden_layers=self.model_config.get_total_num_hidden_layers(),
+                        pp_size=self.vllm_config.parallel_config.pipeline_parallel_size)
+        super().load_model(*args, **kwargs)
+        inner = check_supported(self.get_model())
+        if getattr(self, "use_aux_hidden_state_outputs", False):
+            raise RuntimeError("vllm-split does not support EAGLE-3 auxiliary hidden states")
+        self._split_inner = inner
+        logger.info("vllm-split: resuming %s at per-request split layers (%d layers; this server holds "
+                    "layers [%d, %d))", type(inner).__name__, len(inner.layers), inner.start_layer, inner.end_layer)
+
+    def _split_compact_ok(self) -> bool:
+        return (current_platform.is_cpu() and get_pp_group().world_size == 1
+                and getattr(self, "reorder_batch_threshold", None) is None)
+
+    def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any):
+        self._split_inputs = getattr(scheduler_output, "split_inputs", None) or {}
+        self._split_prefix_md = None
+        try:
+            return super().execute_model(scheduler_output, *args, **kwargs)
+        finally:
+            self._split_inputs = {}
+            self._split_prefix_md = None
+
+    # ---------------------------------------------------------------- batch order
+    def _split_layers_in_batch(self) -> list[int]:
+        return [item.split_layer if (item := self._split_inputs.get(r)) is not None else 0
+                for r in self.input_batch.req_ids]
+
+    def _may_reorder_batch(self, scheduler_output: Any) -> None:
+        super()._may_reorder_batch(scheduler_output)
+        if not self._split_inputs or not self._split_compact_ok():
+            return
+        ks = self._split_layers_in_batch()
+        order = sorted(range(len(ks)), key=lambda i: (ks[i], i))
+        want = [self.input_batch.req_ids[i] for i in order]
+        for pos, req_id in enumerate(want):  # stable sort by split layer via swaps
+            cur = self.input_batch.req_id_to_index[req_id]
+            if cur != pos:
+                self.input_batch.swap_states(pos, cur)
+
+    # ---------------------------------------------------------------- attention prefixes
+    def _build_attention_metadata(self, *args: Any, **kwargs: Any):
+        result = super()._build_attention_metadata(*args, **kwargs)
+        if (not self._split_inputs or not self._split_compact_ok() or kwargs.get("ubatch_slices") is not None
+                or kwargs.get("for_cudagraph_capture")):
+            return result
+        ks = self._split_layers_in_batch()
+        if ks != sorted(ks):
+            return result
+        num_reqs = len(ks)
+        starts = self.query_start_loc.np
+        slot_mappings = kwargs["slot_mappings"]
+        prefixes: dict[int, tuple[int, dict]] = {}
+        for k in sorted(set(ks)):
+            num_active = bisect.bisect_right(ks, k)
+            if num_active == num_reqs:
+                continue
+            num_tokens = int(starts[num_active])
+            max_query_len = int((starts[1 : num_active + 1] - starts[:num_active]).max())
+            md, _ = super()._build_attention_metadata(
+                num_tokens=num_tokens, num_reqs=num_active, max_query_len=max_query_len,
+                slot_mappings={gid: sm[:num_tokens] for gid, sm in slot_mappings.items()},
+            )
+            prefixes[num_active] = (num_tokens, md)
+        self._split_prefix_md = (ks, prefixes)
+        return result
+
+    def _install_prefix_metadata(self) -> tuple[Any, Any]:
+        ks, prefixes = self._split_prefix_md
+        fc = get_forward_context()
+        saved = (fc.attn_metadata, fc.slot_mapping)
+        attn, slots = dict(fc.attn_metadata), dict(fc.slot_mapping)
+        for name in fc.attn_metadata:
+            m = _LAYER_INDEX.search(name)
+            if m is None:
+                continue
+            num_active = bisect.bisect_right(ks, int(m.group(1)))
+            prefix = prefixes.get(num_active)
+            if prefix is not None:
+                num_tokens, md = prefix
+                attn[name] = md[name]
+                if name in slots:
+                    slots[name] = slots[name][:num_tokens]
+        fc.attn_metadata, fc.slot_mapping = attn, slots
+        return saved
+
+    # ---------------------------------------------------------------- forward
+    def _split_entries(self, device: torch.device) -> list[Entry]:
+        starts = self.query_start_loc.np
+        entries = []
+        for i, req_id in enumerate(self.input_batch.req_ids):
+            item = self._split_inputs.get(req_id)
+            begin, end = int(starts[i]), int(starts[i + 1])
+            if item is None:
+                entries.append(Entry(split_layer=0, begin=begin, end=end, hidden=None))
+            else:
+                assert end - begin == item.hidden.shape[0], f"{req_id}: {end - begin} tokens, {item.hidden.shape[0]} rows"
+                entries.append(Entry(split_layer=item.split_layer, begin=begin, end=end, hidden=item.hidden.to(device)))
+        return entries
+
+    def _split_groups(self, device: torch.device) -> list[SplitRows]:
+        """The client rows of the batch grouped by split layer (for ``split_forward``)."""
+        by_layer: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for e in self._split_entries(device):
+            if e.hidden is None:
+                continue
+            idx, rows = by_layer.setdefault(e.split_layer, ([], []))
+            idx.append(torch.arange(e.begin, e.end, dtype=torch.long, device=device))
+            rows.append(e.hidden)
+        return [SplitRows(split_layer=layer, index=torch.cat(idx), hidden=torch.cat(rows))
+                for layer, (idx, rows) in sorted(by_layer.items())]
+
+    def _model_forward(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                       intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,
+                       **model_kwargs: Any) -> Any:
+        if not self._split_inputs:
+            return super()._model_forward(input_ids=input_ids, positions=positions,
+                                          intermediate_tensors=intermediate_tensors,
+                                          inputs_embeds=inputs_embeds, **model_kwargs)
+        if self._split_prefix_md is not None:
+            saved = self._install_prefix_metadata()
+            try:
+                out = compact_forward(self._split_inner, entries=self._split_entries(positions.device),
+                                      input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds,
+                                      **model_kwargs)
+            finally:
+                fc = get_forward_context()
+                fc.attn_metadata, fc.slot_mapping = saved
+            pad = positions.shape[-1] - out.shape[0]
+            return out if pad == 0 else torch.cat([out, out.new_zeros((pad, out.shape[1]))])
+        groups = self._split_groups(positions.device)
+        return split_forward(self._split_inner, groups=groups, input_ids=input_ids, positions=positions,
+                             intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds,
+                             **model_kwargs)
