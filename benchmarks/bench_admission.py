@@ -1,6 +1,6 @@
 """Admission controller: predicted vs measured time per output token on the real engine.
 
-    python benchmarks/bench_admission.py [--quick] [--out results/bench_admission.json]
+    python -m benchmarks.bench_admission [--quick] [--out results/bench_admission.json]
 
 For each load (``B`` sessions in the batch) and split layer ``k``: ``B - 1`` emulated
 sessions at ``k`` keep the engine busy; once the controller has seen that load, one more
@@ -12,20 +12,14 @@ every sample and a plot of predicted against measured.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_env import git_sha  # noqa: E402
+from benchmarks import report
 
 PROMPT = "Explain how a lighthouse works, step by step, for a curious child."
 PROFILE = {"layer_prefill_s_per_token": 5e-5, "layer_decode_s": 1e-3}  # a laptop-class client
@@ -60,10 +54,8 @@ async def measure_point(url, script, *, k: int, load: int, tokens: int, settle_s
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="two points, few tokens (CI smoke)")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_admission.json")
-    args = p.parse_args()
+    p = report.parser("bench_admission", __doc__, quick="two points, few tokens (CI smoke)", plot=True)
+    args = report.parse_args(p, draw)
     import torch
 
     torch.set_num_threads(1)  # the emulated clients share the machine with the server
@@ -93,24 +85,19 @@ def main() -> None:
     finally:
         server.stop()
     errors = [abs(s["error"]) for s in samples]
-    import vllm
-
-    data = {"arguments": {k: str(v) for k, v in vars(args).items()},
-            "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
-                            "vllm": vllm.__version__, "git_sha": git_sha()},
-            "client_profile": PROFILE, "link": LINK, "samples": samples,
+    data = {"arguments": report.arguments(args), "environment": report.environment(),
+            "client_profile": PROFILE, "link": LINK, "samples": samples,  # a dozen points: the plot's data
             "summary": {"points": len(samples), "max_abs_tpot_error": max(errors),
                         "median_abs_tpot_error": statistics.median(errors),
                         "within_25pct": sum(e <= 0.25 for e in errors), "all_exact": all(s["exact"] for s in samples)}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
-    import matplotlib
+    report.write(args.out, data, draw=draw)
+    print(json.dumps(data["summary"]))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for b in loads:
+def draw(data: dict):
+    samples = data["samples"]
+    fig, ax = report.subplots(figsize=(5.5, 5))
+    for b in sorted({s["load"] for s in samples}):
         pts = [s for s in samples if s["load"] == b]
         ax.scatter([s["predicted_tpot_s"] * 1e3 for s in pts], [s["measured_tpot_s"] * 1e3 for s in pts], label=f"load {b}")
         for s in pts:
@@ -122,9 +109,7 @@ def main() -> None:
     ax.set_ylabel("measured TPOT (ms)")
     ax.set_title("Admission controller: TPOT prediction")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=120)
-    print(json.dumps(data["summary"]))
+    return fig
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """KV cache capacity (tokens) of plain vLLM vs vllm-split with and without min_layer.
 
-    python benchmarks/bench_kv_capacity.py [--min-layer 15] [--kv-space-gib 1]
+    python -m benchmarks.bench_kv_capacity [--min-layer 15] [--kv-space-gib 1]
 
 Starts each server in turn at the same memory setting (``VLLM_CPU_KVCACHE_SPACE``), reads
 the engine's own start-up report ("KV cache size: N tokens") and writes JSON + a bar plot.
@@ -8,25 +8,18 @@ With ``min_layer = N`` the server keeps no KV for layers [0, N): expect ``L / (L
 """
 from __future__ import annotations
 
-import argparse
 import json
-import platform
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_env import git_sha  # noqa: E402
+from benchmarks import report
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = report.parser("bench_kv_capacity", __doc__, plot=True)
     p.add_argument("--min-layer", type=int, default=15)
     p.add_argument("--kv-space-gib", default="1")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_kv_capacity.json")
-    args = p.parse_args()
+    args = report.parse_args(p, draw)
     from harness.model_prep import prepare
     from harness.server_process import VLLMServer, kv_capacity_tokens
 
@@ -46,28 +39,22 @@ def main() -> None:
             server.stop()
         capacity[name] = kv_capacity_tokens(log)
         print(f"{name}: {capacity[name]} tokens", flush=True)
-    import vllm
-
-    data = {"arguments": {k: str(v) for k, v in vars(args).items()},
-            "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
-                            "vllm": vllm.__version__, "git_sha": git_sha(), "num_layers": num_layers},
+    data = {"arguments": report.arguments(args), "environment": report.environment(num_layers=num_layers),
             "kv_capacity_tokens": capacity,
             "summary": {"min_layer_gain": capacity[f"split min_layer={args.min_layer}"] / capacity["plain"],
                         "expected_gain": num_layers / (num_layers - args.min_layer)}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
-    import matplotlib
+    report.write(args.out, data, draw=draw)
+    print(f"gain {data['summary']['min_layer_gain']:.2f}x (expected {data['summary']['expected_gain']:.2f}x); wrote {args.out}")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def draw(data: dict):
+    capacity = data["kv_capacity_tokens"]
+    fig, ax = report.subplots(figsize=(6, 3.5))
     ax.bar(list(capacity), list(capacity.values()), color=["#888", "#4a8", "#27c"])
     ax.set_ylabel("KV cache capacity (tokens)")
-    ax.set_title(f"Same memory ({args.kv_space_gib} GiB): {data['summary']['min_layer_gain']:.2f}x with min_layer")
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=120)
-    print(f"gain {data['summary']['min_layer_gain']:.2f}x (expected {data['summary']['expected_gain']:.2f}x); wrote {args.out}")
+    ax.set_title(f"Same memory ({data['arguments']['kv_space_gib']} GiB): "
+                 f"{data['summary']['min_layer_gain']:.2f}x with min_layer")
+    return fig
 
 
 if __name__ == "__main__":

@@ -4,31 +4,24 @@ Llama-3-70B split into attention and MLP sub-blocks plus the LM head is a 161-no
 Instances are drawn (seeded) from the placement study's request mix, devices, networks and
 SLAs; each is planned ``--repeats`` times with ``time.perf_counter`` per call. The target
 is a median of at most 1 ms for the general shape. Writes JSON (arguments, environment,
-git sha, raw samples, median, p90) and prints the median.
+git sha, median, p90; the per-instance samples in the compressed sidecar
+``NAME.rows.json.gz``) and prints the median.
 
-    python benchmarks/bench_planner.py            # -> results/bench_planner.json
-    python benchmarks/bench_planner.py --quick    # CI smoke run
+    python -m benchmarks.bench_planner            # -> results/bench_planner.json
+    python -m benchmarks.bench_planner --quick    # CI smoke run
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from placement_study import device_spec, draw_requests, git_sha  # noqa: E402
-
-from vllm_split.planner import (  # noqa: E402
+from benchmarks import report
+from benchmarks.placement_study import device_spec, draw_requests
+from vllm_split.planner import (
     DEFAULT_TICK_S,
     KNOWN_MODELS,
     SLA,
@@ -48,8 +41,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", type=Path, default=REPO / "benchmarks" / "study_config.json")
+    ap = report.parser("bench_planner", __doc__, quick="5 instances x 5 repeats", seed=1)
+    ap.add_argument("--config", type=Path, default=report.ROOT / "benchmarks" / "study_config.json")
     ap.add_argument("--model", default="Llama-3-70B")
     ap.add_argument("--server", default="8xh100")
     ap.add_argument("--granularity", default="subblock")
@@ -57,9 +50,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--shapes", default="general,prefix,u")
     ap.add_argument("--tick-s", type=float, default=DEFAULT_TICK_S)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="5 instances x 5 repeats")
-    ap.add_argument("--out", type=Path, default=REPO / "results" / "bench_planner.json")
     args = ap.parse_args()
     if args.quick:
         args.instances, args.repeats = 5, 5
@@ -81,7 +71,7 @@ def main() -> None:
                           "device": dev_key, "network": net_key, "sla": sla_key, "graph": graph,
                           "net": NetworkSpec(net["uplink_mbps"] * 1e6, net["downlink_mbps"] * 1e6, net["rtt_ms"] / 1e3),
                           "sla_obj": SLA(**cfg["slas"][sla_key])})
-    results = {}
+    results, rows = {}, {}
     for shape in (Shape(s) for s in args.shapes.split(",")):
         samples, per_instance = [], []
         for inst in instances:
@@ -99,18 +89,15 @@ def main() -> None:
             "median_ms": statistics.median(samples), "p90_ms": percentile(samples, 0.9),
             "max_instance_median_ms": max(medians), "num_samples": len(samples),
             "fraction_instances_over_target": sum(m > TARGET_MS for m in medians) / len(medians),
-            "instances": per_instance,
         }
+        rows[shape.value] = per_instance
         print(f"{shape.value:8s} nodes={instances[0]['graph'].num_nodes} median={results[shape.value]['median_ms']:.3f} ms "
               f"p90={results[shape.value]['p90_ms']:.3f} ms worst-instance-median={max(medians):.3f} ms")
     general = results.get("general")
-    out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "env": {"python": sys.version.split()[0], "platform": platform.platform(),
-                   "cpu_count": os.cpu_count(), "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None},
-           "git_sha": git_sha(), "num_nodes": instances[0]["graph"].num_nodes, "target_ms": TARGET_MS,
-           "meets_target": None if general is None else general["median_ms"] <= TARGET_MS, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+    out = {"arguments": report.arguments(args), "environment": report.environment(),
+           "num_nodes": instances[0]["graph"].num_nodes, "target_ms": TARGET_MS,
+           "meets_target": None if general is None else general["median_ms"] <= TARGET_MS, "summary": results}
+    report.write(args.out, out, rows={"instances": rows})
     if general is not None:
         print(f"median planning time (general, {out['num_nodes']} nodes): {general['median_ms']:.3f} ms "
               f"-> {'meets' if out['meets_target'] else 'MISSES'} the {TARGET_MS} ms target")

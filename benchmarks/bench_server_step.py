@@ -1,35 +1,29 @@
 """The server's time per engine step with the split layer k, against plain vLLM.
 
-    python benchmarks/bench_server_step.py [--quick] [--out results/bench_server_step.json]
+    python -m benchmarks.bench_server_step [--quick] [--out results/bench_server_step.json]
 
 Runs, one engine at a time on this machine: (A) plain vLLM without the plugin (only a
-timing hook added: ``vllm_split.engine.step_timing.TimingWorker``), then (B) ``vllm-split serve``.
+timing hook added: ``harness.timing_worker.TimingWorker``), then (B) ``vllm-split serve``.
 Both run eager, float32, prefix caching off, the same requests: decode batches of B
 requests at context C, and prefills of P tokens. On B the requests are split sessions at
 each k (and a mixed batch) replayed from activations computed beforehand by the client
 library (``harness/replay.py``). The worker logs every step (step time, time inside the
 decoder layers); the summary gives medians and ratios against plain vLLM, and the limit
-``fixed + (L - k) / L * layers`` from plain vLLM's own split of its step. The plot is
-made from the JSON alone (``--plot-only``).
+``fixed + (L - k) / L * layers`` from plain vLLM's own split of its step. The steps
+themselves go to the compressed sidecar ``NAME.rows.json.gz``; the plot is made from the
+JSON alone (``--plot-only``).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_env import git_sha  # noqa: E402
+from benchmarks import report
 
 MAX_BATCHED_TOKENS = 4096
 COMMON = ["--enforce-eager", "--no-enable-prefix-caching", "--max-num-seqs", "64",
@@ -73,7 +67,7 @@ def run_plain(args, model, prompts, log: Path) -> tuple[dict, dict]:
     from benchmarks.http_load import completions
 
     server = VLLMServer(model, split=False, log_path=log.with_suffix(".server.log"),
-                        extra_args=(*COMMON, "--worker-cls", "vllm_split.engine.step_timing.TimingWorker"),
+                        extra_args=(*COMMON, "--worker-cls", "harness.timing_worker.TimingWorker"),
                         env={"VLLM_SPLIT_STEP_LOG": str(log), "VLLM_CPU_KVCACHE_SPACE": "4"})
     samples, continuations = {}, {}
     try:
@@ -170,16 +164,11 @@ def summarize(samples: dict, args, num_layers: int) -> list[dict]:
     return rows
 
 
-def plot(data: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw(data: dict):
     rows = data["summary"]
     labels = [f"{r['kind'][0]} B{r['batch']} C{r['context']} k={r['system']}" for r in rows]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.35), 4.5))
+    fig, ax = report.subplots(figsize=(max(8, len(rows) * 0.35), 4.5))
     ax.bar([i - 0.2 for i in x], [r["layers_ratio"] for r in rows], 0.4, label="decoder-layer loop / plain")
     ax.bar([i + 0.2 for i in x], [r["step_ratio"] for r in rows], 0.4, label="whole step / plain")
     ax.scatter(list(x), [r["layer_fraction"] for r in rows], marker="_", s=200, c="k", label="(L-k)/L")
@@ -188,13 +177,11 @@ def plot(data: dict, out: Path) -> None:
     ax.set_ylabel("ratio to plain vLLM")
     ax.set_title(f"Server time per step vs split layer ({data['environment']['vllm']} CPU, SmolLM2-135M)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    return fig
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run)")
+    p = report.parser("bench_server_step", __doc__, quick="tiny sizes (CI smoke run)", plot=True)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--prefills", type=int, nargs="+", default=[128, 1024])
@@ -203,12 +190,7 @@ def main() -> None:
     p.add_argument("--split-args", nargs="*", default=[], help="extra vllm-split serve arguments")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch-wait-ms", type=int, default=200, help="split server gather window")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_server_step.json")
-    p.add_argument("--plot-only", action="store_true")
-    args = p.parse_args()
-    if args.plot_only:
-        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
-        return
+    args = report.parse_args(p, draw)
     if args.quick:
         args.batches, args.contexts, args.prefills, args.ks = [1, 4], [64], [64], [0, 15]
         args.decode_tokens, args.repeats = 6, 1
@@ -228,21 +210,15 @@ def main() -> None:
     print("[bench] vllm-split", flush=True)
     split, mismatches = run_split(args, model, prompts, continuations, tmp / "split.jsonl")
     samples = {**plain, **split}
-    import vllm
-
     data = {
-        "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "environment": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-                        "vllm": vllm.__version__, "git_sha": git_sha(), "model": model.name, "num_layers": num_layers},
+        "arguments": report.arguments(args),
+        "environment": report.environment(model=model.name, num_layers=num_layers),
         "token_mismatches": mismatches,
         "kv_capacity_tokens": {"plain": kv_capacity_tokens(tmp / "plain.server.log"),
                                "split": kv_capacity_tokens(tmp / "split.server.log")},
-        "samples": samples,
         "summary": summarize(samples, args, num_layers),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
-    plot(data, args.out.with_suffix(".png"))
+    report.write(args.out, data, rows={"samples": samples}, draw=draw)
     for r in data["summary"]:
         print(f"{r['kind']:7s} B={r['batch']:2d} C={r['context']:4d} k={r['system']:>5s}: loop {r['layers_ratio']:.3f} "
               f"(target {r['layer_fraction']:.3f}), step {r['step_ratio']:.3f} (limit {r['step_limit_ratio']:.3f}), "

@@ -1,6 +1,6 @@
 """End-to-end throughput: plain vLLM vs split (server-only, greedy, DP placement) at the same SLA.
 
-    python benchmarks/bench_throughput.py [--workload benchmarks/workloads/default.json]
+    python -m benchmarks.bench_throughput [--workload benchmarks/workloads/default.json]
         [--quick] [--systems plain,split_dp] [--out results/bench_throughput.json]
 
 A mix of request types arrives as a Poisson process at increasing rates; every request has
@@ -22,14 +22,13 @@ emulated requests of a type share a prompt; plain vLLM would otherwise skip thei
 
 Per system and rate: goodput (requests/s meeting their SLA), output tokens/s, SLA
 attainment, server CPU seconds per request (the server's process tree), refusals; the
-maximum rate at 90% attainment (interpolated); raw per-request samples; plots.
+maximum rate at 90% attainment (interpolated); plots. The raw per-request samples go to
+the compressed sidecar ``NAME.rows.json.gz`` (``benchmarks/report.py``).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import platform
 import random
 import statistics
 import sys
@@ -37,10 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_env import git_sha  # noqa: E402
+from benchmarks import report
 
 SYSTEMS = {
     "plain": {"split": False, "args": (), "k": None},
@@ -252,16 +248,14 @@ def split_limit(metrics_text: str, num_layers: int) -> dict | None:
 
 # ---------------------------------------------------------------- main
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workload", type=Path, default=ROOT / "benchmarks" / "workloads" / "default.json")
+    p = report.parser("bench_throughput", __doc__, quick="CI smoke: plain and split_dp, one short rate", plot=True)
+    p.add_argument("--workload", type=Path, default=report.ROOT / "benchmarks" / "workloads" / "default.json")
     p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--quick", action="store_true", help="CI smoke: plain and split_dp, one short rate")
     p.add_argument("--rates", default=None, help="comma-separated rates instead of the workload's")
     p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate")
     p.add_argument("--split-args", default="", help="extra options for the split servers, e.g. "
                    "'--split-batch-wait-ms 30'")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_throughput.json")
-    args = p.parse_args()
+    args = report.parse_args(p, draw)
     import torch
 
     torch.set_num_threads(1)  # emulated clients share the machine with the server
@@ -324,8 +318,6 @@ def main() -> None:
                     limit = split_limit(r.read().decode(), num_layers)
         finally:
             server.stop()
-    import vllm
-
     summary = {s: {"max_rate_at_90pct": r["max_rate_at_90pct"]} for s, r in results.items()}
     base = results.get("plain", {}).get("max_rate_at_90pct")
     for s, r in results.items():
@@ -335,20 +327,15 @@ def main() -> None:
     summary["paper"] = {"server_work_saved": "about 1/3", "dp_over_greedy": "+19%"}
     summary["split_limit"] = limit
     summary["wrong_outputs"] = sum(p["wrong_outputs"] for r in results.values() for p in r["points"])
-    data = {"arguments": {k: str(v) for k, v in vars(args).items()},
-            "environment": {"python": sys.version.split()[0], "platform": platform.platform(), "vllm": vllm.__version__,
-                            "git_sha": git_sha(), "num_layers": num_layers, "wall_s": time.perf_counter() - t_all},
-            "workload": w, "rates": rates, "duration_s": duration, "systems": results, "summary": summary,
-            "samples": samples}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1))
-    plot(results, args.out.with_suffix(".png"))
+    data = {"arguments": report.arguments(args),
+            "environment": report.environment(num_layers=num_layers, wall_s=time.perf_counter() - t_all),
+            "workload": w, "rates": rates, "duration_s": duration, "systems": results, "summary": summary}
+    report.write(args.out, data, rows={"samples": samples}, draw=draw)
     print(json.dumps(summary, indent=1))
 
 
 def build_scripts(url, model, tok, w, LocalLayers, Script, all_layer_states) -> dict:
     """Per request type: prompt ids, the plain engine's greedy continuation, every layer's input."""
-    import json as _json
     import urllib.request
 
     full = LocalLayers(model, split_layer="auto")
@@ -357,10 +344,10 @@ def build_scripts(url, model, tok, w, LocalLayers, Script, all_layer_states) -> 
         ids = prompt_ids(tok, rtype["prompt"], rtype["prompt_tokens"])
         body = {"model": model, "prompt": ids, "max_tokens": rtype["output_tokens"], "temperature": 0,
                 "ignore_eos": True, "return_token_ids": True}
-        req = urllib.request.Request(url + "/v1/completions", data=_json.dumps(body).encode(),
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=300) as r:
-            expected = _json.load(r)["choices"][0]["token_ids"]
+            expected = json.load(r)["choices"][0]["token_ids"]
         scripts[rtype["name"]] = Script(ids, expected, all_layer_states(full, ids + expected), full.fingerprint)
     return scripts
 
@@ -381,14 +368,9 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for system, r in results.items():
+def draw(data: dict):
+    fig, (a1, a2) = report.subplots(1, 2, figsize=(11, 4.2))
+    for system, r in data["systems"].items():
         rates = [p["rate"] for p in r["points"]]
         a1.plot(rates, [p["goodput_rps"] for p in r["points"]], "o-", label=system)
         a2.plot(rates, [p["attainment"] for p in r["points"]], "o-", label=system)
@@ -403,8 +385,7 @@ def plot(results: dict, path: Path) -> None:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.suptitle("Throughput at the same SLA: plain vLLM vs vllm-split placements")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

@@ -7,16 +7,14 @@ towards new branches. The property checked on every input: ``decode`` either rai
 frame decoding to the same message. Anything else (another exception, a mismatch) is a
 crash: libFuzzer stops and saves the input.
 
-    python benchmarks/fuzz_decoder.py --seconds 120        # writes results/fuzz_decoder.json
+    python -m benchmarks.fuzz_decoder --seconds 120        # writes results/fuzz_decoder.json
+    python -m benchmarks.fuzz_decoder --quick              # CI smoke: 5 s
 
 The parent process starts the fuzzing worker (libFuzzer exits the process when done) and
 writes the JSON report from its final statistics.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import re
 import subprocess
 import sys
@@ -25,8 +23,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import report
 
 
 def seed_frames() -> list[bytes]:
@@ -73,19 +70,19 @@ def worker(argv: list[str]) -> None:
     atheris.Fuzz()
 
 
-def run(seconds: int, out: Path, workdir: Path) -> dict:
+def run(seconds: int, workdir: Path) -> dict:
     corpus = workdir / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
     for i, frame in enumerate(seed_frames()):
         (corpus / f"seed{i}").write_bytes(frame)
     artifacts = workdir / "crashes"
     artifacts.mkdir(exist_ok=True)
-    cmd = [sys.executable, __file__, "--worker", f"-max_total_time={seconds}", "-print_final_stats=1",
-           f"-artifact_prefix={artifacts}/", "-max_len=4096", str(corpus)]
+    cmd = [sys.executable, "-m", "benchmarks.fuzz_decoder", "--worker", f"-max_total_time={seconds}",
+           "-print_final_stats=1", f"-artifact_prefix={artifacts}/", "-max_len=4096", str(corpus)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=report.ROOT)
     wall = time.perf_counter() - t0
-    log = proc.stderr
+    log = proc.stderr.replace(str(workdir), "<workdir>")  # no path of this machine in the report
     done = re.findall(r"#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\d+)", log)
     inited = re.findall(r"#\d+\s+INITED\s+cov: (\d+) ft: (\d+)", log)
     crashes = sorted(p.name for p in artifacts.iterdir())
@@ -93,8 +90,6 @@ def run(seconds: int, out: Path, workdir: Path) -> dict:
     return {
         "fuzzer": f"atheris {version('atheris')} (libFuzzer), decoder bytecode instrumented",
         "target": "vllm_split.wire.protocol.decode + re-encode round trip",
-        "arguments": {"seconds": seconds},
-        "environment": {"python": sys.version.split()[0], "platform": platform.platform()},
         "executions": execs if execs is not None else (int(done[-1][0]) if done else None),
         "wall_seconds": round(wall, 1),
         "coverage_at_start": {"cov": int(inited[-1][0]), "ft": int(inited[-1][1])} if inited else None,
@@ -110,20 +105,18 @@ def main() -> None:
     if "--worker" in sys.argv:
         worker([a for a in sys.argv[1:] if a != "--worker"])
         return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = report.parser("fuzz_decoder", __doc__, quick="CI smoke: --seconds 5")
     p.add_argument("--seconds", type=int, default=120)
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "fuzz_decoder.json")
     args = p.parse_args()
-    from benchmarks.bench_env import git_sha
-
+    if args.quick:
+        args.seconds = 5
     with tempfile.TemporaryDirectory(prefix="fuzz-decoder-") as tmp:
-        report = run(args.seconds, args.out, Path(tmp))
-    report["environment"]["git_sha"] = git_sha()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"[fuzz_decoder] {report['executions']} executions, coverage {report['coverage_at_start']} -> "
-          f"{report['coverage_at_end']}, crashes {report['crashes']}; wrote {args.out}")
-    if report["crashes"] or report["exit_code"] != 0:
+        stats = run(args.seconds, Path(tmp))
+    data = {"arguments": report.arguments(args), "environment": report.environment(), **stats}
+    report.write(args.out, data)
+    print(f"[fuzz_decoder] {data['executions']} executions, coverage {data['coverage_at_start']} -> "
+          f"{data['coverage_at_end']}, crashes {data['crashes']}; wrote {args.out}")
+    if data["crashes"] or data["exit_code"] != 0:
         sys.exit(1)
 
 

@@ -9,25 +9,19 @@ refused without ``fatal`` must still work (it is advanced with valid activations
 then). At the end: the engine is alive (``/health``, the server process), a real client
 session before and after gives the same tokens, and no request or KV block is left.
 
-    flock /tmp/vllm-engine.lock python benchmarks/fuzz_live.py --frames 10000   # results/fuzz_live.json
-    python benchmarks/fuzz_live.py --url http://127.0.0.1:8000 --frames 300     # against a running server
+    flock /tmp/vllm-engine.lock python -m benchmarks.fuzz_live --frames 10000   # results/fuzz_live.json
+    python -m benchmarks.fuzz_live --url http://127.0.0.1:8000 --quick          # 300 frames, running server
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import platform
 import random
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_env import git_sha  # noqa: E402
-from benchmarks.live_server import health, run_report, wait_idle  # noqa: E402
+from benchmarks.live_server import health, parser, run_report, wait_idle
 
 PROMPT = "What is the capital of France?"
 RESPONSE_TIMEOUT_S = 60
@@ -224,8 +218,6 @@ async def run(args, url: str, server) -> dict:
     leaked = idle_after["kv_blocks_in_use"] - idle_before["kv_blocks_in_use"]
     log = server.log_path.read_text(errors="replace") if server is not None else None
     return {
-        "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "environment": {"python": sys.version.split()[0], "platform": platform.platform(), "git_sha": git_sha()},
         "frames_tried": tally.frames,
         "seconds": round(seconds, 1),
         "engine_crashes": 0 if alive else 1,
@@ -261,13 +253,12 @@ def ok(report: dict) -> bool:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("fuzz_live", __doc__, quick="CI smoke: --frames 300")
     p.add_argument("--frames", type=int, default=10000)
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--url", help="fuzz a running server instead of starting one")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "fuzz_live.json")
     args = p.parse_args()
+    if args.quick:
+        args.frames = 300
     report = run_report("fuzz_live", args, run)
     print(f"[fuzz_live] {report['frames_tried']} frames in {report['seconds']} s: crashes {report['engine_crashes']}, "
           f"leaked KV blocks {report['leaked_kv_blocks']}, unanswered {report['rejections_without_error_frame']}, "

@@ -2,13 +2,15 @@
 or one started here), its health and idle state, and writing the JSON report."""
 from __future__ import annotations
 
+import argparse
 import asyncio
-import json
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Awaitable, Callable
+
+from benchmarks import report
 
 
 def health(url: str) -> bool:
@@ -34,10 +36,18 @@ async def wait_idle(url: str, timeout: float = 120) -> dict:
         await asyncio.sleep(0.5)
 
 
+def parser(module: str, doc: str, *, quick: str | None = None) -> argparse.ArgumentParser:
+    """``report.parser`` with ``--seed`` and the server to run against (``--url``)."""
+    p = report.parser(module, doc, quick=quick, seed=0)
+    p.add_argument("--url", help="run against this running server instead of starting one")
+    return p
+
+
 def run_report(name: str, args: Any, run: Callable[[Any, str, Any], Awaitable[dict]],
                extra_args: tuple[str, ...] = ()) -> dict:
     """``run(args, url, server)`` against ``args.url`` or a vllm-split server started here
-    (stopped afterwards); writes the report to ``args.out`` and returns it."""
+    (stopped afterwards); writes the report (``run``'s entries after the arguments and the
+    environment) to ``args.out`` and returns it."""
     server = None
     if args.url is None:
         from harness.model_prep import prepare
@@ -48,10 +58,10 @@ def run_report(name: str, args: Any, run: Callable[[Any, str, Any], Awaitable[di
         server = VLLMServer(prepare(), split=True, log_path=log, extra_args=extra_args)
         server.wait_ready()
     try:
-        report = asyncio.run(run(args, args.url or server.url, server))
+        measured = asyncio.run(run(args, args.url or server.url, server))
     finally:
         if server is not None:
             server.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    return report
+    data = {"arguments": report.arguments(args), "environment": report.environment(), **measured}
+    report.write(args.out, data)
+    return data

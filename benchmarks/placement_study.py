@@ -7,28 +7,24 @@ against greedy, beside the SplitLLM paper's figures. The mix, devices, networks 
 come from a JSON file (default benchmarks/study_config.json). Writes a JSON (arguments,
 environment, git sha, raw per-request rows, summary) and a plot made from that JSON.
 
-    python benchmarks/placement_study.py                  # full study -> results/
-    python benchmarks/placement_study.py --quick          # CI smoke run (< 20 s)
-    python benchmarks/placement_study.py --profile benchmarks/profiles/smollm2_example.json
+    python -m benchmarks.placement_study                  # full study -> results/
+    python -m benchmarks.placement_study --quick          # CI smoke run (< 20 s)
+    python -m benchmarks.placement_study --profile benchmarks/profiles/smollm2_example.json
+
+The raw rows (one per request, scenario and shape; fields in ``row_fields``) go to the
+compressed sidecar ``NAME.rows.json.gz`` (``benchmarks/report.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import random
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.bench_env import git_sha  # noqa: E402
-
-from vllm_split.planner import (  # noqa: E402
+from benchmarks import report
+from vllm_split.planner import (
     KNOWN_MODELS,
     SLA,
     DeviceSpec,
@@ -50,7 +46,6 @@ ROW_FIELDS = ("model", "device", "network", "sla", "shape", "request", "kind", "
               "dp_client_nodes", "dp_ms")
 
 
-
 def device_spec(entry: dict) -> DeviceSpec:
     return DeviceSpec(entry["name"], float(entry["peak_flops"]), float(entry["mem_bandwidth"]),
                       float(entry.get("efficiency", 1.0)), float(entry.get("node_overhead_s", 0.0)))
@@ -62,7 +57,7 @@ def draw_requests(mix: list[dict], count: int, seed: int) -> list[tuple[str, int
     return [(k["name"], rng.randint(*k["prompt_len"]), rng.randint(*k["output_len"])) for k in kinds]
 
 
-def run_study(cfg: dict, args: argparse.Namespace) -> dict:
+def run_study(cfg: dict, args) -> dict:
     requests = draw_requests(cfg["request_mix"], args.requests or cfg["num_requests"], cfg["seed"])
     servers = {key: device_spec(v) for key, v in cfg["servers"].items()}
     devices = {key: device_spec(v) for key, v in cfg["devices"].items()}
@@ -153,16 +148,12 @@ def print_table(summary: dict) -> None:
           f"DP {paper['dp_better_than_greedy']:.0%} better than greedy")
 
 
-def plot(json_path: Path, png_path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = json.loads(json_path.read_text())["summary"]
+def draw(data: dict):
+    summary = data["summary"]
     table = summary["table"]
     models = list(dict.fromkeys(r["model"] for r in table))
     shapes = list(dict.fromkeys(r["shape"] for r in table))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = report.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / (2 * len(shapes))
     for s, shape in enumerate(shapes):
         for k, (key, label) in enumerate((("mean_reduction_greedy", "greedy"), ("mean_reduction_dp", "DP"))):
@@ -181,34 +172,27 @@ def plot(json_path: Path, png_path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
     fig.suptitle("placement study (mean over device x network x SLA scenarios)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    return fig
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", type=Path, default=REPO / "benchmarks" / "study_config.json")
+    ap = report.parser("placement_study", __doc__, quick="tiny smoke run: 1 model, 2 devices, 2 networks", plot=True)
+    ap.add_argument("--config", type=Path, default=report.ROOT / "benchmarks" / "study_config.json")
     ap.add_argument("--profile", type=Path, help="measured profile JSON (vllm-split-profile/1) for SmolLM2")
     ap.add_argument("--requests", type=int, help="override num_requests of the config")
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run: 1 model, 2 devices, 2 networks")
-    ap.add_argument("--out", type=Path, default=REPO / "results" / "placement_study.json")
     ap.add_argument("--plot", type=Path, help="PNG path (default: the JSON path with .png)")
-    args = ap.parse_args()
+    args = report.parse_args(ap, draw)
     if args.quick and args.requests is None:
         args.requests = 4
     cfg = json.loads(args.config.read_text())
     t0 = time.perf_counter()
     study = run_study(cfg, args)
-    out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "env": {"python": sys.version.split()[0], "platform": platform.platform()},
-           "git_sha": git_sha(), "config": cfg, "wall_s": round(time.perf_counter() - t0, 2),
-           "row_fields": list(ROW_FIELDS), **study}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, separators=(",", ":")))
+    out = {"arguments": report.arguments(args), "environment": report.environment(), "config": cfg,
+           "wall_s": round(time.perf_counter() - t0, 2), "row_fields": list(ROW_FIELDS), "summary": study["summary"]}
+    report.write(args.out, out, rows={"rows": study["rows"]}, indent=None)
     print_table(study["summary"])
-    png = args.plot or args.out.with_suffix(".png")
-    plot(args.out, png)
-    print(f"wrote {args.out} and {png} in {out['wall_s']} s")
+    png = report.plot(args.out, draw, args.plot)
+    print(f"wrote {args.out}, {report.rows_path(args.out).name} and {png} in {out['wall_s']} s")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Profile the real model's per-layer costs on the server (vLLM engine) and a client.
 
-    python benchmarks/profile_costs.py [--quick] [--out results/profile_smollm2_cpu.json]
+    python -m benchmarks.profile_costs [--quick] [--out results/profile_smollm2_cpu.json]
 
 Writes a planner profile (schema ``vllm-split-profile/1``) with two devices: ``server``
 (vLLM 0.32.0 CPU build, eager, this machine) and ``client`` (the client library on this
@@ -9,17 +9,10 @@ machine's CPU). ``peak_flops`` / ``mem_bandwidth`` are this machine's estimated 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_env import git_sha  # noqa: E402
+from benchmarks import report
 
 # This machine: Intel Xeon (AVX-512, 2 FMA units) at 2.6 GHz, 2 vCPUs:
 # 2 x 2.6e9 x 2 FMA x 16 fp32 lanes x 2 FLOP = 333 GFLOP/s peak (an upper bound: the vCPUs
@@ -29,9 +22,7 @@ CPU_MEM_BW = 20e9
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke run)")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "profile_smollm2_cpu.json")
+    p = report.parser("profile_costs", __doc__, out="profile_smollm2_cpu", quick="tiny shapes (CI smoke run)")
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with our functions
@@ -67,11 +58,10 @@ def main() -> None:
             {"role": "client", "name": "client_lib-cpu-2vcpu", "peak_flops": CPU_PEAK_FLOPS,
              "mem_bandwidth": CPU_MEM_BW, "measurements": client},
         ],
-        "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
-                        "vllm": vllm.__version__, "git_sha": git_sha(), "quick": args.quick},
+        "arguments": report.arguments(args),
+        "environment": report.environment(quick=args.quick),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(profile, indent=1))
+    report.write(args.out, profile)
     for dev in profile["devices"]:
         for m in dev["measurements"]:
             print(f"  {dev['role']:6s} {m['node']:5s} {m['phase']:7s} tokens={m['tokens']:4d} "

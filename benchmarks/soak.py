@@ -11,25 +11,18 @@ reference (an undisturbed session of the same prompt on the same server, which t
 engine tests hold equal to plain vLLM); at the end no request may be left and the KV
 block usage must be back at its idle level.
 
-    flock /tmp/vllm-engine.lock python benchmarks/soak.py --seconds 300    # results/soak.json
-    python benchmarks/soak.py --quick --url http://127.0.0.1:8000          # CI smoke, < 1 min
+    flock /tmp/vllm-engine.lock python -m benchmarks.soak --seconds 300    # results/soak.json
+    python -m benchmarks.soak --quick --url http://127.0.0.1:8000          # CI smoke, < 1 min
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import platform
 import random
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_env import git_sha  # noqa: E402
-from benchmarks.live_server import health, run_report, wait_idle  # noqa: E402
+from benchmarks.live_server import health, parser, run_report, wait_idle
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
            "def fibonacci(n):", "The three most important inventions of the 20th century are",
@@ -146,8 +139,6 @@ async def run(args, url: str, server) -> dict:
     idle_after = await wait_idle(url)
     alive = health(url) and (server is None or server.proc.poll() is None)
     return {
-        "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "environment": {"python": sys.version.split()[0], "platform": platform.platform(), "git_sha": git_sha()},
         "seconds": round(seconds, 1),
         "concurrent_sessions": args.sessions,
         "sessions": stats.c["sessions_started"],
@@ -173,7 +164,7 @@ async def run(args, url: str, server) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("soak", __doc__, quick="CI smoke: 20 s, 8 sessions")
     p.add_argument("--seconds", type=float, default=300)
     p.add_argument("--sessions", type=int, default=64, help="concurrent clients")
     p.add_argument("--ks", type=int, nargs="+", default=[0, 7, 15, 22, 29])
@@ -181,10 +172,6 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--drop-prob", type=float, default=0.02, help="per token: drop the connection, then resume")
     p.add_argument("--abandon-prob", type=float, default=0.1, help="per session: vanish mid-generation for good")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--url", help="soak a running server instead of starting one")
-    p.add_argument("--quick", action="store_true", help="CI smoke: 20 s, 8 sessions")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "soak.json")
     args = p.parse_args()
     if args.quick:
         args.seconds, args.sessions, args.prompts, args.ks, args.tokens = 20, 8, 3, [0, 15, 29], 12

@@ -9,27 +9,33 @@ import json
 
 import pytest
 
+from benchmarks import report
 from tests.support.benchmarks import run
-
 
 
 def test_placement_study_quick(tmp_path):
     out = tmp_path / "study.json"
-    run("placement_study.py", "--quick", "--out", str(out))
-    data = json.loads(out.read_text())
+    run("placement_study", "--quick", "--out", str(out))
+    data = report.load(out, rows=True)
     assert data["summary"] and out.with_suffix(".png").exists()
+    assert data["rows"] and all(len(r) == len(data["row_fields"]) for r in data["rows"])
+    assert str(tmp_path) not in out.read_text()  # paths by name, never the machine's own
+    assert data["arguments"]["out"] == "study.json" and "git_sha" in data["environment"]
 
 
 def test_bench_planner_quick(tmp_path):
     out = tmp_path / "planner.json"
-    run("bench_planner.py", "--quick", "--out", str(out))
-    assert json.loads(out.read_text())
+    run("bench_planner", "--quick", "--out", str(out))
+    data = report.load(out, rows=True)
+    assert data["summary"]["general"]["median_ms"] > 0 and data["num_nodes"] == 161
+    assert len(data["instances"]["general"]) == 5  # --quick: 5 instances x 5 repeats
+    assert all(len(i["samples_ms"]) == 5 for i in data["instances"]["general"])
 
 
 @pytest.mark.engine
 def test_profile_costs_quick(tmp_path):
     out = tmp_path / "profile.json"
-    run("profile_costs.py", "--quick", "--out", str(out))
+    run("profile_costs", "--quick", "--out", str(out))
     profile = json.loads(out.read_text())
     from vllm_split.planner.profile import parse_profile
 
@@ -41,7 +47,7 @@ def test_profile_costs_quick(tmp_path):
 @pytest.mark.engine
 def test_bench_server_step_quick(tmp_path):
     out = tmp_path / "step.json"
-    run("bench_server_step.py", "--quick", "--out", str(out), timeout=1200)
+    run("bench_server_step", "--quick", "--out", str(out), timeout=1200)
     data = json.loads(out.read_text())
     assert data["token_mismatches"] == 0  # replayed split sessions produced the plain engine's tokens
     systems = {(r["kind"], r["system"]) for r in data["summary"]}
@@ -54,7 +60,7 @@ def test_bench_server_step_quick(tmp_path):
 @pytest.mark.engine
 def test_bench_admission_quick(tmp_path):
     out = tmp_path / "admission.json"
-    run("bench_admission.py", "--quick", "--out", str(out))
+    run("bench_admission", "--quick", "--out", str(out))
     data = json.loads(out.read_text())
     assert data["summary"]["points"] == 4 and data["summary"]["all_exact"]
     assert all(s["predicted_tpot_s"] > 0 and s["measured_tpot_s"] > 0 for s in data["samples"])
@@ -64,17 +70,18 @@ def test_bench_admission_quick(tmp_path):
 def test_fuzz_decoder_quick(tmp_path):
     pytest.importorskip("atheris")
     out = tmp_path / "fuzz_decoder.json"
-    run("fuzz_decoder.py", "--seconds", "5", "--out", str(out))
-    report = json.loads(out.read_text())
-    assert report["crashes"] == 0 and report["executions"] > 1000
-    assert report["coverage_at_end"]["cov"] > report["coverage_at_start"]["cov"]  # the fuzzer found new branches
+    run("fuzz_decoder", "--quick", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["arguments"]["seconds"] == 5
+    assert data["crashes"] == 0 and data["executions"] > 1000
+    assert data["coverage_at_end"]["cov"] > data["coverage_at_start"]["cov"]  # the fuzzer found new branches
 
 
 @pytest.mark.engine
 def test_bench_throughput_quick(tmp_path):
     out = tmp_path / "throughput.json"
-    run("bench_throughput.py", "--quick", "--out", str(out))
-    data = json.loads(out.read_text())
+    run("bench_throughput", "--quick", "--out", str(out))
+    data = report.load(out, rows=True)  # per-request samples: in the compressed sidecar
     assert set(data["systems"]) == {"plain", "split_dp"}
     for system in data["systems"].values():
         (point,) = system["points"]

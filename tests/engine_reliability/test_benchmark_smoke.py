@@ -16,7 +16,7 @@ pytestmark = pytest.mark.engine
 
 def test_fuzz_live_smoke(box, tmp_path):
     out = tmp_path / "fuzz.json"
-    run("fuzz_live.py", "--url", box.url, "--frames", "300", "--out", str(out), timeout=300)
+    run("fuzz_live", "--url", box.url, "--frames", "300", "--out", str(out), timeout=300)
     report = json.loads(out.read_text())
     assert report["frames_tried"] >= 300 and report["engine_crashes"] == 0 and report["leaked_kv_blocks"] == 0
     assert report["rejections_without_error_frame"] == 0 and report["internal_errors"] == 0
@@ -26,7 +26,7 @@ def test_fuzz_live_smoke(box, tmp_path):
 
 def test_soak_smoke(box, tmp_path):
     out = tmp_path / "soak.json"
-    run("soak.py", "--quick", "--url", box.url, "--out", str(out), timeout=300)
+    run("soak", "--quick", "--url", box.url, "--out", str(out), timeout=300)
     report = json.loads(out.read_text())
     assert report["completed"] > 0 and report["wrong_outputs"] == 0 and report["failed"] == 0
     assert report["leaked_kv_blocks"] == 0 and report["requests_left"] == 0

@@ -1,4 +1,4 @@
-"""Run a benchmark script as CI does: a subprocess at the repo root that must exit 0."""
+"""Run a benchmark as CI does: ``python -m benchmarks.NAME`` at the repo root, which must exit 0."""
 from __future__ import annotations
 
 import subprocess
@@ -8,7 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(script: str, *args: str, timeout: int = 900) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def run(name: str, *args: str, timeout: int = 900) -> None:
+    """Run benchmark ``name`` (a module name, ``"fuzz_live"``, or its file name, ``"fuzz_live.py"``)."""
+    module = f"benchmarks.{name.removesuffix('.py')}"
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,13 +1,8 @@
 """Pure parts of benchmarks/bench_throughput.py: arrivals, the 90% rate, the split limit."""
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_throughput import arrivals, load_workload, max_rate_at, split_limit  # noqa: E402
+from benchmarks.bench_throughput import arrivals, load_workload, max_rate_at, split_limit
+from benchmarks.report import ROOT
 
 WORKLOAD = ROOT / "benchmarks" / "workloads" / "default.json"
 
