@@ -1,45 +1,22 @@
 """Measure the client's per-layer times with the client library itself.
 
-Runs the real :class:`~client_lib.local_layers.LocalLayers` (all layers local) with a
-timing hook on every decoder layer, for prefill passes of several prompt lengths and for
-decode steps at several context lengths, and returns measurements in the planner's
-profile schema (``vllm-split-profile/1``, node ``block``: mean time of one decoder layer).
+Runs in the client's process: the real :class:`~client_lib.local_layers.LocalLayers`
+(all layers local) with the layer timer (:class:`~vllm_split.layer_timer.LayerTimer`) on
+every decoder layer, for prefill passes of several prompt lengths and for decode steps at
+several context lengths, and returns measurements in the planner's profile schema
+(``vllm-split-profile/1``, node ``block``: mean time of one decoder layer).
 """
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from client_lib.local_layers import LocalLayers
+from vllm_split.layer_timer import LayerTimer
 
 DECODE_STEPS = 8
-
-
-class _LayerTimer:
-    def __init__(self, layers: torch.nn.ModuleList) -> None:
-        self.samples: list[float] = []
-        self._t0 = 0.0
-        self._handles = []
-        for layer in layers:
-            self._handles.append(layer.register_forward_pre_hook(self._pre))
-            self._handles.append(layer.register_forward_hook(self._post))
-
-    def _pre(self, module, args) -> None:
-        self._t0 = time.perf_counter()
-
-    def _post(self, module, args, out) -> None:
-        self.samples.append(time.perf_counter() - self._t0)
-
-    def take(self) -> list[float]:
-        out, self.samples = self.samples, []
-        return out
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 def profile_client(model_dir: str | Path, *, prefill_tokens=(16, 128, 512), decode_contexts=(128, 512),
@@ -51,9 +28,9 @@ def profile_client(model_dir: str | Path, *, prefill_tokens=(16, 128, 512), deco
     layers = LocalLayers(model_dir, split_layer=num_layers, device=device)
     vocab = layers.model.embed_tokens.num_embeddings
     gen = torch.Generator().manual_seed(seed)
-    timer = _LayerTimer(layers.model.layers)
     out: list[dict] = []
-    try:
+    with LayerTimer() as timer:
+        timer.add(layers.model.layers)
         layers.reset()
         layers.forward(torch.randint(0, vocab, (8,), generator=gen).tolist())  # warm-up
         for tokens in prefill_tokens:
@@ -62,7 +39,7 @@ def profile_client(model_dir: str | Path, *, prefill_tokens=(16, 128, 512), deco
                 layers.reset()
                 timer.take()
                 layers.forward(torch.randint(0, vocab, (tokens,), generator=gen).tolist())
-                per_run.append(statistics.mean(timer.take()))
+                per_run.append(statistics.mean(s.seconds for s in timer.take()))
             out.append(_measurement("prefill", tokens=tokens, context=0, seconds=statistics.median(per_run)))
         for context in decode_contexts:
             layers.reset()
@@ -71,11 +48,9 @@ def profile_client(model_dir: str | Path, *, prefill_tokens=(16, 128, 512), deco
             steps = []
             for _ in range(DECODE_STEPS):
                 layers.forward(torch.randint(0, vocab, (1,), generator=gen).tolist())
-                steps.append(statistics.mean(timer.take()))
+                steps.append(statistics.mean(s.seconds for s in timer.take()))
             out.append(_measurement("decode", tokens=1, context=context + DECODE_STEPS // 2,
                                     seconds=statistics.median(steps)))
-    finally:
-        timer.remove()
     return out
 
 

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 STARTUP_TIMEOUT_S = 420
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def kv_capacity_tokens(server_log: Path) -> int | None:
@@ -77,6 +78,8 @@ class VLLMServer:
                     **(env or {})}
         if not split:
             full_env.pop("VLLM_PLUGINS", None)
+        # the engine may load classes from harness/ (``--worker-cls harness.timing_worker.TimingWorker``)
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p)
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
                                      start_new_session=True)
@@ -94,6 +97,18 @@ class VLLMServer:
                 pass
             time.sleep(1)
         raise TimeoutError(f"vLLM server not ready after {timeout}s:\n{self.log_tail()}")
+
+    def __enter__(self) -> "VLLMServer":
+        """``with VLLMServer(...) as server``: ready on entry, stopped on exit (also on failure)."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def wait_exit(self, timeout: float = STARTUP_TIMEOUT_S) -> int:
         """For servers expected to fail at start-up: their exit code."""

@@ -1,7 +1,9 @@
 """Measure the server's per-layer times inside a real vLLM engine.
 
-Timing hooks go on every decoder layer and on the logits processor of the model the
-engine's worker(s) loaded (installed and read back with ``LLM.collective_rpc``); then real
+Runs in the process that owns the ``LLM``; :func:`_install_hooks` and
+:func:`_take_records` run in the engine's worker(s) through ``LLM.collective_rpc``. The
+layer timer (:class:`~vllm_split.layer_timer.LayerTimer`) goes on every decoder layer and
+on the logits processor of the model the worker loaded; then real
 requests run through the engine: one prefill pass per prompt length, and decode steps of
 ``batch`` identical-shape requests at a context length. Results are measurements in the
 planner's profile schema: node ``block`` (mean time of one decoder layer in the step) and
@@ -10,48 +12,40 @@ node ``head`` (logits: final projection over the vocabulary).
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
+
+from vllm_split.layer_timer import LayerSample, LayerTimer
 
 DECODE_STEPS = 8
 
 
 def _install_hooks(worker: Any) -> int:
+    """In the worker: time every decoder layer and the logits processor."""
     model = worker.model_runner.get_model()
-    records: list[tuple[str, int, float]] = []
-    worker._vllm_split_profile = records
-
-    def timed(module: Any, name: str, tokens_arg: int) -> None:
-        state = {}
-
-        def pre(mod, args):
-            state["t0"] = time.perf_counter()
-
-        def post(mod, args, out):
-            records.append((name, int(args[tokens_arg].shape[0]), time.perf_counter() - state["t0"]))
-
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
-
-    for layer in model.model.layers:
-        timed(layer, "block", 1)  # layer(positions, hidden_states, residual)
-    timed(model.logits_processor, "head", 1)  # logits_processor(lm_head, hidden_states)
+    timer = LayerTimer()
+    timer.add(model.model.layers, name="block", rows_arg=1)  # layer(positions, hidden_states, residual)
+    timer.add([model.logits_processor], name="head", rows_arg=1)  # logits_processor(lm_head, hidden_states)
+    worker._vllm_split_profile = timer
     return len(model.model.layers)
 
 
-def _take_records(worker: Any) -> list[tuple[str, int, float]]:
-    records = worker._vllm_split_profile
-    out = list(records)
-    records.clear()
-    return out
+def _take_records(worker: Any) -> list[LayerSample]:
+    """In the worker: the samples since the last call."""
+    return worker._vllm_split_profile.take()
 
 
-def _per_step(records: list[tuple[str, int, float]], num_layers: int, tokens: int) -> dict[str, list[float]]:
+def _take(llm: Any) -> list[LayerSample]:
+    """The first worker's samples since the last call (rebuilt: the engine's transport may
+    hand them back as plain lists)."""
+    return [LayerSample(*r) for r in llm.collective_rpc(_take_records)[0]]
+
+
+def _per_step(records: list[LayerSample], num_layers: int, tokens: int) -> dict[str, list[float]]:
     """Group records of steps with ``tokens`` rows: mean block time per step, head per step."""
-    blocks = [r for r in records if r[0] == "block" and r[1] == tokens]
-    per_step = [statistics.mean(x[2] for x in blocks[i : i + num_layers])
+    blocks = [r for r in records if r.name == "block" and r.rows == tokens]
+    per_step = [statistics.mean(x.seconds for x in blocks[i : i + num_layers])
                 for i in range(0, len(blocks) - num_layers + 1, num_layers)]
-    heads = [r[2] for r in records if r[0] == "head"]
+    heads = [r.seconds for r in records if r.name == "head"]
     return {"block": per_step, "head": heads}
 
 
@@ -75,7 +69,7 @@ def profile_server(llm: Any, *, prefill_tokens=(16, 128, 512), decode_contexts=(
         for _ in range(repeats):
             llm.collective_rpc(_take_records)
             llm.generate([prompt(tokens)], SamplingParams(max_tokens=1), use_tqdm=False)
-            steps = _per_step(llm.collective_rpc(_take_records)[0], num_layers, tokens)
+            steps = _per_step(_take(llm), num_layers, tokens)
             blocks += steps["block"]
             heads += steps["head"]
         out.append(_m("block", "prefill", tokens, 0, 1, statistics.median(blocks)))
@@ -85,9 +79,9 @@ def profile_server(llm: Any, *, prefill_tokens=(16, 128, 512), decode_contexts=(
             llm.collective_rpc(_take_records)
             params = SamplingParams(max_tokens=DECODE_STEPS + 1, ignore_eos=True)
             llm.generate([prompt(context) for _ in range(batch)], params, use_tqdm=False)
-            records = llm.collective_rpc(_take_records)[0]
+            records = _take(llm)
             steps = _per_step(records, num_layers, batch)
-            heads = [r[2] for r in records if r[0] == "head" and r[1] == batch]
+            heads = [r.seconds for r in records if r.name == "head" and r.rows == batch]
             ctx = context + DECODE_STEPS // 2
             out.append(_m("block", "decode", 1, ctx, batch, statistics.median(steps["block"])))
             out.append(_m("head", "decode", 1, ctx, batch, statistics.median(heads)))

@@ -42,9 +42,5 @@ def reference(model_dir, tokenizer, tmp_path_factory) -> Reference:
 
 @pytest.fixture(scope="package")
 def split_server(model_dir, reference, tmp_path_factory):
-    server = VLLMServer(model_dir, split=True, log_path=tmp_path_factory.mktemp("split") / "server.log")
-    try:
-        server.wait_ready()
+    with VLLMServer(model_dir, split=True, log_path=tmp_path_factory.mktemp("split") / "server.log") as server:
         yield server
-    finally:
-        server.stop()

@@ -18,12 +18,8 @@ from tests.engine_admission.server_config import LONG, PROMPT
 
 @pytest.fixture(scope="package")
 def admission_server(model_dir, tmp_path_factory):
-    server = VLLMServer(model_dir, split=True, log_path=tmp_path_factory.mktemp("admission") / "server.log")
-    try:
-        server.wait_ready()
+    with VLLMServer(model_dir, split=True, log_path=tmp_path_factory.mktemp("admission") / "server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="package")

@@ -1,48 +1,40 @@
-"""Asynchronous admission controller: the server decides where each request splits.
+"""Asynchronous admission controller: the asyncio side of deciding where a request splits.
 
-Lives in the API server process, on its event loop, and never blocks it: planning runs on
-a one-thread executor, waits are asyncio waits. It keeps the live step-cost model
-(:mod:`vllm_split.control.live_cost`) fed from the engine's step records (polled every
-``POLL_S``), plans each new request with the DP (:func:`vllm_split.planner.plan`) over the
-request's graph at the current load (:mod:`vllm_split.control.request_graph`) and answers with a
-placement and its predicted TTFT and TPOT, or refuses with a reason.
+Process: the API server, on its event loop, which it never blocks: planning runs on a
+one-thread executor, waits are asyncio waits. The decisions themselves are the pure policy's
+(:mod:`vllm_split.control.policy`); this module owns what needs the loop:
 
-What it optimises depends on the load. Offloading exists to relieve a busy server; it costs
-the client time and energy. So while the engine is busy less than ``offload_above`` of the
-time (its utilisation over the last seconds), the server has compute to spare and takes the
-least offloaded placement that meets the SLA (``server_only`` when ``k = 0`` does); above
-it, the DP chooses the placement with the least server work that meets the SLA (the
-paper's objective). Set ``offload_above = 0`` for the DP at any load. Refusals:
-
-* ``sla_unreachable``: no placement meets the SLA even on an idle server (retrying will
-  not help; the message gives the best latencies this client can get);
-* ``server_busy``: a placement would meet it on a less loaded server, or admitting it would
-  push an admitted session past its own TPOT bound, and the bounded queue is full or the
-  wait ran out; ``retry_after_s`` estimates when a session will have finished.
-
-Each admitted session's server work, predicted and measured latencies and SLA outcome go
-to vLLM's ``/metrics`` (:mod:`vllm_split.api.metrics`).
+* :func:`request_from_open`: the client's ``Open`` and the measured network -> the policy's
+  :class:`~vllm_split.control.policy.AdmissionRequest`;
+* :class:`StepPoller`: feeds the live step-cost model (:mod:`vllm_split.control.live_cost`)
+  from the engine's step records, polled every ``POLL_S`` through an EngineCore utility call;
+* :class:`AdmissionController`: the admitted sessions, the bounded admission queue (a
+  request the policy makes wait is re-planned whenever a session ends, at most
+  ``QueueLimits.wait_s``, then refused with ``server_busy`` and a ``retry_after_s``), the
+  planning executor and the metrics on vLLM's ``/metrics`` (:mod:`vllm_split.api.metrics`).
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from vllm_split.wire import protocol as wire
 from vllm_split.control.live_cost import LiveCostModel
-from vllm_split.planner import SLA, NetworkSpec, evaluate, plan, result_for
-from vllm_split.planner.model_configs import ModelConfig
-from vllm_split.control.request_graph import (TOKEN_BYTES, ClientCosts, RequestGraphInputs, ServerLoad, busy_fraction,
-                                      decode_wait_s, placement_for, request_graph, split_layer_of)
+from vllm_split.control.policy import (Admission, AdmissionPolicy, AdmissionRequest, ClientFlops, InFlight, Refusal,
+                                       retry_after_s, server_load)
+from vllm_split.control.request_graph import ClientCosts, ServerLoad
+from vllm_split.planner import SLA, NetworkSpec
+from vllm_split.wire import protocol as wire
 from vllm_split.wire.contract import ErrorCode, StepRecord
 
 POLL_S = 0.5
 
 
 class AdmissionRefused(Exception):
+    """A session refused at admission: ``reason`` is its ``Error.code``."""
+
     def __init__(self, reason: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.reason = reason
@@ -50,63 +42,50 @@ class AdmissionRefused(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class AdmissionPolicy:
-    queue_limit: int = 64  # sessions waiting for admission at once
-    queue_wait_s: float = 5.0  # longest wait in the queue before a refusal
-    default_sla: SLA = field(default_factory=lambda: SLA(ttft_s=5.0, tpot_s=0.25))
-    offload_above: float = 0.5  # engine utilisation above which the DP minimises server work
-    placement: str = "dp"  # or "greedy": the baseline rule instead of the DP (for comparisons)
+class QueueLimits:
+    limit: int = 64  # sessions waiting for admission at once (0: refuse at once when busy)
+    wait_s: float = 5.0  # longest wait in the queue before a refusal
+
+    def __post_init__(self) -> None:
+        if self.limit < 0 or self.wait_s < 0:
+            raise ValueError(f"QueueLimits: expected limit >= 0 and wait_s >= 0, got limit={self.limit!r}, "
+                             f"wait_s={self.wait_s!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
-    split_layer: int
-    placement: str  # "dp", "least_offload", "server_only" or "fixed"
-    predicted_ttft_s: float | None
-    predicted_tpot_s: float | None
+def request_from_open(msg: wire.Open, network: NetworkSpec | None) -> AdmissionRequest:
+    """The policy's description of the request ``msg`` opens (``network``: as measured on
+    its connection, None when it was not probed)."""
+    client: ClientCosts | ClientFlops | None = None
+    if msg.client is not None:
+        profile = msg.client
+        client = (ClientCosts(prefill_s_per_token=profile.layer_prefill_s_per_token, decode_s=profile.layer_decode_s)
+                  if profile.layer_decode_s is not None else ClientFlops(profile.flops_per_s))
+    return AdmissionRequest(
+        prompt_tokens=msg.prompt_tokens or 1,
+        expected_output_tokens=msg.expected_output_tokens or msg.sampling.max_tokens,
+        sla=SLA(ttft_s=msg.sla.ttft_s, tpot_s=msg.sla.tpot_s) if msg.sla is not None else None,
+        client=client, network=network, split_layer=msg.split_layer)
 
 
-@dataclass(slots=True)
-class _InFlight:
-    admission: Admission
-    sla: SLA | None
-    inputs: RequestGraphInputs
-    client: ClientCosts | None
-    network: NetworkSpec | None
-    admitted_at: float
+class StepPoller:
+    """Keeps the live cost model fed from the engine's step records and publishes its fit."""
 
-
-class AdmissionController:
-    def __init__(self, *, model: ModelConfig, min_layer: int, hidden_bytes: int, max_model_len: int,
-                 step_stats: Callable[[int], Awaitable[dict | None]], metrics: Any,
-                 policy: AdmissionPolicy = AdmissionPolicy(), max_num_seqs: int | None = None) -> None:
-        self.model = model
-        self.num_layers = model.num_hidden_layers
-        self.min_layer = min_layer
-        self.hidden_bytes = hidden_bytes
-        self.max_model_len = max_model_len
-        self.step_stats = step_stats
+    def __init__(self, *, step_stats: Callable[[int], Awaitable[dict | None]], metrics: Any) -> None:
+        self.step_stats = step_stats  # (since_seq) -> {"records": [...]} or None
         self.metrics = metrics
-        self.policy = policy
         self.costs = LiveCostModel()
-        self.max_num_seqs = max_num_seqs  # the engine's request slots
-        self.inflight: dict[str, _InFlight] = {}
-        self.queued = 0
-        self._changed = asyncio.Condition()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-split-plan")
-        self._poller: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None
 
-    # ---------------------------------------------------------------- live model
     def start(self) -> None:
-        if self._poller is None:
-            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._poll_forever())
 
-    async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-        self._executor.shutdown(wait=False)
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
     async def poll_once(self) -> int:
+        """Fetch the steps since the last one seen, refit; the number of new steps."""
         stats = await self.step_stats(self.costs.last_seq)
         if not stats:
             return 0
@@ -128,133 +107,68 @@ class AdmissionController:
                 pass
             await asyncio.sleep(POLL_S)
 
+
+class AdmissionController:
+    """Admits sessions by the policy, queues the ones it makes wait, records the metrics."""
+
+    def __init__(self, *, policy: AdmissionPolicy, step_stats: Callable[[int], Awaitable[dict | None]], metrics: Any,
+                 queue: QueueLimits = QueueLimits()) -> None:
+        self.policy = policy
+        self.queue = queue
+        self.metrics = metrics
+        self.poller = StepPoller(step_stats=step_stats, metrics=metrics)
+        self.costs = self.poller.costs  # the live model the policy plans from
+        self.inflight: dict[str, InFlight] = {}
+        self.queued = 0
+        self._changed = asyncio.Condition()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-split-plan")
+
+    def start(self) -> None:
+        self.poller.start()
+
+    async def stop(self) -> None:
+        self.poller.stop()
+        self._executor.shutdown(wait=False)
+
     def load(self) -> ServerLoad:
-        """The load a new session meets: the requests per engine step lately, or the sessions
-        this server has admitted if more (they are about to run), and the recent step time."""
-        now = time.time()
-        occupancy = max(self.costs.occupancy(now), float(len(self.inflight)))
-        recent_step = self.costs.recent_step_s(now)
-        if occupancy and not recent_step:  # admitted sessions not running yet: a step of them
-            recent_step = self.costs.cost.step_s(self.num_layers, self.num_layers * occupancy)
-        return ServerLoad(cost=self.costs.cost, occupancy=occupancy, recent_step_s=recent_step)
+        return server_load(self.costs, num_admitted=len(self.inflight), num_layers=self.policy.num_layers,
+                           now=time.time())
 
-    # ---------------------------------------------------------------- planning
-    def client_costs(self, profile: wire.ClientProfile) -> ClientCosts:
-        if profile.layer_decode_s is not None:
-            return ClientCosts(prefill_s_per_token=profile.layer_prefill_s_per_token,
-                               decode_s=profile.layer_decode_s)
-        return ClientCosts.from_flops(profile.flops_per_s, self.model)
+    def retry_after_s(self) -> float:
+        return retry_after_s(self.inflight.values(), time.monotonic())
 
-    def _predict(self, k: int, inputs: RequestGraphInputs, load: ServerLoad, client: ClientCosts,
-                 network: NetworkSpec) -> tuple[float, float]:
-        """Expected (TTFT, TPOT) at split layer ``k``: the graph's latencies plus the wait for
-        the step in progress (half a step for the prompt, :func:`decode_wait_s` per token)."""
-        graph = request_graph(inputs, load, client)
-        ttft, tpot, _, _ = evaluate(graph, network, placement_for(k, self.num_layers))
-        turnaround = (k * client.decode_s + network.uplink_s(self.hidden_bytes) + network.downlink_s(TOKEN_BYTES))
-        return (ttft + 0.5 * busy_fraction(load) * load.recent_step_s, tpot + decode_wait_s(load, turnaround))
-
-    def _plan(self, inputs: RequestGraphInputs, load: ServerLoad, client: ClientCosts, network: NetworkSpec,
-              sla: SLA, spare: bool = False):
-        """The DP's least-server-work placement; with ``spare`` (the server has compute to
-        spare) the least offloaded placement meeting the SLA instead, if there is one. Both
-        plan with the worst wait (a whole step when others run), so a plan that meets the SLA
-        meets it whatever the phase of the steps."""
-        graph = request_graph(inputs, load, client, wait_s=busy_fraction(load) * load.recent_step_s)
-        candidates = [result_for(graph, network, sla, placement_for(k, self.num_layers), method="scan")
-                      for k in range(self.min_layer, self.num_layers + 1)] if spare or self.policy.placement == "greedy" else []
-        if spare:
-            feasible = [r for r in candidates if r.feasible]
-            if feasible:
-                return replace(feasible[0], method="least_offload")
-        if self.policy.placement == "greedy":
-            # planner/baselines.py's prefix rule with the embedding pinned on the client: from
-            # k = min_layer, move the next layer to the client while the SLA holds; stop at the
-            # first violation
-            k = 0
-            while k + 1 < len(candidates) and candidates[k + 1].feasible:
-                k += 1
-            return replace(candidates[k], method="greedy")
-        return plan(graph, network, sla)
-
-    def _slots_full(self) -> bool:
-        """No request slot for one more session: it would wait in the engine's queue, where
-        its time to first token runs out unseen; it waits in the admission queue instead.
-        (The engine's own waiting queue also holds split requests whose client is still
-        computing its prompt, so it is no sign of full slots; the sessions this API server
-        admitted are.)"""
-        return self.max_num_seqs is not None and len(self.inflight) >= self.max_num_seqs
-
-    def _others_keep_their_sla(self, load: ServerLoad) -> str | None:
-        """None, or the first admitted session whose TPOT bound one more session would break
-        (for each admitted session, ``load.occupancy`` counts it; the newcomer replaces it)."""
-        for sid, s in self.inflight.items():
-            if s.sla is None or s.sla.tpot_s is None or s.client is None or s.network is None:
-                continue
-            _, tpot = self._predict(s.admission.split_layer, s.inputs, load, s.client, s.network)
-            if tpot > s.sla.tpot_s:
-                return sid
-        return None
-
-    async def admit(self, session_id: str, msg: wire.Open, network: NetworkSpec | None) -> Admission:
+    async def admit(self, session_id: str, request: AdmissionRequest) -> Admission:
         """Admit a session (waiting in the bounded queue if needed) or raise AdmissionRefused."""
-        n_out = msg.expected_output_tokens or msg.sampling.max_tokens
-        prompt = msg.prompt_tokens or 1
-        inputs = RequestGraphInputs(num_layers=self.num_layers, min_layer=self.min_layer,
-                                    hidden_bytes=self.hidden_bytes, prompt_len=prompt, output_len=n_out)
-        client = self.client_costs(msg.client) if msg.client is not None else None
-        sla = (SLA(ttft_s=msg.sla.ttft_s, tpot_s=msg.sla.tpot_s) if msg.sla is not None
-               else self.policy.default_sla)
-        if msg.split_layer is not None:  # the client fixed k: predict, admit
-            admission = Admission(msg.split_layer, "fixed", None, None)
-            if client is not None and network is not None:
-                ttft, tpot = self._predict(msg.split_layer, inputs, self.load(), client, network)
-                admission = Admission(msg.split_layer, "fixed", ttft, tpot)
-            return self._register(session_id, admission, sla if msg.sla else None, inputs, client, network)
-        if client is None or network is None:
-            raise AdmissionRefused(ErrorCode.BAD_REQUEST, "split_layer auto needs the client's profile (client) and a "
-                                   "measured network")
+        if request.split_layer is not None:  # the client fixed k: predict, admit
+            return self._register(session_id, request, self.policy.fixed(request, self.load()))
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.policy.queue_wait_s
+        deadline = loop.time() + self.queue.wait_s
         queued = False
         try:
             while True:
                 load = self.load()
-                spare = self.costs.utilization() < self.policy.offload_above
-                result = await loop.run_in_executor(self._executor, self._plan, inputs, load, client, network, sla,
-                                                    spare)
-                blocker = self._others_keep_their_sla(load) if result.feasible else None
-                slots_full = self._slots_full()
-                if result.feasible and blocker is None and not slots_full:
-                    k = split_layer_of(result.placement)
-                    kind = "server_only" if k == 0 else result.method
-                    ttft, tpot = self._predict(k, inputs, load, client, network)
-                    return self._register(session_id, Admission(k, kind, ttft, tpot), sla, inputs, client, network)
-                if not result.feasible:
-                    idle = ServerLoad(cost=self.costs.cost, occupancy=0.0, recent_step_s=0.0)
-                    best = await loop.run_in_executor(self._executor, self._plan, inputs, idle, client, network, sla)
-                    if not best.feasible:
-                        self._refuse(ErrorCode.SLA_UNREACHABLE)
-                        raise AdmissionRefused(ErrorCode.SLA_UNREACHABLE, (
-                            f"no split layer meets the SLA (TTFT <= {sla.ttft_s} s, TPOT <= {sla.tpot_s} s) even on an "
-                            f"idle server: the best this client can get is TTFT {best.ttft_s:.3f} s and TPOT "
-                            f"{best.tpot_s:.3f} s (split layer {split_layer_of(best.placement)}); relax the SLA"))
-                why = ("the SLA cannot be met at the current load" if not result.feasible else
-                       f"all {self.max_num_seqs} request slots of the engine are taken" if slots_full else
-                       "admitting it would push an admitted session past its TPOT bound")
+                placed = await loop.run_in_executor(self._executor, self.policy.place, request, load)
+                # on the loop from here to _register: the admitted sessions cannot change meanwhile
+                decision = self.policy.decide(request, placed, load=load, inflight=self.inflight.values())
+                if isinstance(decision, Admission):
+                    return self._register(session_id, request, decision)
+                if isinstance(decision, Refusal):
+                    if decision.code == ErrorCode.SLA_UNREACHABLE:  # a bad request is not counted
+                        self._count_refusal(decision.code)
+                    raise AdmissionRefused(decision.code, decision.message, decision.retry_after_s)
                 if not queued:
-                    if self.queued >= self.policy.queue_limit:
-                        self._refuse("queue_full")
-                        raise AdmissionRefused(ErrorCode.SERVER_BUSY, f"{why} and the admission queue is full "
-                                               f"({self.policy.queue_limit}); retry later", self.retry_after_s())
+                    if self.queued >= self.queue.limit:
+                        self._count_refusal("queue_full")
+                        raise AdmissionRefused(ErrorCode.SERVER_BUSY, f"{decision.why} and the admission queue is full "
+                                               f"({self.queue.limit}); retry later", self.retry_after_s())
                     queued = True
                     self.queued += 1
                     self.metrics.queue_length.inc()
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    self._refuse("busy_timeout")
-                    raise AdmissionRefused(ErrorCode.SERVER_BUSY, f"{why}; waited {self.policy.queue_wait_s} s in the "
-                                           f"admission queue; retry later", self.retry_after_s())
+                    self._count_refusal("busy_timeout")
+                    raise AdmissionRefused(ErrorCode.SERVER_BUSY, f"{decision.why}; waited {self.queue.wait_s} s in "
+                                           f"the admission queue; retry later", self.retry_after_s())
                 async with self._changed:
                     try:
                         await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, POLL_S * 2))
@@ -265,28 +179,16 @@ class AdmissionController:
                 self.queued -= 1
                 self.metrics.queue_length.dec()
 
-    def _refuse(self, reason: str) -> None:
+    def _count_refusal(self, reason: str) -> None:
         self.metrics.refusals.labels(reason=reason).inc()
 
-    def retry_after_s(self) -> float:
-        """When the first admitted session should have finished (>= 0.5 s)."""
-        now = time.monotonic()
-        ends = []
-        for s in self.inflight.values():
-            a = s.admission
-            if a.predicted_ttft_s is not None and a.predicted_tpot_s is not None:
-                e2e = a.predicted_ttft_s + (s.inputs.output_len - 1) * a.predicted_tpot_s
-                ends.append(s.admitted_at + e2e - now)
-        return round(max(0.5, min(ends) if ends else 1.0), 3)
-
-    def _register(self, session_id: str, admission: Admission, sla: SLA | None, inputs: RequestGraphInputs,
-                  client: ClientCosts | None, network: NetworkSpec | None) -> Admission:
-        self.inflight[session_id] = _InFlight(admission, sla, inputs, client, network, time.monotonic())
+    def _register(self, session_id: str, request: AdmissionRequest, admission: Admission) -> Admission:
+        self.inflight[session_id] = InFlight(request, admission, time.monotonic())
         m = self.metrics
         k = admission.split_layer
         m.sessions_open.inc()
         m.split_layer.observe(k)
-        m.offloaded_fraction.observe(k / self.num_layers)
+        m.offloaded_fraction.observe(k / self.policy.num_layers)
         if admission.predicted_ttft_s is not None:
             m.predicted_ttft.observe(admission.predicted_ttft_s)
             m.predicted_tpot.observe(admission.predicted_tpot_s)
@@ -302,7 +204,7 @@ class AdmissionController:
         m.sessions_open.dec()
         k = s.admission.split_layer
         rows = prompt_tokens + max(output_tokens - 1, 0)
-        m.work_done.inc(rows * (self.num_layers - k))
+        m.work_done.inc(rows * (self.policy.num_layers - k))
         m.work_saved.inc(rows * k)
         if ttft_s is not None:
             m.measured_ttft.observe(ttft_s)
@@ -310,8 +212,9 @@ class AdmissionController:
             m.measured_tpot.observe(tpot_s)
             if s.admission.predicted_tpot_s:
                 m.tpot_ratio.observe(tpot_s / s.admission.predicted_tpot_s)
-        if s.sla is not None and ttft_s is not None:
-            met = s.sla.is_met(ttft_s, tpot_s or 0.0, 0.0)
+        sla = s.admission.sla
+        if sla is not None and ttft_s is not None:
+            met = sla.is_met(ttft_s, tpot_s or 0.0, 0.0)
             m.finished.labels(sla="met" if met else "missed").inc()
         else:
             m.finished.labels(sla="none").inc()

@@ -2,8 +2,9 @@
 
 Registered through vLLM's ``vllm.endpoint_plugins`` entry point (loaded only when
 ``VLLM_PLUGINS`` names ``vllm_split``). The route accepts the WebSocket, turns its
-messages into bytes for :func:`vllm_split.api.session.run_session`, maps failures to
-``Error`` frames and close codes, and always releases the session. No tensor math here.
+messages into bytes for :func:`vllm_split.api.session_driver.run_session` (which sends
+every ``Error`` of a session), maps failures to close codes, and always releases the
+session. No tensor math here.
 """
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ from vllm.logger import init_logger
 from vllm_split.wire import contract
 from vllm_split.wire.contract import ErrorCode
 from vllm_split.wire import protocol as wire
-from vllm_split.api.admission import AdmissionController, AdmissionPolicy
+from vllm_split.api.admission import AdmissionController, QueueLimits
+from vllm_split.control.policy import AdmissionPolicy
 from vllm_split.config import SplitConfig
 from vllm_split.wire.fingerprint import model_fingerprint
 from vllm_split.planner import SLA
 from vllm_split.planner.model_configs import ModelConfig
 from vllm_split.api.metrics import split_metrics
-from vllm_split.api.limits import run_with_limits
 from vllm_split.api.session import ModelInfo, ServerSession, SessionError
+from vllm_split.api.session_driver import run_session
 from vllm_split.version import check_vllm_version
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
@@ -87,17 +89,14 @@ async def split_session(ws: WebSocket) -> None:
     service.sessions[session.session_id] = session
     close_code = 1000
     try:
-        await run_with_limits(session=session, receive=receive)
-    except SessionError as exc:
-        close_code = 1008
-        if not exc.sent:
-            await send(exc.to_frame())
+        await run_session(session=session, receive=receive)
+    except SessionError as exc:  # the driver has sent it to the client (engine failures as "internal")
+        close_code = 1011 if exc.code == ErrorCode.INTERNAL else 1008
     except (WebSocketDisconnect, asyncio.CancelledError):
         pass
-    except Exception as exc:  # the engine failed this request; the server goes on
-        logger.exception("vllm-split: session failed")
+    except Exception:  # a bug in the driver itself (it turns session failures into SessionError)
+        logger.exception("vllm-split: session driver failed")
         close_code = 1011
-        await send(wire.Error(code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}", fatal=True))
     finally:
         service.sessions.pop(session.session_id, None)
         await session.release()
@@ -148,7 +147,7 @@ class SplitEndpointPlugin:
                 await warm_up(engine_client, model, config)
             except Exception:  # the controller then starts from its prior
                 logger.warning("vllm-split: warm-up failed", exc_info=True)
-        await controller.poll_once()
+        await controller.poller.poll_once()
         controller.start()
         state.vllm_split = SplitService(engine=engine_client, model=model, config=config, controller=controller)
         if config.min_layer > 0:
@@ -159,19 +158,20 @@ class SplitEndpointPlugin:
 
 def _controller(engine_client: Any, model: ModelInfo, config: SplitConfig) -> AdmissionController:
     hf_config = engine_client.model_config.hf_config
-    policy = AdmissionPolicy(queue_limit=config.admission_queue, queue_wait_s=config.admission_wait_ms / 1000,
-                             offload_above=config.offload_above_pct / 100, placement=config.placement,
-                             default_sla=SLA(ttft_s=config.default_ttft_ms / 1000, tpot_s=config.default_tpot_ms / 1000))
+    dtype_bytes = max(1, torch_dtype_bytes(model.dtype))
+    policy = AdmissionPolicy(
+        model=ModelConfig.from_hf_config(hf_config.to_dict(), name=str(engine_client.model_config.model)),
+        hidden_bytes=model.hidden_size * dtype_bytes, min_layer=config.min_layer,
+        max_num_seqs=engine_client.vllm_config.scheduler_config.max_num_seqs,
+        offload_above=config.offload_above_pct / 100, placement=config.placement,
+        default_sla=SLA(ttft_s=config.default_ttft_ms / 1000, tpot_s=config.default_tpot_ms / 1000))
 
     async def step_stats(since: int) -> dict | None:
         return await engine_client.engine_core.call_utility_async(contract.UTILITY_STEP_STATS, since)
 
-    dtype_bytes = max(1, torch_dtype_bytes(model.dtype))
     return AdmissionController(
-        model=ModelConfig.from_hf_config(hf_config.to_dict(), name=str(engine_client.model_config.model)),
-        min_layer=config.min_layer, hidden_bytes=model.hidden_size * dtype_bytes,
-        max_model_len=model.max_model_len, step_stats=step_stats, metrics=split_metrics(model.num_layers),
-        policy=policy, max_num_seqs=engine_client.vllm_config.scheduler_config.max_num_seqs)
+        policy=policy, step_stats=step_stats, metrics=split_metrics(model.num_layers),
+        queue=QueueLimits(limit=config.admission_queue, wait_s=config.admission_wait_ms / 1000))
 
 
 def torch_dtype_bytes(dtype: Any) -> int:

@@ -1,19 +1,22 @@
-"""One split session on the API server: validate frames, drive one engine request.
+"""One split session on the API server: its phase, its rules, one engine request.
 
-A session is: ``Open`` -> ``Opened``; ``Activation`` chunks for the prompt (the last one
-marked ``end_of_prompt``); then, per sampled token, a ``Token`` frame and the client's
-``Activation`` for that token (one row, at position ``prompt_len + index``) until the
-token that carries a ``finish_reason``; then ``Finished``. Bad frames are answered with an
-``Error`` (the session goes on where that makes sense); the engine request is aborted and
-the scheduler's copy of the activations is released whenever the session ends.
+Runs in the API server process, on its event loop. A session is: ``Open`` -> ``Opened``;
+``Activation`` chunks for the prompt (the last one marked ``end_of_prompt``); then, per
+sampled token, a ``Token`` frame and the client's ``Activation`` for that token (one row,
+at position ``prompt_len + index``) until the token that carries a ``finish_reason``; then
+``Finished``. How far it got is one explicit :class:`~vllm_split.api.session_phase.SessionPhase`
+(OPENING, [PROBING], [ADMITTING], PROMPTING, PREFILLING, DECODING, FINISHED), changed only
+by :meth:`ServerSession._enter`, which checks the transition; code outside reads ``phase``,
+``awaiting`` and ``progress``. The driver (:mod:`vllm_split.api.session_driver`) reads the
+frames, owns the deadlines and sends every ``Error`` through :meth:`ServerSession.send_error`.
+:meth:`ServerSession.release` frees the admission slot and the scheduler's copy of the rows.
 """
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Hashable
 
 import torch
 from vllm.exceptions import VLLMClientError
@@ -22,10 +25,15 @@ from vllm.logger import init_logger
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from vllm_split.wire import protocol as wire
-from vllm_split.api.admission import AdmissionController, AdmissionRefused
+from vllm_split.api.admission import AdmissionController, AdmissionRefused, request_from_open
 from vllm_split.config import SplitConfig
 from vllm_split.api.net_probe import ProbeFailed, measure_network
+from vllm_split.api.session_phase import SessionPhase
 from vllm_split.wire.contract import EXTRA_ARGS_KEY, UTILITY_DELIVER, UTILITY_RELEASE, ErrorCode
+
+if TYPE_CHECKING:
+    from vllm_split.api.admission import Admission
+    from vllm_split.planner import NetworkSpec
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
 PLACEHOLDER_TOKEN_ID = 0  # prompt ids the engine never embeds (rows are replaced)
@@ -39,7 +47,6 @@ class SessionError(Exception):
         self.code = code
         self.fatal = fatal
         self.retry_after_s = retry_after_s
-        self.sent = False
 
     def to_frame(self) -> wire.Error:
         return wire.Error(code=self.code, message=str(self), fatal=self.fatal, retry_after_s=self.retry_after_s)
@@ -66,22 +73,66 @@ class ServerSession:
         self.send = send
         self.controller = controller
         self.session_id = secrets.token_urlsafe(18)
+        self._phase = SessionPhase.OPENING
         self.open: wire.Open | None = None
         self.split_layer = 0
-        self.admitted = False
-        self._admitting = False
-        self._opened_at: float | None = None
-        self._token_times: list[float] = []
         self.prompt_rows: list[torch.Tensor] = []
         self.num_prompt_rows = 0
-        self.expected_start: int | None = None  # position of the activation we wait for
+        self.expected_start: int | None = None  # DECODING: position of the activation we wait for
         self.num_output_tokens = 0
-        self.finished = False
-        self._delivered = False
+        self._opened_at: float | None = None
+        self._token_times: list[float] = []
+        # what release() gives back (resources, not phases)
+        self._holds_slot = False  # admitted by the controller
+        self._rows_in_engine = False  # the scheduler keeps a copy of our activations
+
+    # ---------------------------------------------------------------- phase
+    @property
+    def phase(self) -> SessionPhase:
+        return self._phase
+
+    def _enter(self, phase: SessionPhase) -> None:
+        """The only place the phase changes."""
+        assert self._phase.may_enter(phase), f"session {self.session_id[:8]}: no transition {self._phase.name} -> {phase.name}"
+        self._phase = phase
+
+    def finish(self) -> None:
+        """Enter FINISHED (the session is over, whatever it was doing); safe twice."""
+        if self._phase is not SessionPhase.FINISHED:
+            self._enter(SessionPhase.FINISHED)
+            self.expected_start = None
+
+    @property
+    def awaiting(self) -> str | None:
+        """What the server waits for from the client now (for messages), or None while the
+        client owes nothing (admission queue, engine computing, finished)."""
+        phase = self._phase
+        if phase is SessionPhase.OPENING:
+            return "the Open frame"
+        if phase is SessionPhase.PROBING:
+            return "a ProbeReply"
+        if phase is SessionPhase.PROMPTING:
+            return f"the prompt chunk at position {self.num_prompt_rows}"
+        if phase is SessionPhase.DECODING and self.expected_start is not None:
+            return f"the activation for position {self.expected_start} (token {self.num_output_tokens - 1} was sent)"
+        return None
+
+    @property
+    def progress(self) -> Hashable:
+        """A value that changes whenever the session moves forward (refused frames do not move it)."""
+        return self._phase, self.num_prompt_rows, self.expected_start, self.num_output_tokens
+
+    async def send_error(self, error: SessionError) -> None:
+        """The one place an ``Error`` leaves for the client; a fatal one ends the session."""
+        if error.fatal:
+            self.finish()
+        await self.send(error.to_frame())
 
     # ---------------------------------------------------------------- open
     async def handle_open(self, msg: wire.Message,
                           receive: Callable[[], Awaitable[wire.Message | None]] | None = None) -> None:
+        """OPENING -> [PROBING] -> [ADMITTING] -> PROMPTING: check the Open, probe the network
+        (a client that asks to be planned, or sends its profile, answers probes), admit, answer Opened."""
         if not isinstance(msg, wire.Open):
             raise SessionError(ErrorCode.OUT_OF_TURN, f"expected Open as the first frame, got {type(msg).__name__}", fatal=True)
         if msg.protocol_version != wire.PROTOCOL_VERSION:
@@ -99,24 +150,14 @@ class ServerSession:
         self._check_sampling()
         network = None
         if receive is not None and (msg.split_layer is None or msg.client is not None):
-            try:  # a client that asks to be planned (or sends its profile) answers probes
+            self._enter(SessionPhase.PROBING)
+            try:
                 network = await measure_network(self.send, receive)
             except ProbeFailed as exc:
                 raise SessionError(ErrorCode.PROBE, f"network probe failed: {exc}", fatal=True) from None
-        if self.controller is None:
-            if msg.split_layer is None:
-                raise SessionError(ErrorCode.SPLIT_LAYER, "this server has no admission controller: give split_layer", fatal=True)
-            admission = None
-        else:
-            self._admitting = True  # waiting in the admission queue is not the client idling
-            try:
-                admission = await self.controller.admit(self.session_id, msg, network)
-            except AdmissionRefused as exc:
-                raise SessionError(exc.reason, str(exc), fatal=True, retry_after_s=exc.retry_after_s) from None
-            finally:
-                self._admitting = False
-            self.admitted = True
+        admission = await self._admit(msg, network)
         self.split_layer = msg.split_layer if admission is None else admission.split_layer
+        self._enter(SessionPhase.PROMPTING)
         await self.send(wire.Opened(
             session_id=self.session_id, split_layer=self.split_layer, num_layers=self.model.num_layers,
             hidden_size=self.model.hidden_size, dtype=str(self.model.dtype).removeprefix("torch."),
@@ -126,6 +167,21 @@ class ServerSession:
             predicted_tpot_s=admission.predicted_tpot_s if admission else None,
         ))
         self._opened_at = time.perf_counter()
+
+    async def _admit(self, msg: wire.Open, network: NetworkSpec | None) -> Admission | None:
+        """The admission controller's placement (None: no controller, the client's split_layer).
+        ADMITTING while queued: waiting there is not the client idling. Refusal: fatal SessionError."""
+        if self.controller is None:
+            if msg.split_layer is None:
+                raise SessionError(ErrorCode.SPLIT_LAYER, "this server has no admission controller: give split_layer", fatal=True)
+            return None
+        self._enter(SessionPhase.ADMITTING)
+        try:
+            admission = await self.controller.admit(self.session_id, request_from_open(msg, network))
+        except AdmissionRefused as exc:
+            raise SessionError(exc.reason, str(exc), fatal=True, retry_after_s=exc.retry_after_s) from None
+        self._holds_slot = True
+        return admission
 
     def _check_sampling(self) -> None:
         """vLLM's own checks of the sampling values (ranges, vocabulary) at Open, not after the prompt."""
@@ -138,14 +194,6 @@ class ServerSession:
         except (ValueError, VLLMClientError) as exc:
             raise SessionError(ErrorCode.SAMPLING, f"sampling options refused: {exc}", fatal=True) from exc
 
-    @property
-    def awaiting_client(self) -> bool:
-        """True while the server waits on the client: Open, a prompt chunk, or the
-        activation for the token it last sent (not while the engine computes)."""
-        if self._admitting:
-            return False
-        return not self.finished and (not self._delivered or self.expected_start is not None)
-
     # ---------------------------------------------------------------- activations
     def _rows(self, msg: wire.Activation) -> torch.Tensor:
         if msg.shape[1] != self.model.hidden_size:
@@ -157,7 +205,7 @@ class ServerSession:
         return rows.to(self.model.dtype)
 
     def accept_prompt_chunk(self, msg: wire.Message) -> bool:
-        """Take one prompt chunk; True when the prompt is complete."""
+        """PROMPTING: take one prompt chunk; True (and PREFILLING) when the prompt is complete."""
         if not isinstance(msg, wire.Activation):
             raise SessionError(ErrorCode.OUT_OF_TURN, f"expected a prompt Activation, got {type(msg).__name__}")
         if msg.start != self.num_prompt_rows:
@@ -168,9 +216,12 @@ class ServerSession:
             raise SessionError(ErrorCode.PROMPT_TOO_LONG, f"prompt of {total} tokens exceeds the limit of {limit} tokens", fatal=True)
         self.prompt_rows.append(self._rows(msg))
         self.num_prompt_rows = total
+        if msg.end_of_prompt:
+            self._enter(SessionPhase.PREFILLING)
         return msg.end_of_prompt
 
     async def accept_decode(self, msg: wire.Message) -> None:
+        """PREFILLING or DECODING: the client's activation for the token it was sent last."""
         if not isinstance(msg, wire.Activation):
             raise SessionError(ErrorCode.OUT_OF_TURN, f"expected an Activation, got {type(msg).__name__}")
         if self.expected_start is None or msg.start != self.expected_start or msg.rows != 1:
@@ -182,7 +233,7 @@ class ServerSession:
 
     async def _deliver(self, start: int, rows: torch.Tensor) -> None:
         _, _, data = wire.encode_tensor(rows)
-        self._delivered = True
+        self._rows_in_engine = True
         err = await self.engine.engine_core.call_utility_async(UTILITY_DELIVER, self.session_id, start, rows.shape[0], data)
         if err:
             raise SessionError(ErrorCode.DELIVERY, err, fatal=True)
@@ -198,7 +249,7 @@ class ServerSession:
         )
 
     async def generate(self) -> None:
-        """Deliver the prompt, run the request, stream tokens; returns when finished."""
+        """PREFILLING -> DECODING -> FINISHED: deliver the prompt, run the request, stream tokens."""
         prompt = torch.cat(self.prompt_rows)
         self.prompt_rows = []
         await self._deliver(0, prompt)
@@ -212,6 +263,8 @@ class ServerSession:
                 last = out.finished and j == len(ids) - 1
                 reason = (completion.finish_reason or "stop") if last else None
                 index = self.num_output_tokens
+                if index == 0:
+                    self._enter(SessionPhase.DECODING)
                 self.num_output_tokens += 1
                 if reason is None:
                     self.expected_start = n + index
@@ -219,8 +272,7 @@ class ServerSession:
                 self._token_times.append(time.perf_counter())
             if out.finished:
                 break
-        self.finished = True
-        self.expected_start = None
+        self.finish()
         await self.send(wire.Finished(finish_reason=reason or "abort", num_prompt_tokens=n,
                                       num_output_tokens=self.num_output_tokens))
 
@@ -234,80 +286,15 @@ class ServerSession:
         return ttft, tpot
 
     async def release(self) -> None:
-        if self.admitted:
-            self.admitted = False
+        """Give back what the session holds (its admission slot, the engine's copy of its rows); safe twice."""
+        if self._holds_slot:
+            self._holds_slot = False
             ttft, tpot = self.measured_latencies()
             await self.controller.release(self.session_id, prompt_tokens=self.num_prompt_rows,
                                           output_tokens=self.num_output_tokens, ttft_s=ttft, tpot_s=tpot)
-        if self._delivered:
+        if self._rows_in_engine:
+            self._rows_in_engine = False
             try:
                 await self.engine.engine_core.call_utility_async(UTILITY_RELEASE, self.session_id)
             except Exception:  # engine shutting down: nothing left to release
                 logger.debug("vllm-split: release of a session failed", exc_info=True)
-
-
-async def run_session(*, session: ServerSession, receive: Callable[[], Awaitable[bytes | str | None]]) -> None:
-    """Drive a session from frames returned by ``receive`` (None: the client is gone)."""
-    max_bytes = session.config.max_frame_bytes
-
-    async def next_message() -> wire.Message | None:
-        while True:
-            frame = await receive()
-            if frame is None:
-                return None
-            try:
-                return wire.decode(frame, max_frame_bytes=max_bytes)
-            except wire.ProtocolError as exc:
-                await session.send(wire.Error(code=ErrorCode.PROTOCOL, message=str(exc), fatal=False))
-
-    async def guarded(step: Callable[[wire.Message], Any], msg: wire.Message) -> Any:
-        try:
-            result = step(msg)
-            return await result if asyncio.iscoroutine(result) else result
-        except SessionError as exc:
-            await session.send(exc.to_frame())
-            exc.sent = True
-            if exc.fatal:
-                raise
-            return None
-
-    msg = await next_message()
-    if msg is None:
-        return
-    try:
-        await session.handle_open(msg, next_message)
-    except SessionError as exc:
-        await session.send(exc.to_frame())
-        exc.sent = True
-        raise
-    while True:  # prompt chunks
-        msg = await next_message()
-        if msg is None:
-            return
-        if isinstance(msg, wire.Close):
-            return
-        if await guarded(session.accept_prompt_chunk, msg):
-            break
-    gen = asyncio.create_task(session.generate())
-    recv = None
-    try:
-        while not gen.done():
-            recv = asyncio.create_task(next_message())
-            await asyncio.wait({gen, recv}, return_when=asyncio.FIRST_COMPLETED)
-            if not recv.done():
-                recv.cancel()
-                break
-            msg = recv.result()
-            if msg is None or isinstance(msg, wire.Close):
-                return
-            await guarded(session.accept_decode, msg)
-        await gen  # surfaces engine errors
-    finally:
-        if recv is not None and not recv.done():
-            recv.cancel()  # cancelled from outside (limits.py): stop reading the socket
-        if not gen.done():
-            gen.cancel()  # AsyncLLM.generate aborts the request on cancellation
-            try:
-                await gen
-            except (asyncio.CancelledError, Exception):
-                pass

@@ -1,5 +1,5 @@
 """One request's planner graph from the live server model, the client's profile and the
-measured network (pure; used by the admission controller and its benchmark).
+measured network (pure; used by the admission policy, :mod:`vllm_split.control.policy`).
 
 Nodes, in order: ``embed`` (always on the client: it holds the token ids), the ``N``
 decoder layers, ``head`` (final norm, LM head, sampling: always on the server). A prefix
@@ -47,6 +47,7 @@ class ServerLoad:
     cost: StepCost
     occupancy: float  # requests per step besides this one
     recent_step_s: float  # mean model time of the recent steps (0 when idle)
+    utilization: float = 0.0  # fraction of the recent window the engine spent running the model
 
 
 @dataclass(frozen=True, slots=True)

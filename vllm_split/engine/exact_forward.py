@@ -73,7 +73,7 @@ def _inject(h: torch.Tensor, residual: torch.Tensor | None, rows: SplitRows):
     return h, residual
 
 
-def split_forward(
+def exact_forward(
     inner: torch.nn.Module,
     *,
     groups: list[SplitRows],

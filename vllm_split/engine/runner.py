@@ -11,7 +11,7 @@ through the runner's own builders, the attention metadata of each request prefix
 active at some layer, and ``_model_forward`` installs per layer the prefix's metadata and
 slot mapping in the forward context. Where that is not possible (pipeline parallelism,
 backends that reorder the batch themselves, non-CPU builders not yet validated) the exact
-but non-saving ``split_forward`` runs instead.
+but non-saving ``exact_forward`` runs instead.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from vllm_split.engine.activations import SplitInput
 from vllm_split.config import SplitConfig
 from vllm_split.patches import min_layer
 from vllm_split.engine.compact_forward import Entry, compact_forward
-from vllm_split.engine.exact_forward import SplitRows, check_supported, split_forward
+from vllm_split.engine.exact_forward import SplitRows, check_supported, exact_forward
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -143,7 +143,7 @@ class SplitRunnerMixin:
         return entries
 
     def _split_groups(self, device: torch.device) -> list[SplitRows]:
-        """The client rows of the batch grouped by split layer (for ``split_forward``)."""
+        """The client rows of the batch grouped by split layer (for ``exact_forward``)."""
         by_layer: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for e in self._split_entries(device):
             if e.hidden is None:
@@ -173,6 +173,6 @@ class SplitRunnerMixin:
             pad = positions.shape[-1] - out.shape[0]
             return out if pad == 0 else torch.cat([out, out.new_zeros((pad, out.shape[1]))])
         groups = self._split_groups(positions.device)
-        return split_forward(self._split_inner, groups=groups, input_ids=input_ids, positions=positions,
+        return exact_forward(self._split_inner, groups=groups, input_ids=input_ids, positions=positions,
                              intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds,
                              **model_kwargs)

@@ -15,6 +15,11 @@
     i on the server" meets the SLA, else leave it on the server and go on to node i+1.
 
   If server-only breaks the SLA, greedy returns server-only marked infeasible.
+
+  ``client_prefix = c`` pins nodes ``[0, c)`` on the client (nodes the server cannot run,
+  such as the embedding that holds the token ids): the prefix and U rules then start from
+  client ``[0, c)`` instead of server-only, and return it marked infeasible if it breaks
+  the SLA. The admission controller's ``placement=greedy`` is this rule.
 * ``client_max``: the placement of the shape with the most client nodes that meets the
   SLA (the DP with a unit workload per node); the fastest placement when none does.
 """
@@ -27,7 +32,7 @@ from .dp import solve_min_work
 from .fastest import solve_fastest
 from .evaluate import TickedProblem, compile_ticks, meets_ticks
 from .plan import DEFAULT_TICK_S, _check_inputs, result_for
-from .problem import SLA, LayerGraph, NetworkSpec, Placement, PlanResult, Shape
+from .problem import SLA, LayerGraph, NetworkSpec, Placement, PlannerInputError, PlanResult, Shape
 from .shapes import automaton_for
 
 
@@ -114,11 +119,18 @@ def _greedy_general(p: TickedProblem) -> tuple[bool, ...] | None:
 
 
 def greedy(graph: LayerGraph, network: NetworkSpec, sla: SLA, *, shape: Shape = Shape.PREFIX,
-           tick_s: float = DEFAULT_TICK_S) -> PlanResult:
-    """The greedy baseline of the module docstring for ``shape``."""
+           tick_s: float = DEFAULT_TICK_S, client_prefix: int = 0) -> PlanResult:
+    """The greedy baseline of the module docstring for ``shape``, starting from client
+    ``[0, client_prefix)`` (server-only by default)."""
     shape = _check_inputs(graph, network, sla, shape)
+    n = graph.num_nodes
+    if isinstance(client_prefix, bool) or not isinstance(client_prefix, int) or not 0 <= client_prefix <= n:
+        raise PlannerInputError(f"client_prefix must be an int in [0, {n}] (the graph has {n} nodes), "
+                                f"got {client_prefix!r}")
+    if client_prefix and shape is Shape.GENERAL:
+        raise PlannerInputError(f"client_prefix applies to the prefix and U shapes, not general; "
+                                f"got client_prefix {client_prefix}")
     p = compile_ticks(graph, network, sla, tick_s)
-    n = p.num_nodes
     if shape is Shape.GENERAL:
         mask = _greedy_general(p)
         if mask is None:
@@ -127,8 +139,8 @@ def greedy(graph: LayerGraph, network: NetworkSpec, sla: SLA, *, shape: Shape = 
         return result_for(graph, network, sla, Placement.from_mask(mask, shape),
                           method="greedy", feasible=True, tick_s=tick_s)
     u = _UShapeLatency(p)
-    feasible = u.meets(0, n)
-    k = 0
+    k = client_prefix
+    feasible = u.meets(k, n)
     while feasible and k < n and u.meets(k + 1, n):
         k += 1
     m = n

@@ -1,4 +1,4 @@
-"""Session time limits: the deadline rules (fake clock) and the watchdog around a session."""
+"""Session time limits: the deadline rules (fake clock) and the session driver that enforces them."""
 from __future__ import annotations
 
 import asyncio
@@ -8,8 +8,9 @@ import torch
 
 from vllm_split.wire import protocol as wire
 from vllm_split.config import SplitConfig
-from vllm_split.api.limits import SessionDeadlines, run_with_limits
+from vllm_split.api.limits import SessionDeadlines
 from vllm_split.api.session import ModelInfo, ServerSession, SessionError
+from vllm_split.api.session_driver import run_session
 
 MODEL = ModelInfo(fingerprint="fp", num_layers=4, hidden_size=8, dtype=torch.float32, max_model_len=128)
 
@@ -56,7 +57,7 @@ async def test_a_client_that_never_opens_is_timed_out_with_a_clear_error():
         await asyncio.sleep(3600)
 
     with pytest.raises(SessionError, match=r"no frame within the idle limit of 1 s while the server waited for the Open frame"):
-        await asyncio.wait_for(run_with_limits(session=session, receive=receive), timeout=10)
+        await asyncio.wait_for(run_session(session=session, receive=receive), timeout=10)
     assert isinstance(sent[-1], wire.Error) and sent[-1].code == "idle_timeout" and sent[-1].fatal
 
 
@@ -73,7 +74,7 @@ async def test_prompt_chunks_keep_the_session_alive_until_they_stop():
         await asyncio.sleep(3600)
 
     with pytest.raises(SessionError, match=r"waited for the prompt chunk at position 4"):
-        await asyncio.wait_for(run_with_limits(session=session, receive=receive), timeout=20)
+        await asyncio.wait_for(run_session(session=session, receive=receive), timeout=20)
     assert isinstance(sent[0], wire.Opened)
 
 
@@ -85,7 +86,7 @@ async def test_lifetime_ends_a_busy_session():
         await asyncio.sleep(3600)
 
     with pytest.raises(SessionError, match=r"the session lifetime limit of 1 s was reached after 0 tokens"):
-        await asyncio.wait_for(run_with_limits(session=session, receive=receive), timeout=10)
+        await asyncio.wait_for(run_session(session=session, receive=receive), timeout=10)
     assert sent[-1].code == "session_lifetime"
 
 

@@ -2,13 +2,15 @@
 the bounded queue, refusals and their retry hints."""
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 
 from vllm_split.wire import protocol as wire
-from vllm_split.api.admission import AdmissionController, AdmissionPolicy, AdmissionRefused
+from vllm_split.api.admission import AdmissionController, AdmissionRefused, QueueLimits, request_from_open
 from vllm_split.control.live_cost import StepCost
-from vllm_split.planner import SMOLLM2_135M, NetworkSpec
+from vllm_split.control.policy import AdmissionPolicy
+from vllm_split.planner import SLA, SMOLLM2_135M, NetworkSpec
 from vllm_split.api.metrics import split_metrics
 from vllm_split.wire.contract import StepRecord
 
@@ -17,12 +19,13 @@ COST = StepCost(fixed_s=0.012, layer_s=0.0018, row_s=6e-5)
 N = SMOLLM2_135M.num_hidden_layers
 
 
-def controller(**policy) -> AdmissionController:
+def controller(queue_limit=64, queue_wait_s=5.0, **policy) -> AdmissionController:
     async def no_stats(since):
         return None
 
-    c = AdmissionController(model=SMOLLM2_135M, min_layer=0, hidden_bytes=576 * 4, max_model_len=2048,
-                            step_stats=no_stats, metrics=split_metrics(N), policy=AdmissionPolicy(**policy))
+    c = AdmissionController(policy=AdmissionPolicy(model=SMOLLM2_135M, min_layer=0, hidden_bytes=576 * 4, **policy),
+                            step_stats=no_stats, metrics=split_metrics(N),
+                            queue=QueueLimits(limit=queue_limit, wait_s=queue_wait_s))
     c.costs.cost = COST
     return c
 
@@ -37,9 +40,11 @@ def load(c: AdmissionController, requests: int, busy: float) -> None:
                 for i in range(count))
 
 
-def open_msg(profile, tpot, ttft=5.0, k=None):
-    return wire.Open(model_fingerprint="fp", split_layer=k, sla=wire.RequestSLA(ttft_s=ttft, tpot_s=tpot),
-                     client=profile, prompt_tokens=40, sampling=wire.SamplingOptions(max_tokens=32))
+def open_request(profile, tpot, ttft=5.0, k=None):
+    """The request a client opening with this profile and SLA on the LAN link describes."""
+    msg = wire.Open(model_fingerprint="fp", split_layer=k, sla=wire.RequestSLA(ttft_s=ttft, tpot_s=tpot),
+                    client=profile, prompt_tokens=40, sampling=wire.SamplingOptions(max_tokens=32))
+    return request_from_open(msg, LAN)
 
 
 PHONE = wire.ClientProfile(layer_prefill_s_per_token=2e-4, layer_decode_s=3e-3)
@@ -48,11 +53,11 @@ FAST = wire.ClientProfile(layer_prefill_s_per_token=2e-5, layer_decode_s=4e-4)
 
 async def test_idle_server_offloads_least_busy_server_runs_the_dp():
     c = controller()
-    idle = await c.admit("a", open_msg(PHONE, tpot=0.5), LAN)
+    idle = await c.admit("a", open_request(PHONE, tpot=0.5))
     assert (idle.split_layer, idle.placement) == (0, "server_only")
     await c.release("a", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=0.1)
     load(c, 8, busy=0.95)
-    busy = await c.admit("b", open_msg(PHONE, tpot=0.5), LAN)
+    busy = await c.admit("b", open_request(PHONE, tpot=0.5))
     assert busy.placement == "dp" and busy.split_layer > idle.split_layer
     assert busy.predicted_tpot_s <= 0.5
 
@@ -61,15 +66,15 @@ async def test_greedy_stops_at_the_first_violation_and_never_beats_the_dp():
     dp, gr = controller(), controller(placement="greedy")
     for c in (dp, gr):
         load(c, 8, busy=0.95)
-    a = await dp.admit("x", open_msg(PHONE, tpot=0.2), LAN)
-    b = await gr.admit("x", open_msg(PHONE, tpot=0.2), LAN)
+    a = await dp.admit("x", open_request(PHONE, tpot=0.2))
+    b = await gr.admit("x", open_request(PHONE, tpot=0.2))
     assert b.placement in ("greedy", "server_only") and b.split_layer <= a.split_layer
 
 
 async def test_impossible_sla_is_refused_without_retry_hint():
     c = controller()
     with pytest.raises(AdmissionRefused) as err:
-        await c.admit("a", open_msg(PHONE, tpot=0.001), LAN)
+        await c.admit("a", open_request(PHONE, tpot=0.001))
     assert err.value.reason == "sla_unreachable" and err.value.retry_after_s is None
     assert "best this client can get" in str(err.value)
 
@@ -79,21 +84,23 @@ async def test_busy_server_queues_then_refuses_with_a_retry_hint():
     load(c, 8, busy=0.95)
     # SLA met on an idle server (about 0.1 s) but not with 8 requests per step
     with pytest.raises(AdmissionRefused) as err:
-        await c.admit("a", open_msg(FAST, tpot=0.04, ttft=5.0, k=None), LAN)
+        await c.admit("a", open_request(FAST, tpot=0.04, ttft=5.0, k=None))
     assert err.value.reason == "server_busy" and err.value.retry_after_s >= 0.5
     assert "waited 0.3 s in the admission queue" in str(err.value)
 
 
 async def test_full_queue_refuses_at_once_and_a_release_admits_the_waiting():
     c = controller(queue_limit=1, queue_wait_s=5.0)
-    first = await c.admit("s1", open_msg(FAST, tpot=0.3), LAN)  # idle: admitted
+    first = await c.admit("s1", open_request(FAST, tpot=0.3))  # idle: admitted
     # the admitted session's bound breaks if anyone joins it now
-    c.inflight["s1"].sla = type(c.inflight["s1"].sla)(ttft_s=5.0, tpot_s=first.predicted_tpot_s * 1.0001)
-    waiting = asyncio.create_task(c.admit("s2", open_msg(FAST, tpot=0.3), LAN))
+    s1 = c.inflight["s1"]
+    tight = SLA(ttft_s=5.0, tpot_s=first.predicted_tpot_s * 1.0001)
+    c.inflight["s1"] = replace(s1, admission=replace(s1.admission, sla=tight))
+    waiting = asyncio.create_task(c.admit("s2", open_request(FAST, tpot=0.3)))
     await asyncio.sleep(0.1)
     assert not waiting.done() and c.queued == 1
     with pytest.raises(AdmissionRefused) as err:  # the queue (1) is full
-        await c.admit("s3", open_msg(FAST, tpot=0.3), LAN)
+        await c.admit("s3", open_request(FAST, tpot=0.3))
     assert err.value.reason == "server_busy" and "queue is full" in str(err.value)
     await c.release("s1", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=0.05)
     admitted = await asyncio.wait_for(waiting, 2.0)
@@ -102,16 +109,15 @@ async def test_full_queue_refuses_at_once_and_a_release_admits_the_waiting():
 
 async def test_fixed_split_layer_is_admitted_with_predictions():
     c = controller()
-    a = await c.admit("f", open_msg(FAST, tpot=10.0, k=12), LAN)
+    a = await c.admit("f", open_request(FAST, tpot=10.0, k=12))
     assert (a.split_layer, a.placement) == (12, "fixed") and a.predicted_tpot_s > 0
 
 
 async def test_a_session_waits_for_a_request_slot_instead_of_the_engine_queue():
-    c = controller(queue_limit=4, queue_wait_s=0.3)
-    c.max_num_seqs = 1
-    await c.admit("s1", open_msg(FAST, tpot=1.0), LAN)
+    c = controller(queue_limit=4, queue_wait_s=0.3, max_num_seqs=1)
+    await c.admit("s1", open_request(FAST, tpot=1.0))
     with pytest.raises(AdmissionRefused) as err:
-        await c.admit("s2", open_msg(FAST, tpot=1.0), LAN)
+        await c.admit("s2", open_request(FAST, tpot=1.0))
     assert err.value.reason == "server_busy" and "all 1 request slots of the engine are taken" in str(err.value)
     await c.release("s1", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=0.05)
-    assert (await c.admit("s3", open_msg(FAST, tpot=1.0), LAN)).split_layer >= 0
+    assert (await c.admit("s3", open_request(FAST, tpot=1.0))).split_layer >= 0

@@ -1,4 +1,4 @@
-"""split_forward resumes the decoder loop at each row's split layer, exactly (no engine).
+"""exact_forward resumes the decoder loop at each row's split layer, exactly (no engine).
 
 A tiny pure-torch model follows vLLM's decoder-layer contract: ``layer(positions, h,
 residual) -> (h, residual)`` with the true hidden state between layers being
@@ -17,7 +17,7 @@ from torch import nn
 pytest.importorskip("vllm")
 
 import vllm_split.engine.exact_forward as sf  # noqa: E402
-from vllm_split.engine.exact_forward import SplitRows, UnsupportedModelError, check_supported, split_forward  # noqa: E402
+from vllm_split.engine.exact_forward import SplitRows, UnsupportedModelError, check_supported, exact_forward  # noqa: E402
 
 VOCAB, H, L = 50, 16, 6
 
@@ -69,7 +69,7 @@ class TinyLayer(nn.Module):
 
 
 class TinyInner(nn.Module):
-    """The attributes split_forward uses on a vLLM inner model (LlamaModel and relatives)."""
+    """The attributes exact_forward uses on a vLLM inner model (LlamaModel and relatives)."""
 
     def __init__(self, num_layers: int = L) -> None:
         super().__init__()
@@ -120,7 +120,7 @@ def _reference(inner: TinyInner, ids: torch.Tensor, positions: torch.Tensor):
 
 @torch.no_grad()
 def _split(inner, groups, ids, positions, **kw):
-    return split_forward(inner, groups=groups, input_ids=ids, positions=positions, intermediate_tensors=None, **kw)
+    return exact_forward(inner, groups=groups, input_ids=ids, positions=positions, intermediate_tensors=None, **kw)
 
 
 def _rows(k: int, index: list[int], entering) -> SplitRows:
@@ -241,7 +241,7 @@ def test_pipeline_ranks_compose_to_the_single_rank_result(inner, monkeypatch):
     monkeypatch.setattr(sf, "get_pp_group", lambda: _pp(first=False, last=True))
     inner.start_layer, inner.end_layer = 3, L
     with torch.no_grad():
-        out = split_forward(inner, groups=groups, input_ids=None, positions=positions, intermediate_tensors=mid)
+        out = exact_forward(inner, groups=groups, input_ids=None, positions=positions, intermediate_tensors=mid)
     assert torch.equal(out, ref)
 
 

@@ -1,5 +1,5 @@
 """Step records: what a step ran and how long the model took (EngineCore side)."""
-from vllm_split.engine.step_records import StepRecord, StepRecorder, step_shape
+from vllm_split.engine.step_records import MAX_PENDING, StepClock, StepRecord, StepRecorder, step_shape
 
 
 def test_step_shape_counts_layer_calls_and_rows():
@@ -30,4 +30,55 @@ def test_recorder_forgets_steps_whose_output_never_came():
     for key in range(20):
         rec.scheduled(key, (30, 30, 1, 1))
     rec.finished(19)
-    assert len(rec._pending) <= 8
+    assert rec.clock.num_pending == MAX_PENDING - 1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_exec_s_runs_from_schedule_to_update_from_output():
+    clock = FakeClock()
+    rec = StepRecorder(clock=clock)
+    rec.scheduled(1, (30, 60, 2, 2))
+    clock.now += 0.25  # step 2 scheduled while step 1 runs (async scheduling)
+    rec.scheduled(2, (30, 30, 1, 1))
+    clock.now += 0.5
+    rec.finished(1)
+    clock.now += 0.125
+    rec.finished(2)
+    first, second = (StepRecord.from_list(r) for r in rec.since(0))
+    assert (first.exec_s, first.layer_rows, first.num_reqs) == (0.75, 60, 2)
+    assert (second.exec_s, second.layer_rows, second.num_reqs) == (0.625, 30, 1)
+
+
+def test_eviction_keeps_the_newest_pending_steps_whatever_their_ids():
+    rec = StepRecorder()
+    keys = list(range(1000, 980, -1))  # ids that fall as steps get newer: sorting ids is not age
+    for key in keys:
+        rec.scheduled(key, (30, key, 1, 1))  # layer_rows tells the steps apart
+    assert rec.clock.num_pending == MAX_PENDING
+    for key in keys:  # outputs of the oldest steps come late (their steps were aborted)
+        rec.finished(key)
+    assert [StepRecord.from_list(r).layer_rows for r in rec.since(0)] == keys[-MAX_PENDING:]
+
+
+def test_a_reused_key_starts_a_new_step_that_counts_as_newest():
+    clock = StepClock(max_pending=2)
+    clock.begin("a", "old", num_tokens=1)
+    clock.begin("b", "b", num_tokens=1)
+    clock.begin("a", "new", num_tokens=1)  # the id of a freed output, reused
+    clock.begin("c", "c", num_tokens=1)  # evicts the oldest: "b", not the renewed "a"
+    assert clock.end("b") is None
+    assert clock.end("a")[0] == "new"
+    assert clock.end("c")[0] == "c"
+
+
+def test_a_step_that_schedules_no_token_is_not_timed():
+    clock = StepClock()
+    assert clock.begin(1, None, num_tokens=0) is False
+    assert clock.num_pending == 0 and clock.end(1) is None

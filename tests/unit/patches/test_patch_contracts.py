@@ -57,7 +57,7 @@ SIGNATURES = {
         "torch.Tensor | vllm.sequence.IntermediateTensors", "vllm_split/engine/exact_forward.py"),
 }
 
-# sha256 of inspect.getsource(...): split_forward.py re-implements these loops line for line
+# sha256 of inspect.getsource(...): exact_forward.py re-implements these loops line for line
 SOURCE_HASHES = {
     "vllm.model_executor.models.llama:LlamaModel.forward":
         "c88f184b4a6feb8becd1a2a6f35dad14be24dadf548f31e280a1ee1a1ab1edd9",
@@ -131,8 +131,8 @@ def test_scheduler_attributes_the_mixin_uses():
 
 
 def test_qwen3_shares_the_checked_qwen2_loop():
-    """Qwen3 is accepted by split_forward only because it inherits Qwen2Model.forward.
-    (Mistral does not inherit LlamaModel.forward: see test_split_forward.py.)"""
+    """Qwen3 is accepted by exact_forward only because it inherits Qwen2Model.forward.
+    (Mistral does not inherit LlamaModel.forward: see tests/unit/engine/test_exact_forward.py.)"""
     from vllm.model_executor.models.qwen2 import Qwen2Model
     from vllm.model_executor.models.qwen3 import Qwen3Model
 

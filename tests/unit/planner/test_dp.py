@@ -174,3 +174,18 @@ def test_greedy_prefix_stops_at_the_first_violation():
     assert result.feasible and result.placement.split_layer == 1
     general = greedy(graph, network, SLA(tpot_s=1.0), shape=Shape.GENERAL)
     assert general.placement.client_ranges == ((0, 1), (2, 3))  # first-fit skips node 1
+
+
+def test_greedy_prefix_starts_from_a_pinned_client_prefix():
+    # node a cannot run on the server (like the embedding): from server-only greedy gives up
+    # at once; with a pinned on the client it moves b and stops at c, too slow on the client.
+    nodes = (LayerNode("a", 0.001, 0.001, 99.0, 99.0, 1.0),
+             LayerNode("b", 0.001, 0.001, 0.001, 0.001, 1.0),
+             LayerNode("c", 9.0, 9.0, 0.001, 0.001, 1.0))
+    graph = LayerGraph(nodes, (4, 10, 10, 4), (4, 10, 10, 4))
+    network = NetworkSpec(1e9, 1e9, 0.0)
+    assert not greedy(graph, network, SLA(tpot_s=1.0)).feasible
+    pinned = greedy(graph, network, SLA(tpot_s=1.0), client_prefix=1)
+    assert pinned.feasible and pinned.placement.split_layer == 2
+    stuck = greedy(graph, network, SLA(tpot_s=1.0), client_prefix=3)  # the start breaks the SLA
+    assert not stuck.feasible and stuck.placement.split_layer == 3

@@ -107,3 +107,15 @@ def test_model_and_request_configs_are_validated():
                                     "num_attention_heads": 2})
     with pytest.raises(PlannerInputError, match="RequestShape.prompt_len must be an int >= 1, got 0"):
         RequestShape(prompt_len=0, output_len=1)
+
+
+def test_greedy_client_prefix_must_fit_the_graph_and_the_shape():
+    from vllm_split.planner import greedy
+
+    graph = LayerGraph((_node(), _node()), (4, 4, 4), (4, 4, 4))
+    network = NetworkSpec(1e9, 1e9, 0.0)
+    with pytest.raises(PlannerInputError, match=r"client_prefix must be an int in \[0, 2\] .* got 3"):
+        greedy(graph, network, SLA(tpot_s=1.0), client_prefix=3)
+    with pytest.raises(PlannerInputError, match=r"client_prefix applies to the prefix and U shapes, not general; "
+                                                r"got client_prefix 1"):
+        greedy(graph, network, SLA(tpot_s=1.0), shape=Shape.GENERAL, client_prefix=1)

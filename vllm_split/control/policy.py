@@ -1,0 +1,279 @@
+"""Admission policy: admit a split request now, let it wait, or refuse it (pure).
+
+Process: the API server. The admission controller (:mod:`vllm_split.api.admission`) calls
+:meth:`AdmissionPolicy.place` on its planning thread (the DP runs there) and
+:meth:`AdmissionPolicy.decide` on its event loop, just before it registers the session, so
+that the check of the sessions already admitted and the registration are one step. No
+asyncio, no vLLM, no wire frames: plain records in, a decision record out.
+
+Design. A request (:class:`AdmissionRequest`) is planned over its graph
+(:mod:`vllm_split.control.request_graph`) at the current load (:func:`server_load`, from the
+live cost model). What it optimises depends on that load: while the engine is busy less
+than ``offload_above`` of the time, the server has compute to spare and takes the least
+offloaded placement that meets the SLA (``server_only`` when ``k = 0`` does); above it, the
+DP (:func:`vllm_split.planner.plan`) takes the placement with the least server work that
+meets the SLA, or with ``placement="greedy"`` the planner's prefix rule
+(:func:`vllm_split.planner.greedy`, the embedding pinned on the client). Both plan with the
+worst wait for the step in progress (a whole step when others run), so a plan that meets
+the SLA meets it whatever the phase of the steps; the predictions use the expected wait.
+
+Decisions: :class:`Admission` (split layer, how it was chosen, predicted TTFT and TPOT,
+server work); :class:`Wait` (it could be admitted on a less loaded server, when a request
+slot frees, or when admitting it no longer pushes an admitted session past its TPOT bound);
+:class:`Refusal` (``sla_unreachable``: no placement meets the SLA even on an idle server;
+``bad_request``: the server cannot plan it). What a wait becomes (a queue place, a
+``server_busy`` refusal with :func:`retry_after_s`) is the controller's business.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field, replace
+
+from vllm_split.control.live_cost import LiveCostModel
+from vllm_split.control.request_graph import (TOKEN_BYTES, ClientCosts, RequestGraphInputs, ServerLoad, busy_fraction,
+                                              decode_wait_s, placement_for, request_graph, split_layer_of)
+from vllm_split.planner import SLA, NetworkSpec, PlanResult, evaluate, greedy, plan, result_for
+from vllm_split.planner.model_configs import ModelConfig
+from vllm_split.wire.contract import ErrorCode
+
+PLACEMENTS = ("dp", "greedy")
+
+
+class AdmissionInputError(ValueError):
+    """A request description or policy option the policy cannot work with (the message
+    names the field, what was expected and what arrived)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientFlops:
+    """A client's declared speed, turned into one layer's times with the served model's
+    analytic FLOPs (:meth:`AdmissionPolicy.client_costs`)."""
+
+    flops_per_s: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.flops_per_s, (int, float)) or not 0 < self.flops_per_s < float("inf"):
+            raise AdmissionInputError(f"ClientFlops.flops_per_s: expected a finite number > 0, "
+                                      f"got {self.flops_per_s!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """What the policy knows of one session's request (the controller builds it from the
+    client's ``Open`` and the network it measured)."""
+
+    prompt_tokens: int  # length of the prompt to come
+    expected_output_tokens: int  # tokens the client expects (its max_tokens when it states none)
+    sla: SLA | None = None  # the client's bounds; None: the server's default (or none at a fixed k)
+    client: ClientCosts | ClientFlops | None = None  # the client's speed; None: no profile sent
+    network: NetworkSpec | None = None  # measured on the session's connection; None: not probed
+    split_layer: int | None = None  # fixed by the client; None: the server chooses
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "expected_output_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AdmissionInputError(f"AdmissionRequest.{name}: expected an int >= 1, got {value!r}")
+        k = self.split_layer
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise AdmissionInputError(f"AdmissionRequest.split_layer: expected None or an int >= 0, got {k!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Decision: admit at ``split_layer``."""
+
+    split_layer: int
+    placement: str  # "dp", "greedy", "least_offload", "server_only" or "fixed"
+    predicted_ttft_s: float | None  # None: a fixed k without the client's profile or network
+    predicted_tpot_s: float | None
+    server_work: float | None = None  # engine seconds the request is predicted to cost
+    sla: SLA | None = None  # the bounds the session is held to (None: it stated none at a fixed k)
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Decision: not now; it could be admitted when the load, the slots or the admitted
+    sessions' bounds allow."""
+
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Decision: refuse (``code`` is an :class:`ErrorCode`); waiting would not help."""
+
+    code: str
+    message: str
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """An admitted session, as the policy weighs it against a newcomer."""
+
+    request: AdmissionRequest
+    admission: Admission
+    admitted_at: float  # time.monotonic() at admission
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionPolicy:
+    """The served model's shape and the admission options."""
+
+    model: ModelConfig  # the served model (its decoder layers)
+    hidden_bytes: int  # one row of activations on the wire
+    min_layer: int = 0  # lowest split layer the server holds
+    max_num_seqs: int | None = None  # the engine's request slots (None: not checked)
+    default_sla: SLA = field(default_factory=lambda: SLA(ttft_s=5.0, tpot_s=0.25))  # for a client stating none
+    offload_above: float = 0.5  # engine utilisation above which the DP minimises server work
+    placement: str = "dp"  # or "greedy": the planner's baseline rule instead of the DP (for comparisons)
+
+    def __post_init__(self) -> None:
+        n = self.model.num_hidden_layers
+        if self.placement not in PLACEMENTS:
+            raise AdmissionInputError(f"AdmissionPolicy.placement: expected one of {list(PLACEMENTS)}, "
+                                      f"got {self.placement!r}")
+        if isinstance(self.min_layer, bool) or not isinstance(self.min_layer, int) or not 0 <= self.min_layer <= n:
+            raise AdmissionInputError(f"AdmissionPolicy.min_layer: expected an int in [0, {n}] (the model has {n} "
+                                      f"decoder layers), got {self.min_layer!r}")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise AdmissionInputError(f"AdmissionPolicy.max_num_seqs: expected None or >= 1, got {self.max_num_seqs!r}")
+        if self.hidden_bytes < 1:
+            raise AdmissionInputError(f"AdmissionPolicy.hidden_bytes: expected >= 1, got {self.hidden_bytes!r}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_hidden_layers
+
+    def sla_for(self, request: AdmissionRequest) -> SLA:
+        return request.sla if request.sla is not None else self.default_sla
+
+    def client_costs(self, request: AdmissionRequest) -> ClientCosts | None:
+        """One decoder layer on the request's client (None: it sent no profile)."""
+        client = request.client
+        return ClientCosts.from_flops(client.flops_per_s, self.model) if isinstance(client, ClientFlops) else client
+
+    def graph_inputs(self, request: AdmissionRequest) -> RequestGraphInputs:
+        return RequestGraphInputs(num_layers=self.num_layers, min_layer=self.min_layer, hidden_bytes=self.hidden_bytes,
+                                  prompt_len=request.prompt_tokens, output_len=request.expected_output_tokens)
+
+    # ---------------------------------------------------------------- predictions
+    def predict(self, request: AdmissionRequest, split_layer: int, load: ServerLoad) -> tuple[float, float, float]:
+        """Expected (TTFT, TPOT, server work) at ``split_layer``: the graph's latencies plus
+        the wait for the step in progress (half a step for the prompt, :func:`decode_wait_s`
+        per token). Needs the request's client costs and network."""
+        client, network = self.client_costs(request), request.network
+        if client is None or network is None:
+            raise AdmissionInputError("predict: expected a request with the client's costs and a measured network, "
+                                      f"got client={client!r}, network={network!r}")
+        graph = request_graph(self.graph_inputs(request), load, client)
+        ttft, tpot, _, work = evaluate(graph, network, placement_for(split_layer, self.num_layers))
+        turnaround = (split_layer * client.decode_s + network.uplink_s(self.hidden_bytes)
+                      + network.downlink_s(TOKEN_BYTES))
+        return (ttft + 0.5 * busy_fraction(load) * load.recent_step_s, tpot + decode_wait_s(load, turnaround), work)
+
+    def fixed(self, request: AdmissionRequest, load: ServerLoad) -> Admission:
+        """A client that fixed its split layer is admitted there, with predictions when it
+        sent its profile and the network was measured; held to the SLA it stated, if any."""
+        k = request.split_layer
+        if k is None:
+            raise AdmissionInputError("fixed: expected a request with a split_layer, got split_layer=None")
+        if request.client is None or request.network is None:
+            return Admission(k, "fixed", None, None, sla=request.sla)
+        ttft, tpot, work = self.predict(request, k, load)
+        return Admission(k, "fixed", ttft, tpot, server_work=work, sla=request.sla)
+
+    # ---------------------------------------------------------------- planning
+    def place(self, request: AdmissionRequest, load: ServerLoad) -> PlanResult | Refusal:
+        """The placement at ``load`` for a request whose split layer the server chooses (the
+        slow part: run it off the event loop). A :class:`Refusal` when the request cannot be
+        planned or no placement meets its SLA even on an idle server."""
+        if request.split_layer is not None:
+            raise AdmissionInputError(f"place: expected a request with split_layer=None (the server chooses), "
+                                      f"got split_layer={request.split_layer}")
+        if request.client is None or request.network is None:
+            return Refusal(ErrorCode.BAD_REQUEST, "split_layer auto needs the client's profile (client) and a "
+                                                  "measured network")
+        sla = self.sla_for(request)
+        result = self._plan(request, sla, load, spare=load.utilization < self.offload_above)
+        if result.feasible:
+            return result
+        idle = ServerLoad(cost=load.cost, occupancy=0.0, recent_step_s=0.0)
+        best = self._plan(request, sla, idle, spare=False)
+        if best.feasible:
+            return result  # met on a less loaded server: decide() makes it wait
+        return Refusal(ErrorCode.SLA_UNREACHABLE, (
+            f"no split layer meets the SLA (TTFT <= {sla.ttft_s} s, TPOT <= {sla.tpot_s} s) even on an "
+            f"idle server: the best this client can get is TTFT {best.ttft_s:.3f} s and TPOT "
+            f"{best.tpot_s:.3f} s (split layer {split_layer_of(best.placement)}); relax the SLA"))
+
+    def _plan(self, request: AdmissionRequest, sla: SLA, load: ServerLoad, *, spare: bool) -> PlanResult:
+        """With ``spare`` (the server has compute to spare) the least offloaded placement
+        meeting the SLA, if there is one; otherwise the DP's least-server-work placement, or
+        the planner's greedy prefix rule from ``k = min_layer``."""
+        client = self.client_costs(request)
+        assert client is not None and request.network is not None  # place() checked
+        graph = request_graph(self.graph_inputs(request), load, client, wait_s=busy_fraction(load) * load.recent_step_s)
+        if spare:
+            for k in range(self.min_layer, self.num_layers + 1):
+                result = result_for(graph, request.network, sla, placement_for(k, self.num_layers), method="scan")
+                if result.feasible:
+                    return replace(result, method="least_offload")
+        if self.placement == "greedy":  # the embedding and layers [0, min_layer) stay on the client
+            return greedy(graph, request.network, sla, client_prefix=self.min_layer + 1)
+        return plan(graph, request.network, sla)
+
+    # ---------------------------------------------------------------- decision
+    def decide(self, request: AdmissionRequest, placed: PlanResult | Refusal, *, load: ServerLoad,
+               inflight: Collection[InFlight]) -> Admission | Wait | Refusal:
+        """Admit ``placed`` now, or wait: when its SLA is not met at this load, when the
+        request slots are taken, or when one more session would push an admitted one past its
+        TPOT bound (``load.occupancy`` counts the admitted sessions)."""
+        if isinstance(placed, Refusal):
+            return placed
+        if not placed.feasible:
+            return Wait("the SLA cannot be met at the current load")
+        if self.max_num_seqs is not None and len(inflight) >= self.max_num_seqs:
+            return Wait(f"all {self.max_num_seqs} request slots of the engine are taken")
+        if self.first_pushed_past_bound(load, inflight) is not None:
+            return Wait("admitting it would push an admitted session past its TPOT bound")
+        k = split_layer_of(placed.placement)
+        ttft, tpot, work = self.predict(request, k, load)
+        return Admission(k, "server_only" if k == 0 else placed.method, ttft, tpot, server_work=work,
+                         sla=self.sla_for(request))
+
+    def first_pushed_past_bound(self, load: ServerLoad, inflight: Iterable[InFlight]) -> InFlight | None:
+        """The first admitted session whose TPOT bound one more session would break (for each
+        admitted session, ``load.occupancy`` counts it; the newcomer takes its place)."""
+        for s in inflight:
+            sla, req = s.admission.sla, s.request
+            if sla is None or sla.tpot_s is None or req.client is None or req.network is None:
+                continue
+            _, tpot, _ = self.predict(req, s.admission.split_layer, load)
+            if tpot > sla.tpot_s:
+                return s
+        return None
+
+
+def server_load(costs: LiveCostModel, *, num_admitted: int, num_layers: int, now: float) -> ServerLoad:
+    """The load a new session meets: the requests per engine step lately, or the sessions
+    admitted (they are about to run) if more, the recent step time and the utilisation."""
+    occupancy = max(costs.occupancy(now), float(num_admitted))
+    recent_step = costs.recent_step_s(now)
+    if occupancy and not recent_step:  # admitted sessions not running yet: a step of them
+        recent_step = costs.cost.step_s(num_layers, num_layers * occupancy)
+    return ServerLoad(cost=costs.cost, occupancy=occupancy, recent_step_s=recent_step,
+                      utilization=costs.utilization(now))
+
+
+def retry_after_s(inflight: Iterable[InFlight], now: float) -> float:
+    """When the first admitted session should have finished (>= 0.5 s; 1 s when none has
+    predictions); ``now`` on the clock of ``InFlight.admitted_at``."""
+    ends = []
+    for s in inflight:
+        a = s.admission
+        if a.predicted_ttft_s is not None and a.predicted_tpot_s is not None:
+            e2e = a.predicted_ttft_s + (s.request.expected_output_tokens - 1) * a.predicted_tpot_s
+            ends.append(s.admitted_at + e2e - now)
+    return round(max(0.5, min(ends) if ends else 1.0), 3)
