@@ -10,6 +10,7 @@ one.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -43,6 +44,7 @@ def make_script(layers: LocalLayers, prompt_ids: list[int], continuation: list[i
 class ReplayResult:
     tokens: list[int]
     exact: bool
+    times: list[float]  # time.perf_counter() when each token arrived
 
 
 async def replay(url: str, script: Script, *, fingerprint: str, http: aiohttp.ClientSession,
@@ -63,17 +65,19 @@ async def replay(url: str, script: Script, *, fingerprint: str, http: aiohttp.Cl
             await ws.send_bytes(wire.encode(wire.Activation.from_tensor(
                 script.prompt_rows[begin:end], start=begin, end_of_prompt=end == n)))
         tokens: list[int] = []
+        times: list[float] = []
         while True:
             msg = wire.decode((await ws.receive()).data)
             if isinstance(msg, wire.Finished):
                 break
             if isinstance(msg, wire.Error):
                 raise RuntimeError(f"server error: {msg}")
+            times.append(time.perf_counter())
             tokens.append(msg.token_id)
             if msg.finish_reason is None:
                 await ws.send_bytes(wire.encode(wire.Activation.from_tensor(
                     script.decode_rows[msg.index : msg.index + 1], start=n + msg.index)))
-        return ReplayResult(tokens=tokens, exact=tokens == script.expected)
+        return ReplayResult(tokens=tokens, exact=tokens == script.expected, times=times)
     finally:
         await ws.close()
 

@@ -64,7 +64,7 @@ class VLLMServer:
     """A vLLM API server subprocess: ``split=True`` runs ``vllm-split serve``."""
 
     def __init__(self, model: str | Path, *, split: bool, log_path: Path, extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, port: int | None = None) -> None:
+                 env: dict[str, str] | None = None, port: int | None = None, eager: bool | None = None) -> None:
         self.port = port or free_port()  # a given port: restart a server where its clients expect it
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -72,8 +72,12 @@ class VLLMServer:
         cmd = [sys.executable, "-m", "vllm_split.serve", *launcher, "serve", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--dtype", "float32", "--max-model-len", "2048",
                "--max-num-seqs", "16", *extra_args]
-        if not split:
-            cmd.append("--enforce-eager")  # the same kernels as the split path: see README
+        # eager=None: each server's default: a plain reference runs eager (the kernels of the
+        # eager split path: exact references), a split server runs vLLM's default compiled
+        # mode (its split steps take the compiled layer bodies); True/False force the mode
+        if eager is None:
+            eager = not split
+        cmd.append("--enforce-eager" if eager else "--no-enforce-eager")
         full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                     **(env or {})}
         if not split:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 CONFIG_KEY = "vllm_split"
-STRING_OPTIONS = {"placement": ("dp", "greedy")}
+STRING_OPTIONS = {"placement": ("dp", "greedy"), "gather": ("adaptive", "off")}
 
 
 class SplitConfigError(ValueError):
@@ -24,7 +24,16 @@ class SplitConfig:
     # Gather window (ms): when some split requests of the running batch are ready and others
     # still wait for their client's activation, wait up to this long so that they run in
     # one step (larger batches, fewer steps) instead of one step per arrival. 0: off.
+    # A fixed window (> 0) replaces the adaptive one (``gather``).
     batch_wait_ms: int = 0
+    # Adaptive gather window (vllm_split/engine/gather.py): hold a step for the split
+    # requests whose activation is expected within min(gather_max_ms, half the recent step
+    # time), from each client's measured turnaround; never for a late client or one without
+    # an estimate. "off": run each step as soon as any request is ready.
+    gather: str = "adaptive"
+    # The longest the adaptive window holds a step (ms): covers loopback and LAN clients at
+    # small split layers (a few ms); a client slower than this is not waited for.
+    gather_max_ms: int = 25
     # Lowest split layer this server accepts. The server then loads no weights and keeps no
     # KV cache for layers [0, min_layer) (more room for requests) and serves split sessions
     # only: ordinary requests are refused. 0: off.

@@ -5,7 +5,6 @@ It is exactly ``vllm serve`` plus what enabling vllm-split means:
 * ``VLLM_PLUGINS`` gains ``vllm_split`` (vLLM loads endpoint plugins only when named there),
 * ``--scheduler-cls vllm_split.engine.scheduler.SplitScheduler`` and
   ``--worker-cls vllm_split.engine.worker.SplitWorker`` (unless given),
-* ``--enforce-eager`` (the split forward runs the decoder layers eagerly),
 * ``--split-*`` options become ``--additional-config '{"vllm_split": {...}}'``.
 
 It also works on the CPU build, whose own ``vllm`` console script is broken
@@ -48,8 +47,6 @@ def build_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     for flag, value in SPLIT_FLAGS.items():
         if not any(a == flag or a.startswith(flag + "=") for a in args):
             args += [flag, value]
-    if "--enforce-eager" not in args:
-        args.append("--enforce-eager")
     if options:
         args += ["--additional-config", json.dumps({CONFIG_KEY: options})]
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]

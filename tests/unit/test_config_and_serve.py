@@ -63,12 +63,11 @@ def no_plugins_env(monkeypatch):
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
 
 
-def test_serve_gets_the_split_classes_and_eager_mode(no_plugins_env):
+def test_serve_gets_the_split_classes_and_keeps_vllms_default_mode(no_plugins_env):
     cmd, env = build_command(["serve", "my/model", "--port", "8001"])
     assert cmd == ["vllm", "serve", "my/model", "--port", "8001",
                    "--scheduler-cls", "vllm_split.engine.scheduler.SplitScheduler",
-                   "--worker-cls", "vllm_split.engine.worker.SplitWorker",
-                   "--enforce-eager"]
+                   "--worker-cls", "vllm_split.engine.worker.SplitWorker"]  # compiled, like plain vLLM
     assert env == {"VLLM_PLUGINS": "vllm_split"}
 
 
@@ -161,3 +160,25 @@ def test_split_option_values_are_integers_or_words(no_plugins_env):
     assert json.loads(cmd[i + 1]) == {"vllm_split": {"placement": "greedy", "offload_above_pct": 0}}
     with pytest.raises(SystemExit, match=r"--split-placement needs a value, got '--port'"):
         build_command(["serve", "m", "--split-placement", "--port", "8000"])
+
+
+def test_gather_window_is_adaptive_by_default_and_can_be_turned_off():
+    cfg = SplitConfig()
+    assert (cfg.gather, cfg.gather_max_ms, cfg.batch_wait_ms) == ("adaptive", 25, 0)
+    assert SplitConfig.from_additional_config({"vllm_split": {"gather": "off"}}).gather == "off"
+    with pytest.raises(SplitConfigError, match=r"vllm_split\.gather: expected one of \['adaptive', 'off'\], got 'on'"):
+        SplitConfig.from_additional_config({"vllm_split": {"gather": "on"}})
+
+
+@pytest.mark.parametrize("value, shown", [(0, "0"), (-5, "-5"), (2.5, "2.5"), ("25", "'25'")])
+def test_gather_max_ms_is_a_positive_integer(value, shown):
+    with pytest.raises(SplitConfigError, match=rf"vllm_split\.gather_max_ms: expected an integer >= 1, got {shown}"):
+        SplitConfig.from_additional_config({"vllm_split": {"gather_max_ms": value}})
+
+
+def test_gather_options_on_the_command_line(no_plugins_env):
+    cmd, _ = build_command(["serve", "m", "--split-gather", "off", "--split-gather-max-ms=10"])
+    i = cmd.index("--additional-config")
+    assert json.loads(cmd[i + 1]) == {"vllm_split": {"gather": "off", "gather_max_ms": 10}}
+    cfg = SplitConfig.from_additional_config(json.loads(cmd[i + 1]))
+    assert (cfg.gather, cfg.gather_max_ms) == ("off", 10)

@@ -10,7 +10,7 @@ of a request never pass through the layers below its ``k`` (no compute, no KV wr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,9 +32,14 @@ def compact_forward(
     input_ids: torch.Tensor | None,
     positions: torch.Tensor,
     inputs_embeds: torch.Tensor | None = None,
+    run_layer: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
     **extra_layer_kwargs: Any,
 ) -> torch.Tensor:
-    """Single pipeline stage: embed k=0 rows, grow the active prefix at each entry layer."""
+    """Single pipeline stage: embed k=0 rows, grow the active prefix at each entry layer.
+
+    ``run_layer(idx, positions, h, residual)`` runs one decoder layer (default: the layer
+    module itself, eager; the runner passes the compiled bodies of ``compiled_layers``).
+    """
     num_layers = len(inner.layers)
     by_layer: dict[int, list[Entry]] = {}
     for e in entries:
@@ -63,7 +68,10 @@ def compact_forward(
         if h is None:
             continue
         n = h.shape[0]
-        h, residual = inner.layers[idx](positions[:n], h, residual, **extra_layer_kwargs)
+        if run_layer is None:
+            h, residual = inner.layers[idx](positions[:n], h, residual, **extra_layer_kwargs)
+        else:
+            h, residual = run_layer(idx, positions[:n], h, residual)
     enter(num_layers)
     assert h is not None
     if residual is None:

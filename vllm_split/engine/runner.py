@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 import torch
+from vllm.config import CompilationMode
 from vllm.distributed import get_pp_group
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
@@ -29,6 +30,8 @@ from vllm_split.engine.activations import SplitInput
 from vllm_split.config import SplitConfig
 from vllm_split.patches import min_layer
 from vllm_split.engine.compact_forward import Entry, compact_forward
+from vllm_split.engine.compiled_layers import (GUARDED_ABOVE_ROWS, CompiledLayers, compiled_graphs,
+                                                unsupported_reason)
 from vllm_split.engine.exact_forward import SplitRows, check_supported, exact_forward
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
@@ -39,6 +42,7 @@ class SplitRunnerMixin:
     _split_inputs: dict[str, SplitInput] = {}
     # split layer per request in batch order, and {num_active_requests: (num_tokens, metadata)}
     _split_prefix_md: tuple[list[int], dict[int, tuple[int, dict]]] | None = None
+    _split_layers: CompiledLayers | None = None  # compiled layer bodies (None: eager layers)
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         config = SplitConfig.from_additional_config(self.vllm_config.additional_config)
@@ -49,12 +53,47 @@ class SplitRunnerMixin:
         if getattr(self, "use_aux_hidden_state_outputs", False):
             raise RuntimeError("vllm-split does not support EAGLE-3 auxiliary hidden states")
         self._split_inner = inner
+        if not self._split_compact_ok():
+            logger.warning("vllm-split: split steps take the EXACT forward, which runs every decoder layer on every "
+                           "row and saves no server compute (%s); see docs/server_savings.md, 'GPU plan'",
+                           self._split_compact_why())
+        self._split_layers = self._split_compiled_layers(inner)
         logger.info("vllm-split: resuming %s at per-request split layers (%d layers; this server holds "
                     "layers [%d, %d))", type(inner).__name__, len(inner.layers), inner.start_layer, inner.end_layer)
 
+    def _split_compiled_layers(self, inner: torch.nn.Module) -> CompiledLayers | None:
+        """The compiled layer bodies when vLLM compiles the model, else None (eager layers)."""
+        if self.vllm_config.compilation_config.mode == CompilationMode.NONE:
+            logger.info("vllm-split: --enforce-eager: split steps run the decoder layers eagerly, like plain steps")
+            return None
+        layers = [inner.layers[i] for i in range(inner.start_layer, inner.end_layer)]
+        why = unsupported_reason(layers)
+        if why is not None or not self._split_compact_ok():
+            logger.warning("vllm-split: split steps run EAGER decoder layers while plain steps run compiled (%s); "
+                           "start with --enforce-eager for equal kernels", why or "not the single-stage CPU path")
+            return None
+        max_rows = self.scheduler_config.max_num_batched_tokens
+        compiled = CompiledLayers(inner, skip_guards=max_rows <= GUARDED_ABOVE_ROWS,
+                                  options=dict(self.vllm_config.compilation_config.inductor_compile_config))
+        graphs = compiled_graphs()
+        seconds = compiled.warm_up(dtype=self.model_config.dtype, device=self.device, max_rows=max_rows)
+        logger.info("vllm-split: compiled the split layer bodies in %.1f s (%d graphs for all %d layers and up to "
+                    "%d rows; guards %s)", seconds, compiled_graphs() - graphs, len(layers), max_rows,
+                    "skipped" if compiled.skip_guards else "kept")
+        return compiled
+
     def _split_compact_ok(self) -> bool:
-        return (current_platform.is_cpu() and get_pp_group().world_size == 1
-                and getattr(self, "reorder_batch_threshold", None) is None)
+        return self._split_compact_why() is None
+
+    def _split_compact_why(self) -> str | None:
+        """Why the compute-saving compact path cannot run here, or None."""
+        if not current_platform.is_cpu():
+            return f"the {current_platform.device_name} attention builders are not validated for row prefixes yet"
+        if get_pp_group().world_size != 1:
+            return "pipeline parallelism"
+        if getattr(self, "reorder_batch_threshold", None) is not None:
+            return "the attention backend reorders the batch itself"
+        return None
 
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any):
         self._split_inputs = getattr(scheduler_output, "split_inputs", None) or {}
@@ -166,7 +205,7 @@ class SplitRunnerMixin:
             try:
                 out = compact_forward(self._split_inner, entries=self._split_entries(positions.device),
                                       input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds,
-                                      **model_kwargs)
+                                      run_layer=self._split_layers, **model_kwargs)
             finally:
                 fc = get_forward_context()
                 fc.attn_metadata, fc.slot_mapping = saved

@@ -9,6 +9,16 @@ utility call on that same queue, wakes it.
 
 Each scheduled split request's rows for the step travel to the workers on the
 ``SchedulerOutput`` (``split_inputs``), which vLLM already broadcasts to every worker.
+
+Gather windows: a step that would start while split requests' activations are about to
+arrive can be held so that they join it (otherwise they wait a whole step). The adaptive
+window (``gather``, the default; the rule is ``gather.py``'s) holds the whole step (every
+running and waiting request) for activations expected soon, from each client's measured
+turnaround; the fixed one (``batch_wait_ms > 0``, replaces it) defers ready split requests
+for up to that long. While a step is held, ``schedule()`` returns an empty output after a
+0.2 ms sleep: EngineCore processes its input queue (the deliveries), finds the ready
+requests still unfinished and schedules again (after its own 1 ms sleep for a step that
+ran no model).
 """
 from __future__ import annotations
 
@@ -25,10 +35,15 @@ from vllm_split.version import check_vllm_version
 from vllm_split.config import SplitConfig
 from vllm_split.wire.contract import EXTRA_ARGS_KEY
 from vllm_split.engine.activations import ActivationStore, DeliveryError, SplitInput
+from vllm_split.engine.gather import GatherWindow
 from vllm_split.engine.step_records import StepRecorder, step_shape
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
 
+HOLD_SLEEP_S = 0.0002  # EngineCore loops while a step is held: do not spin hot
+RECENT_STEPS = 8  # steps whose mean time sizes the adaptive window
+# logged when the last split request of a burst ends (benchmarks/bench_gather.py reads it)
+GATHER_LOG = "vllm-split gather totals: holds=%d held_s=%.4f caught=%d late=%d probes=%d"
 
 
 def split_request_info(request: Any) -> tuple[str, int] | None:
@@ -57,6 +72,12 @@ class SplitSchedulerMixin:
         config = SplitConfig.from_additional_config(self.vllm_config.additional_config)
         self.split_batch_wait_s = config.batch_wait_ms / 1000.0
         self._split_gather_since: float | None = None
+        # session id -> request id, for live split requests
+        self._split_session_reqs: dict[str, str] = {}
+        self.split_gather_mode = "fixed" if config.batch_wait_ms > 0 else config.gather
+        self.split_gather = (GatherWindow(max_s=config.gather_max_ms / 1000.0)
+                             if self.split_gather_mode == "adaptive" else None)
+        self._split_gather_logged: dict | None = None
         self.split_num_layers = model_config.hf_config.num_hidden_layers
         self.split_steps = StepRecorder()
 
@@ -72,6 +93,10 @@ class SplitSchedulerMixin:
             self.split_store.append(session_id, start=start, rows=rows)
         except DeliveryError as exc:
             return str(exc)
+        req_id = self._split_session_reqs.get(session_id)
+        request = self.requests.get(req_id) if req_id is not None else None
+        if self.split_gather is not None and request is not None and not self._split_is_held(request):
+            self.split_gather.arrived(req_id, time.monotonic())  # ignored unless a token of it is out
         return None
 
     def split_release(self, session_id: str) -> bool:
@@ -90,6 +115,7 @@ class SplitSchedulerMixin:
         info = split_request_info(request)
         if info is not None:
             self.split_requests[request.request_id] = info
+            self._split_session_reqs[info[0]] = request.request_id
         super().add_request(request)
 
     def _split_gathering(self, held_running: list) -> list:
@@ -106,13 +132,37 @@ class SplitSchedulerMixin:
         if now - self._split_gather_since >= self.split_batch_wait_s:
             self._split_gather_since = None
             return []
-        time.sleep(0.0002)  # EngineCore loops while we gather: do not spin hot
+        time.sleep(HOLD_SLEEP_S)
         return ready
+
+    def _split_holding(self, held_running: list, held_waiting: list) -> bool:
+        """Whether the adaptive window holds this step (then nothing is scheduled)."""
+        gather = self.split_gather
+        if gather is None:
+            return False
+        now = time.monotonic()
+        gather.scheduling(now)
+        if len(self.running) == len(held_running) and len(self.waiting) == len(held_waiting):
+            gather.close(now)  # nothing could run: nothing to hold
+            return False
+        until = gather.hold_until((r.request_id for r in held_running), now, self._split_recent_step_s())
+        if until is None:
+            return False
+        time.sleep(HOLD_SLEEP_S)
+        return True
+
+    def _split_recent_step_s(self) -> float | None:
+        """Mean time of the last steps that ran the model (None before the first)."""
+        records = self.split_steps.records
+        n = min(len(records), RECENT_STEPS)
+        return sum(records[-i].exec_s for i in range(1, n + 1)) / n if n else None
 
     def schedule(self, *args: Any, **kwargs: Any):
         held_running = [r for r in self.running if self._split_is_held(r)]
         held_running += self._split_gathering(held_running)
         held_waiting = [r for r in self.waiting if self._split_is_held(r)]
+        if self._split_holding(held_running, held_waiting):
+            held_running, held_waiting = list(self.running), list(self.waiting)
         if held_running:
             held_ids = {id(r) for r in held_running}
             self.running = [r for r in self.running if id(r) not in held_ids]
@@ -126,8 +176,8 @@ class SplitSchedulerMixin:
         finally:
             self.num_waiting_for_streaming_input -= len(held_running)
             self.running = held_running + self.running
-            if held_waiting:
-                self.waiting.prepend_requests(held_waiting)
+            if held_waiting:  # FCFS prepends one by one to the front: reversed keeps the order
+                self.waiting.prepend_requests(reversed(held_waiting))
         output.split_inputs = self._split_inputs_for(output)
         self.split_steps.scheduled(id(output), step_shape(self.split_num_layers, (
             (count, self.split_requests.get(req_id, ("", 0))[1])
@@ -136,12 +186,26 @@ class SplitSchedulerMixin:
 
     def update_from_output(self, scheduler_output: Any, *args: Any, **kwargs: Any):
         self.split_steps.finished(id(scheduler_output))
-        return super().update_from_output(scheduler_output, *args, **kwargs)
+        outputs = super().update_from_output(scheduler_output, *args, **kwargs)
+        if self.split_gather is not None and scheduler_output.total_num_scheduled_tokens > 0:
+            now = time.monotonic()
+            self.split_gather.step_ended(now)
+            for engine_outputs in outputs.values():
+                for out in engine_outputs.outputs:  # a token left: its client's activation is due
+                    if out.new_token_ids and out.finish_reason is None and out.request_id in self.split_requests:
+                        self.split_gather.token_sent(out.request_id, now)
+        return outputs
 
     def split_step_stats(self, since: int) -> dict:
-        """Step records newer than ``since`` and the queue lengths (for the controller)."""
+        """Step records newer than ``since``, the queue lengths (for the controller) and the
+        gather window's counters (totals since start-up)."""
         return {"num_layers": self.split_num_layers, "records": self.split_steps.since(since),
-                "num_running": len(self.running), "num_waiting": len(self.waiting)}
+                "num_running": len(self.running), "num_waiting": len(self.waiting),
+                "gather": self._split_gather_stats()}
+
+    def _split_gather_stats(self) -> dict:
+        counts = self.split_gather.stats() if self.split_gather is not None else {}
+        return {"mode": self.split_gather_mode, **counts}
 
     def _split_inputs_for(self, output: Any) -> dict[str, SplitInput]:
         inputs: dict[str, SplitInput] = {}
@@ -169,7 +233,20 @@ class SplitSchedulerMixin:
         info = self.split_requests.pop(request.request_id, None)
         if info is not None:
             self.split_store.release(info[0])
+            self._split_session_reqs.pop(info[0], None)
+            if self.split_gather is not None:
+                self.split_gather.forget(request.request_id)
+                if not self.split_requests:
+                    self._split_log_gather()
         return super()._free_request(request, *args, **kwargs)
+
+    def _split_log_gather(self) -> None:
+        """The adaptive window's totals, once per burst of split requests that held a step."""
+        stats = self.split_gather.stats()
+        if stats["num_holds"] and stats != self._split_gather_logged:
+            self._split_gather_logged = stats
+            logger.info(GATHER_LOG, stats["num_holds"], stats["held_s"], stats["num_caught"], stats["num_late"],
+                        stats["num_probes"])
 
 
 class SplitScheduler(SplitSchedulerMixin, Scheduler):

@@ -7,11 +7,16 @@ otherwise nothing is installed.
 
 A step and the worker's view of it are defined in :mod:`vllm_split.engine.step_records`:
 ``step_s`` runs from ``execute_model`` being called to the sampled output being ready
-(a :class:`~vllm_split.engine.step_records.StepClock`). ``layers_s`` is the time spent
-inside decoder layers during the step (the :class:`~vllm_split.layer_timer.LayerTimer`
-on every layer), so ``step_s - layers_s`` is the fixed part: input preparation,
-embedding, final norm, LM head, sampling. Each line also has ``t`` (wall time at the
-end), ``num_reqs``, ``num_tokens`` and ``split_layers`` (sorted, one per split request).
+(a :class:`~vllm_split.engine.step_records.StepClock`). ``model_s`` is the time inside
+the runner's ``_model_forward`` (embedding, the decoder layers, final norm: timed outside
+any compiled graph, so it means the same for eager and compiled models, plain and split),
+so ``step_s - model_s`` is the fixed part: input preparation, attention metadata, LM head,
+sampling. With ``--enforce-eager`` the line also has ``layers_s``, the time inside the
+decoder layers alone (a :class:`~vllm_split.layer_timer.LayerTimer` on every layer; its
+hooks are not installed on a compiled model, whose graph they would enter). Each line also
+has ``t`` (wall time at the end), ``num_reqs``, ``num_tokens`` and ``split_layers``
+(sorted, one per split request) and ``compiled_graphs`` (torch.compile graphs made in this
+process so far: a number that grows while serving is a recompilation).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import os
 import time
 from typing import Any
 
+from vllm_split.engine.compiled_layers import compiled_graphs
 from vllm_split.engine.step_records import StepClock
 from vllm_split.layer_timer import LayerTimer
 
@@ -37,8 +43,22 @@ class StepTimingMixin:
         self._step_log = open(path, "a", buffering=1)
         self._step_clock = StepClock()
         self._step_key: int | None = None  # the step between execute_model and its output
-        self._layer_timer = LayerTimer()
-        self._layer_timer.add(self.get_model().model.layers)
+        self._model_s = 0.0
+        self._layer_timer: LayerTimer | None = None
+        from vllm.config import CompilationMode  # here: this module imports without vLLM
+
+        if self.vllm_config.compilation_config.mode == CompilationMode.NONE:
+            self._layer_timer = LayerTimer()
+            self._layer_timer.add(self.get_model().model.layers)
+
+    def _model_forward(self, *args: Any, **kwargs: Any):
+        if self._step_log is None:
+            return super()._model_forward(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return super()._model_forward(*args, **kwargs)
+        finally:
+            self._model_s += time.perf_counter() - t0
 
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any):
         if self._step_log is None:
@@ -49,7 +69,9 @@ class StepTimingMixin:
             "num_tokens": scheduler_output.total_num_scheduled_tokens,
             "split_layers": sorted(int(s.split_layer) for s in splits.values()),
         }
-        self._layer_timer.take()  # layers run outside a step (warm-up, dummy runs) do not count
+        self._model_s = 0.0  # forwards outside a step (warm-up, dummy runs) do not count
+        if self._layer_timer is not None:
+            self._layer_timer.take()
         if not self._step_clock.begin(id(scheduler_output), info, num_tokens=info["num_tokens"]):
             return super().execute_model(scheduler_output, *args, **kwargs)
         self._step_key = id(scheduler_output)
@@ -70,5 +92,8 @@ class StepTimingMixin:
         if ended is None:
             return
         info, step_s = ended
-        self._step_log.write(json.dumps({"t": time.time(), **info, "step_s": step_s,
-                                         "layers_s": self._layer_timer.take_seconds()}) + "\n")
+        line = {"t": time.time(), **info, "step_s": step_s, "model_s": self._model_s,
+                "compiled_graphs": compiled_graphs()}
+        if self._layer_timer is not None:
+            line["layers_s"] = self._layer_timer.take_seconds()
+        self._step_log.write(json.dumps(line) + "\n")

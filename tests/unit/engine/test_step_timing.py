@@ -1,6 +1,7 @@
 """The worker's step log (``VLLM_SPLIT_STEP_LOG``) on a fake model runner (no engine): one
-line per step from ``execute_model`` to the sampled output, with the time inside the
-decoder layers, in the fields ``benchmarks/bench_server_step.py`` reads."""
+line per step from ``execute_model`` to the sampled output, with the time inside the model
+forward (and, eager, inside the decoder layers), in the fields ``benchmarks/bench_server_step.py``
+reads."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from vllm.config import CompilationMode
 
 from vllm_split.engine.step_timing import ENV, StepTimingMixin
 
@@ -28,9 +31,11 @@ class Sleepy(torch.nn.Module):
 class FakeRunner:
     """vLLM's runner calls as the worker sees them; samples in a second call unless ``fused``."""
 
-    def __init__(self, fused: bool = False) -> None:
+    def __init__(self, fused: bool = False, compiled: bool = False) -> None:
         self.fused = fused
         self.model = None
+        mode = CompilationMode.DYNAMO_TRACE_ONCE if compiled else CompilationMode.NONE
+        self.vllm_config = SimpleNamespace(compilation_config=SimpleNamespace(mode=mode))
 
     def load_model(self) -> None:
         self.model = SimpleNamespace(model=SimpleNamespace(layers=torch.nn.ModuleList([Sleepy(), Sleepy()])))
@@ -43,10 +48,13 @@ class FakeRunner:
         for layer in self.model.model.layers:
             hidden = layer(hidden)
 
+    def _model_forward(self):
+        self.run_layers()
+
     def execute_model(self, scheduler_output):
         if scheduler_output.total_num_scheduled_tokens:
             time.sleep(PREP_S)
-            self.run_layers()
+            self._model_forward()
         return "output" if self.fused else None
 
     def sample_tokens(self, grammar_output):
@@ -67,15 +75,16 @@ def lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
-def test_one_line_per_step_from_execute_model_to_the_sampled_output(tmp_path, monkeypatch, fused):
+def test_one_line_per_step_from_execute_model_to_the_sampled_output(tmp_path, monkeypatch, fused, compiled):
     log = tmp_path / "steps.jsonl"
     monkeypatch.setenv(ENV, str(log))
-    runner = Runner(fused=fused)
+    runner = Runner(fused=fused, compiled=compiled)
     runner.load_model()
     for layer in runner.model.model.layers:  # a slow warm-up outside any step must not count
         layer.seconds = 0.3
-    runner.run_layers()
+    runner._model_forward()
     for layer in runner.model.model.layers:
         layer.seconds = LAYER_S
     t0 = time.time()
@@ -86,10 +95,14 @@ def test_one_line_per_step_from_execute_model_to_the_sampled_output(tmp_path, mo
     assert out in ("output", "sampled")
     runner.execute_model(step({}))  # schedules no token: not a step
     (got,) = lines(log)
-    assert set(got) == {"t", "num_reqs", "num_tokens", "split_layers", "step_s", "layers_s"}
+    fields = {"t", "num_reqs", "num_tokens", "split_layers", "step_s", "model_s", "compiled_graphs"}
+    assert set(got) == (fields if compiled else fields | {"layers_s"})  # no hooks inside a compiled graph
     assert (got["num_reqs"], got["num_tokens"], got["split_layers"]) == (3, 5, [15, 22])
-    assert 2 * LAYER_S <= got["layers_s"] < 0.3
-    assert got["step_s"] >= got["layers_s"] + PREP_S + (0 if fused else SAMPLE_S)
+    assert 2 * LAYER_S <= got["model_s"] < 0.3
+    if not compiled:
+        assert 2 * LAYER_S <= got["layers_s"] <= got["model_s"]
+    assert not compiled or not any(layer._forward_hooks for layer in runner.model.model.layers)
+    assert got["step_s"] >= got["model_s"] + PREP_S + (0 if fused else SAMPLE_S)
     assert t0 <= got["t"] <= time.time()
 
 

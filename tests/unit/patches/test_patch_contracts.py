@@ -65,6 +65,18 @@ SOURCE_HASHES = {
         "26319953e04e0ca8ea1948294a2967713f6f194c84eb2388d459959aa5e2836b",
 }
 
+# sha256 of inspect.getsource(...): compiled_layers.py restates these layer bodies line for line
+COMPILED_BODY_HASHES = {
+    "vllm.model_executor.models.llama:LlamaDecoderLayer.forward":
+        "ab84e40134637a42186f2a12941ad6c585e0a473936b430d1758e941b6d3b715",
+    "vllm.model_executor.models.llama:LlamaAttention.forward":
+        "a0f9f508aa380b8b43ea22ebbe884dbc58f5aea33b4bc2d1406f6935846b61ef",
+    "vllm.model_executor.models.qwen2:Qwen2DecoderLayer.forward":
+        "2dbae90ca479be517b3db00d35fc22cdc4d3cd97520bca9bec82a4c56277d74a",
+    "vllm.model_executor.models.qwen2:Qwen2Attention.forward":
+        "0aec3ad4f6a49c436771e452966289dc40b1b8e8cb9183e74b65926645a54323",
+}
+
 # target -> (text its source must contain, the vllm-split module that relies on it)
 SOURCE_CONTAINS = {
     # the utility methods read the scheduler off the engine
@@ -113,6 +125,13 @@ def test_signature(target):
 def test_decoder_loop_source_hash(target):
     got = hashlib.sha256(inspect.getsource(_resolve(target)).encode()).hexdigest()
     assert got == SOURCE_HASHES[target], f"{_changed(target, 'vllm_split/engine/exact_forward.py', 'hash')}: now {got}"
+
+
+@pytest.mark.parametrize("target", sorted(COMPILED_BODY_HASHES))
+def test_compiled_layer_body_source_hash(target):
+    got = hashlib.sha256(inspect.getsource(_resolve(target)).encode()).hexdigest()
+    assert got == COMPILED_BODY_HASHES[target], \
+        f"{_changed(target, 'vllm_split/engine/compiled_layers.py', 'hash')}: now {got}"
 
 
 @pytest.mark.parametrize("target", sorted(SOURCE_CONTAINS))
