@@ -251,6 +251,7 @@ def main() -> None:
     p = report.parser("bench_throughput", __doc__, quick="CI smoke: plain and split_dp, one short rate", plot=True)
     p.add_argument("--workload", type=Path, default=report.ROOT / "benchmarks" / "workloads" / "default.json")
     p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--eager", action="store_true", help="run every server with --enforce-eager (labelled eager)")
     p.add_argument("--rates", default=None, help="comma-separated rates instead of the workload's")
     p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate")
     p.add_argument("--split-args", default="", help="extra options for the split servers, e.g. "
@@ -288,7 +289,9 @@ def main() -> None:
     for si, system in enumerate(systems):
         spec = SYSTEMS[system]
         extra = (*COMMON_ARGS, *spec["args"], *(args.split_args.split() if spec["split"] else ()))
-        server = VLLMServer(model, split=spec["split"], log_path=tmp / f"{system}.log", extra_args=extra)
+        # every server in vLLM's default compiled mode: plain at its best, split with compiled bodies
+        server = VLLMServer(model, split=spec["split"], log_path=tmp / f"{system}.log", extra_args=extra,
+                            eager=args.eager)
         try:
             server.wait_ready()
             if not scripts:
