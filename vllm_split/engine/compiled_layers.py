@@ -116,7 +116,6 @@ class CompiledLayers:
             opts["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
         self._pre = torch.compile(_pre, dynamic=True, fullgraph=True, options=opts or None)
         self._post = torch.compile(_post, dynamic=True, fullgraph=True, options=opts or None)
-        self.compile_s = 0.0
 
     def warm_up(self, *, dtype: torch.dtype, device: torch.device, max_rows: int) -> float:
         """Compile both bodies now (start-up) for every row count up to ``max_rows``; returns the
@@ -133,8 +132,7 @@ class CompiledLayers:
                     positions, h, attn_out = _pad_to_two(positions, h, attn_out)
                 _, _, _, residual = self._pre(layer, positions, h, torch.zeros_like(h))
                 self._post(layer, attn_out, residual)
-        self.compile_s = time.perf_counter() - t0
-        return self.compile_s
+        return time.perf_counter() - t0
 
     def __call__(self, idx: int, positions: torch.Tensor, h: torch.Tensor,
                  residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
