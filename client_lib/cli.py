@@ -1,7 +1,7 @@
 """``vllm-split-client``: generate text through a vllm-split server, streaming to the terminal.
 
     vllm-split-client --server http://localhost:8000 --model DIR [--split-layer auto|K] \\
-        [--ttft 2.0 --tpot 0.2] --prompt "What is the capital of France?" --max-tokens 64 \\
+        [--max-layers M] [--ttft 2.0 --tpot 0.2] --prompt "What is the capital of France?" --max-tokens 64 \\
         [--chat] [--timings]
 """
 from __future__ import annotations
@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="local HF checkpoint folder (same weights as the server)")
     p.add_argument("--split-layer", default="auto",
                    help="run layers [0, k) locally; 'auto' (default): the server chooses k")
+    p.add_argument("--max-layers", type=int, default=None,
+                   help="most decoder layers this client holds in memory (auto loads only these; the server "
+                        "chooses no k above it); default: no bound")
     p.add_argument("--ttft", type=float, default=None, help="SLA: time to first token (s)")
     p.add_argument("--tpot", type=float, default=None, help="SLA: time per output token (s)")
     p.add_argument("--prompt", required=True)
@@ -57,7 +60,7 @@ async def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     split_layer = args.split_layer if args.split_layer == "auto" else int(args.split_layer)
-    layers = LocalLayers(args.model, split_layer=split_layer, device=args.device)
+    layers = LocalLayers(args.model, split_layer=split_layer, device=args.device, max_layers=args.max_layers)
     sla = RequestSLA(ttft_s=args.ttft, tpot_s=args.tpot) if (args.ttft or args.tpot) else None
     prompt_ids = _prompt_ids(tokenizer, args.prompt, args.chat)
     sampling = SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -1,4 +1,5 @@
-"""This device's speed for one decoder layer, measured once and cached per device and model.
+"""This device's speed for one decoder layer, measured once and cached per device and model,
+and the most layers it holds (``LocalLayers(max_layers=...)``, sent as ``ClientProfile.max_layers``).
 
 The admission controller plans with it (``Open.client``). Measured with the client library
 itself: a prefill of ``PREFILL_TOKENS`` and ``DECODE_STEPS`` decode steps through the layers
@@ -14,6 +15,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -54,8 +56,25 @@ def measure(layers) -> wire.ClientProfile:
     return wire.ClientProfile(layer_prefill_s_per_token=prefill, layer_decode_s=statistics.median(steps))
 
 
+def with_bound(profile: wire.ClientProfile, max_layers: int | None) -> wire.ClientProfile:
+    """``profile`` holding at most ``max_layers`` decoder layers (the tighter of its own
+    bound and ``max_layers``; None: no bound to add)."""
+    if max_layers is None or (profile.max_layers is not None and profile.max_layers <= max_layers):
+        return profile
+    return replace(profile, max_layers=max_layers)
+
+
 def client_profile(layers, *, refresh: bool = False) -> wire.ClientProfile:
-    """The cached profile of this device for this model, measured on first use."""
+    """The cached profile of this device for this model, measured on first use, with the
+    layers' memory bound (``layers.max_layers``). A client holding no layer
+    (``max_layers=0``) has no speed to measure: its profile is the bound alone."""
+    bound = getattr(layers, "max_layers", None)
+    if bound == 0:
+        return wire.ClientProfile(max_layers=0)
+    return with_bound(_speed(layers, refresh), bound)
+
+
+def _speed(layers, refresh: bool) -> wire.ClientProfile:
     path = _cache_path(layers)
     if path.exists() and not refresh:
         try:

@@ -32,21 +32,31 @@ class LocalLayers:
     """Embeddings + layers ``[0, split_layer)`` of an HF decoder-only checkpoint.
 
     ``split_layer="auto"`` loads every layer and lets the server choose: the session calls
-    :meth:`use_split_layer` with the server's answer.
+    :meth:`use_split_layer` with the server's answer. ``max_layers`` bounds the decoder
+    layers this client holds in memory: ``auto`` then loads ``min(num_layers, max_layers)``
+    of them, the session sends the bound in its profile (``ClientProfile.max_layers``) and
+    the server chooses no split layer above it. None: no bound.
     """
 
     def __init__(self, model_dir: str | Path, *, split_layer: int | str = "auto", device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, max_layers: int | None = None) -> None:
         from transformers import AutoConfig, AutoModel, DynamicCache
 
         self.model_dir = Path(model_dir)
         config = AutoConfig.from_pretrained(self.model_dir)
         num_layers = config.num_hidden_layers
+        bad_bound = isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 0
+        if max_layers is not None and bad_bound:
+            raise LocalLayersError(f"max_layers {max_layers!r}: expected None (no bound) or an int >= 0")
+        self.max_layers = None if max_layers is None else min(max_layers, num_layers)
+        limit = num_layers if self.max_layers is None else self.max_layers
         self.auto = split_layer == "auto"
         if self.auto:
-            split_layer = num_layers
-        if isinstance(split_layer, bool) or not isinstance(split_layer, int) or not 0 <= split_layer <= num_layers:
-            raise LocalLayersError(f"split_layer {split_layer!r} out of range: expected 'auto' or 0 <= split_layer <= {num_layers}")
+            split_layer = limit
+        if isinstance(split_layer, bool) or not isinstance(split_layer, int) or not 0 <= split_layer <= limit:
+            bound = f" (max_layers {max_layers})" if limit < num_layers else ""
+            raise LocalLayersError(f"split_layer {split_layer!r} out of range: expected 'auto' or "
+                                   f"0 <= split_layer <= {limit}{bound}")
         self.split_layer = split_layer
         self.num_layers = num_layers
         self.hidden_size = config.hidden_size
@@ -92,7 +102,9 @@ class LocalLayers:
         """Run only layers ``[0, split_layer)`` from now on (an ``auto`` session's placement)."""
         loaded = len(self.model.layers) if self.split_layer else 0
         if not 0 <= split_layer <= loaded:
-            raise LocalLayersError(f"split layer {split_layer} needs layers this client did not load (it has {loaded})")
+            bound = f", max_layers {self.max_layers}" if self.max_layers is not None else ""
+            raise LocalLayersError(f"split layer {split_layer} needs layers this client did not load (it has "
+                                   f"{loaded}{bound})")
         self.model.layers = self.model.layers[:split_layer]
         self.model.config.num_hidden_layers = max(split_layer, 1)
         self.split_layer = split_layer

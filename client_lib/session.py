@@ -9,8 +9,9 @@
 
 With ``split_layer="auto"`` the server's admission controller chooses ``k`` when the
 session opens (in ``generate``, once the prompt length is known): the client sends its
-measured per-layer times (``client_lib.client_profile``, cached per device and model) and
-its SLA, and answers the server's network probes.
+measured per-layer times (``client_lib.client_profile``, cached per device and model), the
+most layers it holds (``LocalLayers(max_layers=...)``; the server chooses no ``k`` above
+it) and its SLA, and answers the server's network probes.
 
 One session runs one generation. Per step the client computes the hidden state at its
 split layer for the new token(s) locally and posts it; the server answers with the next
@@ -89,14 +90,16 @@ class SplitSession:
                      expected_output_tokens: int | None = None, link: Any = None) -> "SplitSession":
         """Connect; open the session now at a fixed ``layers.split_layer``, or, for
         ``split_layer="auto"``, in :meth:`generate` (planning needs the prompt length).
-        ``profile`` defaults to this device's measured one when the server chooses."""
+        ``profile`` defaults to this device's measured one when the server chooses; a
+        profile sent carries the layers' memory bound (``layers.max_layers``) too."""
         ws_url = url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + SESSION_PATH
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         auto = getattr(layers, "auto", False)
-        if auto and profile is None:
-            from client_lib.client_profile import client_profile
+        if profile is not None or auto:
+            from client_lib.client_profile import client_profile, with_bound
 
-            profile = client_profile(layers)
+            bound = getattr(layers, "max_layers", None)
+            profile = client_profile(layers) if profile is None else with_bound(profile, bound)
         http = aiohttp.ClientSession()
         try:
             ws = await http.ws_connect(ws_url, headers=headers, max_msg_size=max_frame_bytes)

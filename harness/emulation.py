@@ -45,7 +45,9 @@ def all_layer_states(layers, token_ids: list[int]) -> torch.Tensor:
 
 class ReplayLayers:
     """Stands in for :class:`client_lib.LocalLayers` in a session: returns the stored rows at
-    its split layer and waits the time ``profile`` gives for computing them."""
+    its split layer and waits the time ``profile`` gives for computing them. Like the real
+    client it holds at most ``profile.max_layers`` layers: a split layer above that (fixed
+    here, or chosen by a server that ignored the bound) raises ValueError."""
 
     def __init__(self, states: torch.Tensor, token_ids: list[int], *, profile: wire.ClientProfile,
                  fingerprint: str, split_layer: int | str = "auto") -> None:
@@ -54,13 +56,23 @@ class ReplayLayers:
         self.profile = profile
         self.fingerprint = fingerprint
         self.num_layers = states.shape[0] - 1
+        self.max_layers = profile.max_layers  # None: no bound
         self.auto = split_layer == "auto"
-        self.split_layer = self.num_layers if self.auto else int(split_layer)
+        if self.auto:  # it "loads" the layers it can hold
+            self.split_layer = self.num_layers if self.max_layers is None else min(self.num_layers, self.max_layers)
+        else:
+            self.split_layer = self._within_bound(int(split_layer), "fixed")
         self.num_positions = 0
         self.mismatch: str | None = None
 
+    def _within_bound(self, split_layer: int, how: str) -> int:
+        if self.max_layers is not None and split_layer > self.max_layers:
+            raise ValueError(f"split layer {split_layer} ({how}) is above this client's memory bound: it holds at "
+                             f"most {self.max_layers} decoder layers (profile.max_layers)")
+        return split_layer
+
     def use_split_layer(self, split_layer: int) -> None:
-        self.split_layer = split_layer
+        self.split_layer = self._within_bound(split_layer, "chosen by the server")
         self.reset()
 
     def reset(self) -> None:
@@ -71,9 +83,10 @@ class ReplayLayers:
         expected = self.token_ids[start : start + n]
         if list(token_ids) != expected and self.mismatch is None:
             self.mismatch = f"position {start}: got tokens {list(token_ids)}, the script has {expected}"
-        per_layer = (self.profile.layer_decode_s if n == 1 and start > 0
-                     else self.profile.layer_prefill_s_per_token * n)
-        await asyncio.sleep(per_layer * self.split_layer)
+        if self.split_layer:  # a client holding no layer (max_layers=0) states no layer times
+            per_layer = (self.profile.layer_decode_s if n == 1 and start > 0
+                         else self.profile.layer_prefill_s_per_token * n)
+            await asyncio.sleep(per_layer * self.split_layer)
         self.num_positions += n
         return self.states[self.split_layer, start : start + n]
 

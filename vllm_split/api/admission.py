@@ -7,11 +7,13 @@ one-thread executor, waits are asyncio waits. The decisions themselves are the p
 * :func:`request_from_open`: the client's ``Open`` and the measured network -> the policy's
   :class:`~vllm_split.control.policy.AdmissionRequest`;
 * :class:`StepPoller`: feeds the live step-cost model (:mod:`vllm_split.control.live_cost`)
-  from the engine's step records, polled every ``POLL_S`` through an EngineCore utility call;
+  from the engine's step records, polled every ``POLL_S`` through an EngineCore utility call,
+  and tells the controller when the load it measures changed (``on_update``);
 * :class:`AdmissionController`: the admitted sessions, the bounded admission queue (a
-  request the policy makes wait is re-planned whenever a session ends, at most
-  ``QueueLimits.wait_s``, then refused with ``server_busy`` and a ``retry_after_s``), the
-  planning executor and the metrics on vLLM's ``/metrics`` (:mod:`vllm_split.api.metrics`).
+  request the policy makes wait is re-planned on events, not on a tick: whenever a session
+  ends and whenever the poller reports a changed load; at most ``QueueLimits.wait_s``, then
+  refused with ``server_busy`` and a ``retry_after_s``), the planning executor and the
+  metrics on vLLM's ``/metrics`` (:mod:`vllm_split.api.metrics`).
 """
 from __future__ import annotations
 
@@ -54,12 +56,17 @@ class QueueLimits:
 
 def request_from_open(msg: wire.Open, network: NetworkSpec | None) -> AdmissionRequest:
     """The policy's description of the request ``msg`` opens (``network``: as measured on
-    its connection, None when it was not probed)."""
+    its connection, None when it was not probed). The client's memory bound
+    (``ClientProfile.max_layers``) goes with its speed."""
     client: ClientCosts | ClientFlops | None = None
-    if msg.client is not None:
-        profile = msg.client
-        client = (ClientCosts(prefill_s_per_token=profile.layer_prefill_s_per_token, decode_s=profile.layer_decode_s)
-                  if profile.layer_decode_s is not None else ClientFlops(profile.flops_per_s))
+    profile = msg.client
+    if profile is not None and profile.layer_decode_s is not None:
+        client = ClientCosts(prefill_s_per_token=profile.layer_prefill_s_per_token, decode_s=profile.layer_decode_s,
+                             max_layers=profile.max_layers)
+    elif profile is not None and profile.flops_per_s is not None:
+        client = ClientFlops(profile.flops_per_s, max_layers=profile.max_layers)
+    elif profile is not None:  # max_layers=0: no layer on the client, so its speed does not matter
+        client = ClientCosts(prefill_s_per_token=0.0, decode_s=0.0, max_layers=profile.max_layers)
     return AdmissionRequest(
         prompt_tokens=msg.prompt_tokens or 1,
         expected_output_tokens=msg.expected_output_tokens or msg.sampling.max_tokens,
@@ -68,12 +75,16 @@ def request_from_open(msg: wire.Open, network: NetworkSpec | None) -> AdmissionR
 
 
 class StepPoller:
-    """Keeps the live cost model fed from the engine's step records and publishes its fit."""
+    """Keeps the live cost model fed from the engine's step records, publishes its fit and
+    calls ``on_update`` when the load it measures changed."""
 
-    def __init__(self, *, step_stats: Callable[[int], Awaitable[dict | None]], metrics: Any) -> None:
+    def __init__(self, *, step_stats: Callable[[int], Awaitable[dict | None]], metrics: Any,
+                 on_update: Callable[[], Awaitable[None]] | None = None) -> None:
         self.step_stats = step_stats  # (since_seq) -> {"records": [...]} or None
         self.metrics = metrics
+        self.on_update = on_update  # awaited after a poll that changed the measured load
         self.costs = LiveCostModel()
+        self._num_recent = 0  # steps in the load's window at the last poll
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -85,16 +96,20 @@ class StepPoller:
             self._task.cancel()
 
     async def poll_once(self) -> int:
-        """Fetch the steps since the last one seen, refit; the number of new steps."""
+        """Fetch the steps since the last one seen, refit; the number of new steps. The
+        measured load changed when there are new steps or when steps left its window (the
+        engine went quiet): then ``on_update`` is awaited."""
         stats = await self.step_stats(self.costs.last_seq)
-        if not stats:
-            return 0
-        n = self.costs.add(StepRecord.from_list(r) for r in stats["records"])
+        n = self.costs.add(StepRecord.from_list(r) for r in stats["records"]) if stats else 0
         if n:
             cost = self.costs.refit()
             for term, value in (("fixed", cost.fixed_s), ("layer", cost.layer_s), ("row", cost.row_s)):
                 self.metrics.server_cost.labels(term=term).set(value)
         self.metrics.occupancy.set(self.costs.occupancy())
+        num_recent, before = len(self.costs.recent()), self._num_recent
+        self._num_recent = num_recent
+        if (n or num_recent != before) and self.on_update is not None:
+            await self.on_update()
         return n
 
     async def _poll_forever(self) -> None:
@@ -116,11 +131,12 @@ class AdmissionController:
         self.policy = policy
         self.queue = queue
         self.metrics = metrics
-        self.poller = StepPoller(step_stats=step_stats, metrics=metrics)
+        self.poller = StepPoller(step_stats=step_stats, metrics=metrics, on_update=self._notify)
         self.costs = self.poller.costs  # the live model the policy plans from
         self.inflight: dict[str, InFlight] = {}
         self.queued = 0
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Condition()  # notified on each event that may admit a waiting session
+        self._num_events = 0  # sessions ended and load changes so far (a waiter re-plans when it moved)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-split-plan")
 
     def start(self) -> None:
@@ -131,21 +147,26 @@ class AdmissionController:
         self._executor.shutdown(wait=False)
 
     def load(self) -> ServerLoad:
-        return server_load(self.costs, num_admitted=len(self.inflight), num_layers=self.policy.num_layers,
-                           now=time.time())
+        now = time.monotonic()  # InFlight.admitted_at's clock; the step records use wall time
+        return server_load(self.costs, admitted_ages_s=[now - s.admitted_at for s in self.inflight.values()],
+                           num_layers=self.policy.num_layers, now=time.time())
 
     def retry_after_s(self) -> float:
         return retry_after_s(self.inflight.values(), time.monotonic())
 
     async def admit(self, session_id: str, request: AdmissionRequest) -> Admission:
         """Admit a session (waiting in the bounded queue if needed) or raise AdmissionRefused."""
-        if request.split_layer is not None:  # the client fixed k: predict, admit
-            return self._register(session_id, request, self.policy.fixed(request, self.load()))
+        if request.split_layer is not None:  # the client fixed k: predict, admit (or refuse a k above its bound)
+            fixed = self.policy.fixed(request, self.load())
+            if isinstance(fixed, Refusal):
+                raise AdmissionRefused(fixed.code, fixed.message, fixed.retry_after_s)
+            return self._register(session_id, request, fixed)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.queue.wait_s
         queued = False
         try:
             while True:
+                seen = self._num_events
                 load = self.load()
                 placed = await loop.run_in_executor(self._executor, self.policy.place, request, load)
                 # on the loop from here to _register: the admitted sessions cannot change meanwhile
@@ -169,15 +190,21 @@ class AdmissionController:
                     self._count_refusal("busy_timeout")
                     raise AdmissionRefused(ErrorCode.SERVER_BUSY, f"{decision.why}; waited {self.queue.wait_s} s in "
                                            f"the admission queue; retry later", self.retry_after_s())
-                async with self._changed:
+                async with self._changed:  # until an event since this plan, or the wait runs out
                     try:
-                        await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, POLL_S * 2))
+                        await asyncio.wait_for(self._changed.wait_for(lambda: self._num_events != seen), remaining)
                     except asyncio.TimeoutError:
                         pass
         finally:
             if queued:
                 self.queued -= 1
                 self.metrics.queue_length.dec()
+
+    async def _notify(self) -> None:
+        """Something that may admit a waiting session happened: wake the queue to re-plan."""
+        async with self._changed:
+            self._num_events += 1
+            self._changed.notify_all()
 
     def _count_refusal(self, reason: str) -> None:
         self.metrics.refusals.labels(reason=reason).inc()
@@ -218,5 +245,4 @@ class AdmissionController:
             m.finished.labels(sla="met" if met else "missed").inc()
         else:
             m.finished.labels(sla="none").inc()
-        async with self._changed:
-            self._changed.notify_all()
+        await self._notify()

@@ -84,6 +84,14 @@ class LiveCostModel:
         recent = self.recent(now)
         return sum(r.exec_s for r in recent) / len(recent) if recent else 0.0
 
+    def recent_min_split_layer(self, num_layers: int, now: float | None = None) -> int:
+        """The lowest split layer among the steps of the last ``occupancy_window_s``: a step
+        runs the layers from its lowest ``k`` up (``layer_calls = num_layers - k``), so it is
+        ``num_layers`` less the most layer calls of a recent step. 0 when ordinary requests
+        ran (they need every layer) and when idle."""
+        recent = self.recent(now)
+        return max(0, num_layers - max(r.layer_calls for r in recent)) if recent else 0
+
 
 def fit_step_cost(records: Sequence[StepRecord], *, prior: StepCost, prior_weight: float) -> StepCost:
     """Non-negative ridge fit of ``exec_s ~ fixed + layer * calls + row * rows`` towards ``prior``."""

@@ -10,8 +10,12 @@ Design. A request (:class:`AdmissionRequest`) is planned over its graph
 (:mod:`vllm_split.control.request_graph`) at the current load (:func:`server_load`, from the
 live cost model). What it optimises depends on that load: while the engine is busy less
 than ``offload_above`` of the time, the server has compute to spare and takes the least
-offloaded placement that meets the SLA (``server_only`` when ``k = 0`` does); above it, the
-DP (:func:`vllm_split.planner.plan`) takes the placement with the least server work that
+offloaded placement that meets the SLA, but no lower than the lowest split layer of the
+steps running now (``ServerLoad.min_split_layer``; 0 when ordinary requests run or the
+engine is idle): a step runs every layer from its lowest ``k`` up, so a lower ``k`` would
+make every running step pay more layer calls (``server_only`` when ``k = 0`` is chosen).
+When nothing from there up meets the SLA, and above ``offload_above``, the DP
+(:func:`vllm_split.planner.plan`) takes the placement with the least server work that
 meets the SLA, or with ``placement="greedy"`` the planner's prefix rule
 (:func:`vllm_split.planner.greedy`, the embedding pinned on the client). Both plan with the
 worst wait for the step in progress (a whole step when others run), so a plan that meets
@@ -19,7 +23,8 @@ the SLA meets it whatever the phase of the steps; the predictions use the expect
 
 Decisions: :class:`Admission` (split layer, how it was chosen, predicted TTFT and TPOT,
 server work); :class:`Wait` (it could be admitted on a less loaded server, when a request
-slot frees, or when admitting it no longer pushes an admitted session past its TPOT bound);
+slot frees, or when what the newcomer adds to each step would push an admitted session
+that meets its TPOT bound now past it: :meth:`AdmissionPolicy.first_pushed_past_bound`);
 :class:`Refusal` (``sla_unreachable``: no placement meets the SLA even on an idle server;
 ``bad_request``: the server cannot plan it). What a wait becomes (a queue place, a
 ``server_busy`` refusal with :func:`retry_after_s`) is the controller's business.
@@ -31,7 +36,8 @@ from dataclasses import dataclass, field, replace
 
 from vllm_split.control.live_cost import LiveCostModel
 from vllm_split.control.request_graph import (TOKEN_BYTES, ClientCosts, RequestGraphInputs, ServerLoad, busy_fraction,
-                                              decode_wait_s, placement_for, request_graph, split_layer_of)
+                                              check_max_layers, decode_wait_s, placement_for, request_graph,
+                                              split_layer_of)
 from vllm_split.planner import SLA, NetworkSpec, PlanResult, evaluate, greedy, plan, result_for
 from vllm_split.planner.model_configs import ModelConfig
 from vllm_split.wire.contract import ErrorCode
@@ -47,14 +53,16 @@ class AdmissionInputError(ValueError):
 @dataclass(frozen=True, slots=True)
 class ClientFlops:
     """A client's declared speed, turned into one layer's times with the served model's
-    analytic FLOPs (:meth:`AdmissionPolicy.client_costs`)."""
+    analytic FLOPs (:meth:`AdmissionPolicy.client_costs`), and how many layers it can hold."""
 
     flops_per_s: float
+    max_layers: int | None = None  # layers [max_layers, N) cannot run on the client; None: no bound
 
     def __post_init__(self) -> None:
         if not isinstance(self.flops_per_s, (int, float)) or not 0 < self.flops_per_s < float("inf"):
             raise AdmissionInputError(f"ClientFlops.flops_per_s: expected a finite number > 0, "
                                       f"got {self.flops_per_s!r}")
+        check_max_layers("ClientFlops", self.max_layers, AdmissionInputError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +160,9 @@ class AdmissionPolicy:
     def client_costs(self, request: AdmissionRequest) -> ClientCosts | None:
         """One decoder layer on the request's client (None: it sent no profile)."""
         client = request.client
-        return ClientCosts.from_flops(client.flops_per_s, self.model) if isinstance(client, ClientFlops) else client
+        if isinstance(client, ClientFlops):
+            return ClientCosts.from_flops(client.flops_per_s, self.model, max_layers=client.max_layers)
+        return client
 
     def graph_inputs(self, request: AdmissionRequest) -> RequestGraphInputs:
         return RequestGraphInputs(num_layers=self.num_layers, min_layer=self.min_layer, hidden_bytes=self.hidden_bytes,
@@ -173,12 +183,17 @@ class AdmissionPolicy:
                       + network.downlink_s(TOKEN_BYTES))
         return (ttft + 0.5 * busy_fraction(load) * load.recent_step_s, tpot + decode_wait_s(load, turnaround), work)
 
-    def fixed(self, request: AdmissionRequest, load: ServerLoad) -> Admission:
+    def fixed(self, request: AdmissionRequest, load: ServerLoad) -> Admission | Refusal:
         """A client that fixed its split layer is admitted there, with predictions when it
-        sent its profile and the network was measured; held to the SLA it stated, if any."""
+        sent its profile and the network was measured; held to the SLA it stated, if any.
+        Refused (``bad_request``) when ``k`` is above the client's own memory bound."""
         k = request.split_layer
         if k is None:
             raise AdmissionInputError("fixed: expected a request with a split_layer, got split_layer=None")
+        bound = request.client.max_layers if request.client is not None else None
+        if bound is not None and k > bound:
+            return Refusal(ErrorCode.BAD_REQUEST, f"split_layer {k} is above this client's memory bound: it holds at "
+                                                  f"most {bound} decoder layers (client.max_layers)")
         if request.client is None or request.network is None:
             return Admission(k, "fixed", None, None, sla=request.sla)
         ttft, tpot, work = self.predict(request, k, load)
@@ -195,6 +210,11 @@ class AdmissionPolicy:
         if request.client is None or request.network is None:
             return Refusal(ErrorCode.BAD_REQUEST, "split_layer auto needs the client's profile (client) and a "
                                                   "measured network")
+        bound = request.client.max_layers
+        if bound is not None and bound < self.min_layer:
+            return Refusal(ErrorCode.BAD_REQUEST, (
+                f"no split layer fits: this client holds at most {bound} decoder layers (client.max_layers) and this "
+                f"server holds no layers below {self.min_layer}"))
         sla = self.sla_for(request)
         result = self._plan(request, sla, load, spare=load.utilization < self.offload_above)
         if result.feasible:
@@ -206,17 +226,32 @@ class AdmissionPolicy:
         return Refusal(ErrorCode.SLA_UNREACHABLE, (
             f"no split layer meets the SLA (TTFT <= {sla.ttft_s} s, TPOT <= {sla.tpot_s} s) even on an "
             f"idle server: the best this client can get is TTFT {best.ttft_s:.3f} s and TPOT "
-            f"{best.tpot_s:.3f} s (split layer {split_layer_of(best.placement)}); relax the SLA"))
+            f"{best.tpot_s:.3f} s (split layer {split_layer_of(best.placement)}); "
+            f"{self._what_limits(request, sla, idle)}"))
+
+    def _what_limits(self, request: AdmissionRequest, sla: SLA, idle: ServerLoad) -> str:
+        """The advice of an ``sla_unreachable`` refusal: relax the SLA, or, when the client's
+        memory bound is what stops it, hold more layers (the fewest that would do)."""
+        bound = request.client.max_layers
+        if bound is None or bound >= self.num_layers:
+            return "relax the SLA"
+        unbounded = replace(request, client=replace(request.client, max_layers=None))
+        if not self._plan(unbounded, sla, idle, spare=False).feasible:  # the same rule as the refusal's
+            return "relax the SLA"
+        least = self._plan(unbounded, sla, idle, spare=True)  # the least offloaded placement meeting it
+        return (f"the client's memory bound limits it: it holds at most {bound} decoder layers (client.max_layers), "
+                f"split layer {split_layer_of(least.placement)} would meet the SLA; hold more layers or relax the SLA")
 
     def _plan(self, request: AdmissionRequest, sla: SLA, load: ServerLoad, *, spare: bool) -> PlanResult:
         """With ``spare`` (the server has compute to spare) the least offloaded placement
-        meeting the SLA, if there is one; otherwise the DP's least-server-work placement, or
-        the planner's greedy prefix rule from ``k = min_layer``."""
+        meeting the SLA from ``k = max(min_layer, load.min_split_layer)`` up (it adds no layer
+        call to the running steps), if there is one; otherwise the DP's least-server-work
+        placement, or the planner's greedy prefix rule from ``k = min_layer``."""
         client = self.client_costs(request)
         assert client is not None and request.network is not None  # place() checked
         graph = request_graph(self.graph_inputs(request), load, client, wait_s=busy_fraction(load) * load.recent_step_s)
         if spare:
-            for k in range(self.min_layer, self.num_layers + 1):
+            for k in range(max(self.min_layer, load.min_split_layer), self.num_layers + 1):
                 result = result_for(graph, request.network, sla, placement_for(k, self.num_layers), method="scan")
                 if result.feasible:
                     return replace(result, method="least_offload")
@@ -228,43 +263,69 @@ class AdmissionPolicy:
     def decide(self, request: AdmissionRequest, placed: PlanResult | Refusal, *, load: ServerLoad,
                inflight: Collection[InFlight]) -> Admission | Wait | Refusal:
         """Admit ``placed`` now, or wait: when its SLA is not met at this load, when the
-        request slots are taken, or when one more session would push an admitted one past its
-        TPOT bound (``load.occupancy`` counts the admitted sessions)."""
+        request slots are taken, or when what it adds to each step would push an admitted
+        session past its TPOT bound (:meth:`first_pushed_past_bound`)."""
         if isinstance(placed, Refusal):
             return placed
         if not placed.feasible:
             return Wait("the SLA cannot be met at the current load")
         if self.max_num_seqs is not None and len(inflight) >= self.max_num_seqs:
             return Wait(f"all {self.max_num_seqs} request slots of the engine are taken")
-        if self.first_pushed_past_bound(load, inflight) is not None:
-            return Wait("admitting it would push an admitted session past its TPOT bound")
         k = split_layer_of(placed.placement)
+        if self.first_pushed_past_bound(load, inflight, split_layer=k) is not None:
+            return Wait("admitting it would push an admitted session past its TPOT bound")
         ttft, tpot, work = self.predict(request, k, load)
         return Admission(k, "server_only" if k == 0 else placed.method, ttft, tpot, server_work=work,
                          sla=self.sla_for(request))
 
-    def first_pushed_past_bound(self, load: ServerLoad, inflight: Iterable[InFlight]) -> InFlight | None:
-        """The first admitted session whose TPOT bound one more session would break (for each
-        admitted session, ``load.occupancy`` counts it; the newcomer takes its place)."""
+    def added_step_s(self, load: ServerLoad, split_layer: int) -> float:
+        """What a newcomer at ``split_layer`` adds to each step at ``load``: its decode row
+        through layers ``[split_layer, N)`` and the layer calls below the running steps'
+        lowest split layer (``load.min_split_layer``) that the steps then run for it."""
+        c = load.cost
+        return (c.row_s * (self.num_layers - split_layer)
+                + c.layer_s * max(0, load.min_split_layer - split_layer))
+
+    def first_pushed_past_bound(self, load: ServerLoad, inflight: Iterable[InFlight], *,
+                                split_layer: int) -> InFlight | None:
+        """The first admitted session that meets its TPOT bound at ``load`` and would miss it
+        with a newcomer at ``split_layer`` in the batch: the recent step longer by
+        :meth:`added_step_s`, one more request per step. A session over its bound already is
+        not the newcomer's doing and does not hold it back (nor does one without an SLA or a
+        profile: nothing to predict)."""
+        joined = replace(load, occupancy=load.occupancy + 1.0,
+                         recent_step_s=load.recent_step_s + self.added_step_s(load, split_layer))
         for s in inflight:
-            sla, req = s.admission.sla, s.request
+            sla, req, k = s.admission.sla, s.request, s.admission.split_layer
             if sla is None or sla.tpot_s is None or req.client is None or req.network is None:
                 continue
-            _, tpot, _ = self.predict(req, s.admission.split_layer, load)
-            if tpot > sla.tpot_s:
+            if self.predict(req, k, load)[1] <= sla.tpot_s < self.predict(req, k, joined)[1]:
                 return s
         return None
 
 
-def server_load(costs: LiveCostModel, *, num_admitted: int, num_layers: int, now: float) -> ServerLoad:
-    """The load a new session meets: the requests per engine step lately, or the sessions
-    admitted (they are about to run) if more, the recent step time and the utilisation."""
-    occupancy = max(costs.occupancy(now), float(num_admitted))
+def server_load(costs: LiveCostModel, *, admitted_ages_s: Collection[float], num_layers: int,
+                now: float) -> ServerLoad:
+    """The load a new session meets, ``now`` on the step records' wall clock.
+
+    The batch size is measured, not counted: the mean requests per engine step over the
+    live model's window (``occupancy_window_s``). A split session whose client computes
+    misses steps (a fast client runs in every other one), so the sessions in flight
+    overstate the batch. The sessions admitted within the window (``admitted_ages_s``:
+    seconds since each admitted session's admission, on any clock) are not fully in the
+    measurement yet: each adds the part of the window it has not been measured for, ``1 -
+    age / window``, so the estimate never exceeds the measured mean plus the sessions
+    admitted. Also the recent step time (a step of the admitted sessions at ``k = 0`` when
+    none ran yet), the utilisation and the lowest split layer of the recent steps."""
+    window = costs.occupancy_window_s
+    unmeasured = sum(max(0.0, 1.0 - age / window) for age in admitted_ages_s)
+    occupancy = costs.occupancy(now) + unmeasured
     recent_step = costs.recent_step_s(now)
     if occupancy and not recent_step:  # admitted sessions not running yet: a step of them
         recent_step = costs.cost.step_s(num_layers, num_layers * occupancy)
     return ServerLoad(cost=costs.cost, occupancy=occupancy, recent_step_s=recent_step,
-                      utilization=costs.utilization(now))
+                      utilization=costs.utilization(now),
+                      min_split_layer=costs.recent_min_split_layer(num_layers, now))
 
 
 def retry_after_s(inflight: Iterable[InFlight], now: float) -> float:

@@ -13,7 +13,10 @@ running when the activation arrives (see :func:`decode_wait_s`). This is
 exact for a batch whose requests share this request's placement (each request waits for
 one step that runs its layers) and is the assumption the controller plans under: the load
 it sees persists and is placed like this request. Layers below the server's ``min_layer``
-cannot run on the server.
+cannot run on the server; layers at or above the client's ``max_layers`` (what it can hold
+in memory) cannot run on the client. A node on a side that cannot run it costs
+``FORBIDDEN_S``, more than any SLA the wire accepts (at most 3600 s), so no planner finds
+such a placement feasible.
 """
 from __future__ import annotations
 
@@ -28,18 +31,33 @@ FORBIDDEN_S = 1e4  # latency of a node on the side that cannot run it
 TOKEN_BYTES = 4
 
 
+def check_max_layers(owner: str, value: object, error: type[ValueError] = ValueError) -> None:
+    """``value`` is None (no bound) or an int >= 0; raises ``error`` naming ``owner`` otherwise."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise error(f"{owner}.max_layers: expected None or an int >= 0, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class ClientCosts:
-    """One decoder layer on the client."""
+    """One decoder layer on the client, and how many layers it can hold."""
 
     prefill_s_per_token: float
     decode_s: float
+    max_layers: int | None = None  # layers [max_layers, N) cannot run on the client; None: no bound
+
+    def __post_init__(self) -> None:
+        check_max_layers("ClientCosts", self.max_layers)
 
     @classmethod
-    def from_flops(cls, flops_per_s: float, model: ModelConfig, *, context: int = 512) -> "ClientCosts":
+    def from_flops(cls, flops_per_s: float, model: ModelConfig, *, context: int = 512,
+                   max_layers: int | None = None) -> "ClientCosts":
         decode = node_cost(model, "block", phase="decode", tokens=1, context=context).flops
         prefill = node_cost(model, "block", phase="prefill", tokens=context, context=0).flops / context
-        return cls(prefill_s_per_token=prefill / flops_per_s, decode_s=decode / flops_per_s)
+        return cls(prefill_s_per_token=prefill / flops_per_s, decode_s=decode / flops_per_s, max_layers=max_layers)
+
+    def holds(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` fits in the client's memory bound."""
+        return self.max_layers is None or layer < self.max_layers
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +66,7 @@ class ServerLoad:
     occupancy: float  # requests per step besides this one
     recent_step_s: float  # mean model time of the recent steps (0 when idle)
     utilization: float = 0.0  # fraction of the recent window the engine spent running the model
+    min_split_layer: int = 0  # lowest split layer of the recent steps (0: ordinary requests ran, or idle)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +105,11 @@ def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts
     per_layer_work = c.row_s * (p + n_out - 1) + c.layer_s * (1 + (n_out - 1) / (b + 1))
     nodes = [LayerNode("embed", 0.0, 0.0, FORBIDDEN_S, FORBIDDEN_S, 0.0)]
     for layer in range(req.num_layers):
-        server_ok = layer >= req.min_layer
+        server_ok, client_ok = layer >= req.min_layer, client.holds(layer)
         nodes.append(LayerNode(
             f"layer{layer}",
-            client_prefill_s=client.prefill_s_per_token * p,
-            client_decode_s=client.decode_s,
+            client_prefill_s=client.prefill_s_per_token * p if client_ok else FORBIDDEN_S,
+            client_decode_s=client.decode_s if client_ok else FORBIDDEN_S,
             server_prefill_s=c.layer_s + c.row_s * (p + b) if server_ok else FORBIDDEN_S,
             server_decode_s=c.layer_s + c.row_s * (b + 1) if server_ok else FORBIDDEN_S,
             server_work=per_layer_work,

@@ -80,23 +80,30 @@ class RequestSLA:
 
 @dataclass(frozen=True, slots=True)
 class ClientProfile:
-    """How fast the client runs one decoder layer: measured times, or a declared FLOP/s.
+    """How fast the client runs one decoder layer (measured times, or a declared FLOP/s),
+    and how many it can hold.
 
     ``layer_prefill_s_per_token``: one layer's prefill time divided by the prompt length;
     ``layer_decode_s``: one layer's time for one decode step. Decoder layers are identical,
-    so one figure stands for every layer.
+    so one figure stands for every layer. ``max_layers``: the most decoder layers the client
+    can hold in memory (None: no bound); the server never places a split layer above it.
+    A client holding none (``max_layers=0``) need not state a speed.
     """
 
     layer_prefill_s_per_token: float | None = None
     layer_decode_s: float | None = None
     flops_per_s: float | None = None
+    max_layers: int | None = None
 
     def __post_init__(self) -> None:
         times = (self.layer_prefill_s_per_token, self.layer_decode_s)
         if (None in times) != all(t is None for t in times):
             raise ProtocolError("client: give both layer_prefill_s_per_token and layer_decode_s, or neither")
-        if times[0] is None and self.flops_per_s is None:
-            raise ProtocolError("client: expected layer times (layer_prefill_s_per_token, layer_decode_s) or flops_per_s")
+        if self.max_layers is not None:
+            _check_int("client.max_layers", self.max_layers, low=0)
+        if times[0] is None and self.flops_per_s is None and self.max_layers != 0:
+            raise ProtocolError("client: expected layer times (layer_prefill_s_per_token, layer_decode_s) or "
+                                "flops_per_s (only a client holding no layer, max_layers=0, may omit both)")
         for name in ("layer_prefill_s_per_token", "layer_decode_s"):
             if getattr(self, name) is not None:
                 _check_float(f"client.{name}", getattr(self, name), low=0.0, high=60.0)

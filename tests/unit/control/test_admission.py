@@ -1,5 +1,6 @@
 """Admission controller logic with a fabricated live load (no engine): placements by load,
-the bounded queue, refusals and their retry hints."""
+the bounded queue and what wakes it (a session's end, new step records), refusals and
+their retry hints."""
 import asyncio
 import time
 from dataclasses import replace
@@ -7,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from vllm_split.wire import protocol as wire
-from vllm_split.api.admission import AdmissionController, AdmissionRefused, QueueLimits, request_from_open
+from vllm_split.api.admission import AdmissionController, AdmissionRefused, QueueLimits, StepPoller, request_from_open
 from vllm_split.control.live_cost import StepCost
 from vllm_split.control.policy import AdmissionPolicy
 from vllm_split.planner import SLA, SMOLLM2_135M, NetworkSpec
@@ -19,12 +20,20 @@ COST = StepCost(fixed_s=0.012, layer_s=0.0018, row_s=6e-5)
 N = SMOLLM2_135M.num_hidden_layers
 
 
-def controller(queue_limit=64, queue_wait_s=5.0, **policy) -> AdmissionController:
-    async def no_stats(since):
-        return None
+async def no_stats(since):
+    return None
 
+
+def engine_steps(pending: list[StepRecord]):
+    """A fake EngineCore step-stats call serving the records appended to ``pending``."""
+    async def step_stats(since):
+        return {"records": [r.to_list() for r in pending if r.seq > since]}
+    return step_stats
+
+
+def controller(queue_limit=64, queue_wait_s=5.0, step_stats=no_stats, **policy) -> AdmissionController:
     c = AdmissionController(policy=AdmissionPolicy(model=SMOLLM2_135M, min_layer=0, hidden_bytes=576 * 4, **policy),
-                            step_stats=no_stats, metrics=split_metrics(N),
+                            step_stats=step_stats, metrics=split_metrics(N),
                             queue=QueueLimits(limit=queue_limit, wait_s=queue_wait_s))
     c.costs.cost = COST
     return c
@@ -92,9 +101,10 @@ async def test_busy_server_queues_then_refuses_with_a_retry_hint():
 async def test_full_queue_refuses_at_once_and_a_release_admits_the_waiting():
     c = controller(queue_limit=1, queue_wait_s=5.0)
     first = await c.admit("s1", open_request(FAST, tpot=0.3))  # idle: admitted
-    # the admitted session's bound breaks if anyone joins it now
+    # the admitted session meets its bound now, and misses it if anyone joins it
     s1 = c.inflight["s1"]
-    tight = SLA(ttft_s=5.0, tpot_s=first.predicted_tpot_s * 1.0001)
+    now_tpot = c.policy.predict(s1.request, first.split_layer, c.load())[1]
+    tight = SLA(ttft_s=5.0, tpot_s=now_tpot * 1.0001)
     c.inflight["s1"] = replace(s1, admission=replace(s1.admission, sla=tight))
     waiting = asyncio.create_task(c.admit("s2", open_request(FAST, tpot=0.3)))
     await asyncio.sleep(0.1)
@@ -103,8 +113,44 @@ async def test_full_queue_refuses_at_once_and_a_release_admits_the_waiting():
         await c.admit("s3", open_request(FAST, tpot=0.3))
     assert err.value.reason == "server_busy" and "queue is full" in str(err.value)
     await c.release("s1", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=0.05)
-    admitted = await asyncio.wait_for(waiting, 2.0)
+    admitted = await asyncio.wait_for(waiting, 0.3)  # at once, on the release (no re-plan tick)
     assert admitted.split_layer >= 0 and c.queued == 0
+
+
+async def test_new_step_records_that_lighten_the_load_admit_a_waiting_request_at_once():
+    pending: list[StepRecord] = []
+
+    c = controller(queue_wait_s=5.0, step_stats=engine_steps(pending))
+    load(c, 8, busy=0.95)  # 8 requests per step: TPOT 0.04 s cannot be met
+    waiting = asyncio.create_task(c.admit("s", open_request(FAST, tpot=0.04)))
+    await asyncio.sleep(1.2)  # longer than the old 1 s re-plan tick: nothing changed, it waits
+    assert not waiting.done() and c.queued == 1
+    # the engine now runs one request at a time at k = 28 or 30 (512 steps: the window's old steps drop out)
+    now, start = time.time(), c.costs.last_seq + 1
+    for i in range(512):
+        calls = 2 * (i % 2)
+        pending.append(StepRecord(start + i, now - 1.0 + i / 512, COST.step_s(calls, calls), calls, calls, 1, 1))
+    t0 = time.monotonic()
+    assert await c.poller.poll_once() == 512
+    admitted = await asyncio.wait_for(waiting, 0.5)
+    assert time.monotonic() - t0 < 0.5 and admitted.split_layer >= N - 2 and c.queued == 0
+
+
+async def test_the_poller_reports_new_steps_and_steps_leaving_the_window():
+    pending: list[StepRecord] = []
+    updates = []
+
+    async def on_update():
+        updates.append(len(pending))
+
+    poller = StepPoller(step_stats=engine_steps(pending), metrics=split_metrics(N), on_update=on_update)
+    poller.costs.occupancy_window_s = 0.2
+    assert await poller.poll_once() == 0 and updates == []  # idle, nothing changed
+    pending.append(StepRecord(1, time.time(), 0.05, N, N, 1, 1))
+    assert await poller.poll_once() == 1 and updates == [1]
+    assert await poller.poll_once() == 0 and updates == [1]  # the same load
+    await asyncio.sleep(0.25)  # the step leaves the load's window: the engine went quiet
+    assert await poller.poll_once() == 0 and updates == [1, 1]
 
 
 async def test_fixed_split_layer_is_admitted_with_predictions():

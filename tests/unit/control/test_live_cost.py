@@ -57,3 +57,14 @@ def test_model_window_and_occupancy():
     assert model.occupancy(now=1000.0) == pytest.approx(sum(recent) / len(recent))
     assert model.occupancy(now=5000.0) == 0.0  # nothing ran lately: idle
     assert model.refit().samples == 100
+
+
+def test_lowest_split_layer_of_the_recent_steps():
+    model = LiveCostModel(occupancy_window_s=1.0)
+    assert model.recent_min_split_layer(30, now=1000.0) == 0  # idle
+    # steps at k >= 20 and >= 12 (10 and 18 layer calls) lately, an ordinary request long ago
+    model.add([StepRecord(1, 990.0, 0.05, 30, 30, 1, 1), StepRecord(2, 999.5, 0.02, 10, 10, 1, 1),
+               StepRecord(3, 999.9, 0.03, 18, 28, 2, 2)])
+    assert model.recent_min_split_layer(30, now=1000.0) == 12
+    model.add([StepRecord(4, 1000.0, 0.05, 30, 30, 1, 1)])  # an ordinary request runs every layer
+    assert model.recent_min_split_layer(30, now=1000.0) == 0

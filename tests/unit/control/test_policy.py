@@ -5,12 +5,14 @@ import sys
 
 import pytest
 
-from vllm_split.control.live_cost import StepCost
+from dataclasses import replace
+
+from vllm_split.control.live_cost import LiveCostModel, StepCost
 from vllm_split.control.policy import (Admission, AdmissionInputError, AdmissionPolicy, AdmissionRequest, ClientFlops,
-                                       InFlight, Refusal, Wait, retry_after_s)
+                                       InFlight, Refusal, Wait, retry_after_s, server_load)
 from vllm_split.control.request_graph import ClientCosts, ServerLoad, busy_fraction, request_graph, split_layer_of
 from vllm_split.planner import SLA, SMOLLM2_135M, NetworkSpec, greedy
-from vllm_split.wire.contract import ErrorCode
+from vllm_split.wire.contract import ErrorCode, StepRecord
 
 LAN = NetworkSpec(uplink_bps=1e9, downlink_bps=1e9, rtt_s=0.002)
 COST = StepCost(fixed_s=0.012, layer_s=0.0018, row_s=6e-5)
@@ -59,11 +61,71 @@ def test_full_slots_and_an_admitted_sessions_bound_make_it_wait():
     first = decide(p, request(), IDLE)
     admitted = [InFlight(request(), first, admitted_at=0.0)]
     assert decide(p, request(), IDLE, admitted) == Wait("all 1 request slots of the engine are taken")
+    load = busy(1)  # the admitted session runs and meets its bound; the newcomer would make two
+    now_tpot = p.predict(request(), first.split_layer, load)[1]
     tight = Admission(first.split_layer, first.placement, first.predicted_ttft_s, first.predicted_tpot_s,
-                      sla=SLA(ttft_s=5.0, tpot_s=first.predicted_tpot_s * 1.0001))
-    load = busy(1)  # the admitted session runs; the newcomer would make two
+                      sla=SLA(ttft_s=5.0, tpot_s=now_tpot * 1.0001))
     assert decide(policy(), request(), load, [InFlight(request(), tight, 0.0)]) == Wait(
         "admitting it would push an admitted session past its TPOT bound")
+
+
+def admitted_at(k: int, tpot_bound: float) -> InFlight:
+    return InFlight(request(), Admission(k, "dp", 0.1, 0.05, sla=SLA(ttft_s=5.0, tpot_s=tpot_bound)), 0.0)
+
+
+def test_a_session_over_its_bound_already_does_not_hold_the_newcomer_back():
+    p, load = policy(), busy(4)
+    over = admitted_at(0, p.predict(request(), 0, load)[1] * 0.9)  # misses its bound with or without the newcomer
+    assert p.first_pushed_past_bound(load, [over], split_layer=0) is None
+    assert isinstance(decide(p, request(), load, [over]), Admission)
+
+
+def test_the_newcomer_is_weighed_by_the_step_time_its_split_layer_adds():
+    p = policy()
+    # two requests per step, the lowest at k = 20: the steps run layers [20, 30)
+    load = ServerLoad(cost=COST, occupancy=2.0, recent_step_s=COST.step_s(10, 20), utilization=0.95, min_split_layer=20)
+    assert p.added_step_s(load, 20) == pytest.approx(COST.row_s * 10)  # one row through the layers that run anyway
+    assert p.added_step_s(load, 0) == pytest.approx(COST.row_s * 30 + COST.layer_s * 20)  # and 20 more layer calls
+    assert p.added_step_s(load, 25) == pytest.approx(COST.row_s * 5)
+
+    def joined(k):
+        return replace(load, occupancy=3.0, recent_step_s=load.recent_step_s + p.added_step_s(load, k))
+    now, at20, at0 = (p.predict(request(), 20, x)[1] for x in (load, joined(20), joined(0)))
+    assert now < at20 < at0
+    session = admitted_at(20, (at20 + at0) / 2)  # room for a newcomer at k = 20, not for one at k = 0
+    assert p.first_pushed_past_bound(load, [session], split_layer=20) is None
+    assert p.first_pushed_past_bound(load, [session], split_layer=0) is session
+    no_sla = InFlight(request(), Admission(20, "fixed", None, None), 0.0)  # nothing to hold it to
+    assert p.first_pushed_past_bound(load, [no_sla, session], split_layer=0) is session
+
+
+def test_least_offload_starts_at_the_running_steps_lowest_split_layer():
+    p = policy()
+    spare = ServerLoad(cost=COST, occupancy=1.0, recent_step_s=COST.step_s(18, 18), utilization=0.1, min_split_layer=12)
+    placed = p.place(request(tpot=0.15), spare)  # k = 0 meets the SLA too, but would add 12 layer calls to each step
+    assert (placed.method, split_layer_of(placed.placement)) == ("least_offload", 12)
+    plain = p.place(request(tpot=0.15), replace(spare, min_split_layer=0))  # ordinary requests run every layer
+    assert (plain.method, split_layer_of(plain.placement)) == ("least_offload", 0)
+    # a slow client cannot meet the SLA from k = 12 up: the DP places it lower
+    slow = p.place(request(tpot=0.15, client=ClientCosts(prefill_s_per_token=2e-5, decode_s=5e-3)), spare)
+    assert slow.feasible and slow.method == "dp" and split_layer_of(slow.placement) < 12
+
+
+def test_server_load_measures_the_batch_and_adds_only_the_unmeasured_admissions():
+    costs = LiveCostModel(occupancy_window_s=2.0)
+    costs.cost = COST
+    # four split sessions, each in every other step: two requests per step, the lowest at k = 12
+    costs.add(StepRecord(i + 1, 1000.0 - 1.9 + i * 0.1, COST.step_s(18, 36), 18, 36, 2, 2) for i in range(20))
+    long_ago = [30.0] * 4
+    load = server_load(costs, admitted_ages_s=long_ago, num_layers=N, now=1000.0)
+    assert load.occupancy == pytest.approx(2.0) and load.min_split_layer == 12  # not the 4 admitted
+    assert load.recent_step_s == pytest.approx(COST.step_s(18, 36))
+    # just admitted: not measured at all; admitted half a window ago: half measured
+    fresh = server_load(costs, admitted_ages_s=long_ago + [0.0, 1.0], num_layers=N, now=1000.0)
+    assert fresh.occupancy == pytest.approx(2.0 + 1.0 + 0.5)
+    idle = server_load(costs, admitted_ages_s=[0.0], num_layers=N, now=5000.0)  # admitted, no step ran lately
+    assert (idle.occupancy, idle.min_split_layer) == (1.0, 0)
+    assert idle.recent_step_s == pytest.approx(COST.step_s(N, N))
 
 
 def test_unreachable_sla_and_an_unplannable_request_are_refused_without_retry_hint():

@@ -55,6 +55,10 @@ SAMPLE_MESSAGES = [
               expected_output_tokens=32, prompt_tokens=100),
     wire.Open(model_fingerprint="fp1-abc", split_layer=None, sla=wire.RequestSLA(tpot_s=0.1),
               client=wire.ClientProfile(flops_per_s=2e12)),
+    wire.Open(model_fingerprint="fp1-abc", split_layer=None, sla=wire.RequestSLA(tpot_s=0.1),
+              client=wire.ClientProfile(layer_prefill_s_per_token=1e-5, layer_decode_s=4e-4, max_layers=6)),
+    wire.Open(model_fingerprint="fp1-abc", split_layer=None, sla=wire.RequestSLA(tpot_s=0.1),
+              client=wire.ClientProfile(max_layers=0)),
     wire.Opened(session_id="s-2", split_layer=12, num_layers=30, hidden_size=576, dtype="float32",
                 max_frame_bytes=8 << 20, placement="dp", predicted_ttft_s=0.4, predicted_tpot_s=0.09),
     wire.Probe(nonce=3, reply_bytes=65536),
@@ -155,6 +159,16 @@ def test_sampling_from_json_list_becomes_a_tuple():
     assert msg.sampling.temperature == 0.0 and msg.sampling.max_tokens == 64  # defaults fill the rest
 
 
+def test_a_client_profile_without_max_layers_decodes_as_unbounded():
+    """An older client's profile has no max_layers field: it decodes with no bound."""
+    msg = wire.decode(_frame(wire.Open.KIND, _open_meta(client={"layer_prefill_s_per_token": 1e-5,
+                                                               "layer_decode_s": 4e-4})))
+    assert msg.client == wire.ClientProfile(layer_prefill_s_per_token=1e-5, layer_decode_s=4e-4)
+    assert msg.client.max_layers is None
+    bounded = wire.decode(_frame(wire.Open.KIND, _open_meta(client={"flops_per_s": 1e12, "max_layers": 4})))
+    assert bounded.client.max_layers == 4
+
+
 # ---------------------------------------------------------------- malformed frames
 MALFORMED = [
     ("short header", b"VSPL\x01", r"frame of 5 bytes is shorter than the 10-byte header"),
@@ -186,6 +200,12 @@ MALFORMED = [
      r"client: give both layer_prefill_s_per_token and layer_decode_s, or neither"),
     ("empty client profile", _frame(1, _open_meta(client={})), r"client: expected layer times"),
     ("client profile not an object", _frame(1, _open_meta(client=[1])), r"client: expected an object, got list"),
+    ("negative max_layers", _frame(1, _open_meta(client={"flops_per_s": 1e12, "max_layers": -1})),
+     r"client.max_layers: expected >= 0, got -1"),
+    ("float max_layers", _frame(1, _open_meta(client={"flops_per_s": 1e12, "max_layers": 2.5})),
+     r"client.max_layers: expected an integer, got 2\.5"),
+    ("no speed with a layer bound", _frame(1, _open_meta(client={"max_layers": 3})),
+     r"client: expected layer times .*only a client holding no layer, max_layers=0, may omit both"),
     ("zero expected tokens", _frame(1, _open_meta(expected_output_tokens=0)), r"expected_output_tokens: expected >= 1"),
     ("huge probe", _frame(8, {"nonce": 1, "reply_bytes": 1 << 30}), r"reply_bytes: expected <= 1048576"),
     ("missing activation fields", _frame(3, {"start": 0}),
