@@ -1,230 +1,62 @@
-"""End-to-end throughput: plain vLLM vs split (server-only, greedy, DP placement) at the same SLA.
+"""Throughput at the same SLA: plain vLLM vs split (server-only, greedy, DP) on identical arrivals.
 
     python -m benchmarks.bench_throughput [--workload benchmarks/workloads/default.json]
-        [--quick] [--systems plain,split_dp] [--out results/bench_throughput.json]
+        [--quick] [--systems plain,split_dp] [--no-sweep] [--out results/bench_throughput.json]
 
-A mix of request types arrives as a Poisson process at increasing rates; every request has
-an SLA and belongs to a client of a device class on a network (all from the workload
-file). Four systems run the same arrivals, one after the other, on this machine:
+One experiment, every system, the same arrival traces: a mix of request types arrives as a
+Poisson process; at each rate every system replays the same traces (``trace_seed``: one
+seed per rate and trace index, whatever the system), several traces per rate. Every
+request has an SLA and a client of a device class on a network (the workload file).
 
-* ``plain``: vLLM without the plugin; the client sends token ids over HTTP (streaming).
+* ``plain``: vLLM without the plugin, the client sends token ids over HTTP (streaming);
+  vLLM's default compiled mode, and the best of a small sweep of its own knobs.
 * ``split_server_only``: the plugin, every client at ``k = 0`` (the plugin's overhead).
 * ``split_greedy``: the admission controller with the greedy placement rule.
-* ``split_dp``: the admission controller with the DP (the product's default).
+* ``split_dp``: the admission controller with the DP (the product's default); the best of
+  a small sweep of the split server's knobs (greedy and server-only get the same settings).
 
-Clients are emulated (``harness.emulation``) so that the 2-core machine measures the
-server: each request's hidden states at every layer are computed beforehand, exactly, by
-the client library (greedy decoding: the continuation is the plain engine's, known in
-advance), and a client waits what its device class would take for its layers and what its
-network would take for every message, over real WebSockets to the real server. Every split
-token is checked against the reference. Prefix caching is off on every server (the
-emulated requests of a type share a prompt; plain vLLM would otherwise skip their prefill).
+Clients are emulated (``harness.emulation``): exact replayed activations, the waits their
+device class and network would take; a device class's per-layer time is a sourced multiple
+of this server's measured per-layer time, and it holds at most ``max_layers`` layers
+(``benchmarks.throughput_requests``). Every split token is checked against the plain
+engine's.
 
-Per system and rate: goodput (requests/s meeting their SLA), output tokens/s, SLA
-attainment, server CPU seconds per request (the server's process tree), refusals; the
-maximum rate at 90% attainment (interpolated); plots. The raw per-request samples go to
-the compressed sidecar ``NAME.rows.json.gz`` (``benchmarks/report.py``).
+Per system: the offered rate measured from the arrivals, SLA attainment with a Wilson
+interval, goodput, refusals by reason, client seconds per request, ``k`` per device class;
+the maximum rate at 90% attainment on an isotonic fit, refined around the crossing, with a
+bootstrap interval (``benchmarks.throughput_stats``); the DP's split limit at the run's
+measured occupancy; a crossover over the clients' speed. Plots; raw samples in the sidecar.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import random
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks import report
+from benchmarks.throughput_requests import (SYSTEMS, ProgressBar, arrivals, build_scripts, cpu_breakdown,
+                                            device_profiles, load_workload, run_trace, server_layer_times, summarise,
+                                            trace_duration, trace_seed)
+from benchmarks.throughput_stats import TARGET, max_rate_interval, next_rate, ratio_interval
 
-SYSTEMS = {
-    "plain": {"split": False, "args": (), "k": None},
-    "split_server_only": {"split": True, "args": (), "k": 0},
-    "split_greedy": {"split": True, "args": ("--split-placement", "greedy"), "k": "auto"},
-    "split_dp": {"split": True, "args": (), "k": "auto"},
-}
-# Every server alike: no prefix caching (the emulated requests of a type share a prompt) and
-# 128 request slots. A split request keeps its slot while its client computes, so a split
-# server needs more slots than plain vLLM for the same load; VLLMServer's 16 (sized for the
-# tests) capped the first full run at 16 running requests (the rest waited: TTFT misses).
-COMMON_ARGS = ("--no-enable-prefix-caching", "--max-num-seqs", "128")
-ATTAINMENT_TARGET = 0.9
-
-
-# ---------------------------------------------------------------- workload
-def load_workload(path: Path) -> dict:
-    w = json.loads(path.read_text())
-    for key in ("request_types", "device_classes", "networks", "rates", "duration_s"):
-        if key not in w:
-            raise SystemExit(f"{path}: missing {key!r}")
-    return w
+# Every server alike: no prefix caching (the emulated requests of a type share a prompt).
+COMMON_ARGS = ("--no-enable-prefix-caching",)
+# The knobs swept per system (the first is the default; vLLM's CPU defaults are 128 sequences
+# and 2048 batched tokens for the API server).
+PLAIN_SWEEP = (("--max-num-seqs", "128"), ("--max-num-seqs", "32"),
+               ("--max-num-seqs", "128", "--max-num-batched-tokens", "512"))
+SPLIT_SWEEP = (("--max-num-seqs", "128"), ("--max-num-seqs", "128", "--split-offload-above-pct", "0"))
+CROSSOVER_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def prompt_ids(tokenizer, text: str, n: int) -> list[int]:
-    ids = tokenizer(text)["input_ids"]
-    while len(ids) < n:
-        ids += tokenizer(" " + text)["input_ids"]
-    return ids[:n]
-
-
-def arrivals(w: dict, rate: float, duration: float, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    pick = lambda items: rng.choices(items, weights=[i["weight"] for i in items])[0]  # noqa: E731
-    t, out = 0.0, []
-    while True:
-        t += rng.expovariate(rate)
-        if t >= duration:
-            return out
-        out.append({"t": t, "type": pick(w["request_types"])["name"], "device": pick(w["device_classes"])["name"],
-                    "network": pick(w["networks"])["name"]})
-
-
-# ---------------------------------------------------------------- one request
-async def run_plain(url: str, model: str, ids: list[int], n_out: int, link, http) -> tuple[list[float], list[int]]:
-    await link.uplink(4 * len(ids))
-    body = {"model": model, "prompt": ids, "max_tokens": n_out, "temperature": 0, "ignore_eos": True,
-            "stream": True, "return_token_ids": True}
-    times, tokens = [], []
-    async with http.post(url + "/v1/completions", json=body) as r:
-        if r.status != 200:
-            raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:200]}")
-        async for line in r.content:
-            line = line.strip()
-            if not line.startswith(b"data:") or line == b"data: [DONE]":
-                continue
-            choice = json.loads(line[5:])["choices"][0]
-            got = choice.get("token_ids") or []
-            if got or choice.get("text"):
-                times.append(time.perf_counter() + link.rtt_s / 2)  # the chunk still has to reach the client
-                tokens += got
-    return times, tokens
-
-
-async def run_one(system: str, url: str, model: str, req: dict, w: dict, scripts: dict, http) -> dict:
-    from client_lib import ServerError
-    from harness.emulation import EmulatedLink, run_emulated
-    from vllm_split.wire import protocol as wire
-
-    rtype = next(r for r in w["request_types"] if r["name"] == req["type"])
-    device = next(d for d in w["device_classes"] if d["name"] == req["device"])
-    net = next(n for n in w["networks"] if n["name"] == req["network"])
-    link = EmulatedLink(rtt_s=net["rtt_s"], uplink_bps=net["uplink_bps"], downlink_bps=net["downlink_bps"])
-    script = scripts[req["type"]]
-    n_out = rtype["output_tokens"]
-    out = dict(req, ttft_s=None, tpot_s=None, output_tokens=0, exact=None, split_layer=None, refused=None)
-    t0 = time.perf_counter()
-    try:
-        if SYSTEMS[system]["k"] is None:
-            times, tokens = await run_plain(url, model, script.prompt_ids, n_out, link, http)
-            out["exact"] = tokens == script.expected[:n_out] if tokens else None
-            out["split_layer"] = 0
-        else:
-            profile = wire.ClientProfile(layer_prefill_s_per_token=device["layer_prefill_s_per_token"],
-                                         layer_decode_s=device["layer_decode_s"])
-            session, tokens, layers = await run_emulated(
-                url, script, profile=profile, link=link, sla=wire.RequestSLA(**rtype["sla"]), max_tokens=n_out,
-                split_layer=SYSTEMS[system]["k"])
-            times = session.stats.token_times
-            out["exact"] = tokens == script.expected[:n_out] and layers.mismatch is None
-            out["split_layer"] = session.opened.split_layer
-            out["placement"] = session.opened.placement
-            out["predicted_ttft_s"] = session.opened.predicted_ttft_s
-            out["predicted_tpot_s"] = session.opened.predicted_tpot_s
-            out["after_open_ttft_s"] = session.stats.time_to_first_token  # from Opened to the first token
-    except ServerError as exc:
-        out["refused"] = exc.code
-        return out
-    except Exception as exc:  # noqa: BLE001: a failed request is a sample, not a crash
-        out["error"] = f"{type(exc).__name__}: {exc}"[:200]
-        return out
-    out["output_tokens"] = len(times)
-    if times:
-        out["ttft_s"] = times[0] - t0
-        out["tpot_s"] = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
-    sla = rtype["sla"]
-    out["met"] = bool(times) and len(times) == n_out and out["ttft_s"] <= sla["ttft_s"] and out["tpot_s"] <= sla["tpot_s"]
-    return out
-
-
-# ---------------------------------------------------------------- one rate on one server
-def cpu_breakdown(pid: int) -> dict[str, float]:
-    """CPU seconds so far of the server's processes (API server, EngineCore, ...) by name,
-    and of this process (the emulated clients)."""
-    import psutil
-
-    out: dict[str, float] = {}
-    try:
-        root = psutil.Process(pid)
-        procs = [("api_server", root), *((p.name(), p) for p in root.children(recursive=True))]
-    except psutil.Error:
-        procs = []
-    for name, p in procs:
-        try:
-            t = p.cpu_times()
-            out[name] = out.get(name, 0.0) + t.user + t.system
-        except psutil.Error:
-            pass
-    t = psutil.Process().cpu_times()
-    out["bench_clients"] = t.user + t.system
-    return out
-
-
-async def run_rate(system: str, url: str, model: str, w: dict, scripts: dict, reqs: list[dict], progress) -> list[dict]:
-    import aiohttp
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
-        start = time.perf_counter()
-        done: list[dict] = []
-
-        async def launch(req):
-            await asyncio.sleep(max(0.0, start + req["t"] - time.perf_counter()))
-            result = await run_one(system, url, model, req, w, scripts, http)
-            done.append(result)
-            progress(len(done))
-            return result
-
-        return await asyncio.gather(*(launch(r) for r in reqs))
-
-
-def summarise(samples: list[dict], rate: float, duration: float, cpu_s: float, wall_s: float) -> dict:
-    n = len(samples)
-    met = sum(1 for s in samples if s.get("met"))
-    completed = [s for s in samples if s["output_tokens"]]
-    ks = [s["split_layer"] for s in completed if s["split_layer"] is not None]
-    return {"rate": rate, "requests": n, "met": met, "attainment": met / n if n else None,
-            "goodput_rps": met / duration, "output_tokens_per_s": sum(s["output_tokens"] for s in completed) / wall_s,
-            "server_cpu_s_per_request": cpu_s / max(len(completed), 1), "refused": sum(1 for s in samples if s["refused"]),
-            "errors": sum(1 for s in samples if s.get("error")),
-            "wrong_outputs": sum(1 for s in samples if s["exact"] is False),
-            "mean_split_layer": statistics.mean(ks) if ks else None,
-            "ttft_p50_s": _pct([s["ttft_s"] for s in completed], 50), "tpot_p50_s": _pct([s["tpot_s"] for s in completed], 50),
-            "tpot_p90_s": _pct([s["tpot_s"] for s in completed], 90)}
-
-
-def _pct(values, q):
-    values = sorted(v for v in values if v is not None)
-    return values[min(len(values) - 1, int(len(values) * q / 100))] if values else None
-
-
-def max_rate_at(points: list[dict], target: float = ATTAINMENT_TARGET) -> float | None:
-    """Largest rate with attainment >= target, interpolated to the first rate below it."""
-    best = None
-    for a, b in zip(points, points[1:] + [None]):
-        if a["attainment"] is None or a["attainment"] < target:
-            break
-        best = a["rate"]
-        if b is not None and b["attainment"] is not None and b["attainment"] < target:
-            frac = (a["attainment"] - target) / (a["attainment"] - b["attainment"])
-            best = a["rate"] + frac * (b["rate"] - a["rate"])
-            break
-    return best
-
-
+# ---------------------------------------------------------------- split limit
 def split_limit(metrics_text: str, num_layers: int) -> dict | None:
-    """Best rate ratio any split could reach from the DP run's live cost model and offload:
-    a step's fixed share f stays on the server; the layers' share shrinks by the mean
-    offloaded fraction o, so the server's time per request is at least f + (1 - f)(1 - o)."""
+    """Best rate ratio any split could reach from the live cost model and offload at the
+    occupancy in ``metrics_text``: a step's fixed share f stays on the server; the layers'
+    share shrinks by the mean offloaded fraction o, so a request costs at least
+    f + (1 - f)(1 - o) of its plain cost."""
     import re
 
     vals = {}
@@ -241,9 +73,122 @@ def split_limit(metrics_text: str, num_layers: int) -> dict | None:
     o = vals["sum"] / vals["count"]
     return {"fixed_share_of_step": f, "mean_offloaded_fraction": o, "occupancy": b,
             "best_rate_ratio": 1 / (f + (1 - f) * (1 - o)),
-            "note": "per-step fixed cost (embedding, final norm, LM head, sampling, scheduling) at the DP run's "
-                    "mean occupancy, from the controller's live cost model; the per-layer-call cost is counted as "
-                    "offloadable, which holds only when whole layers leave the batch"}
+            "note": "per-step fixed cost (embedding, final norm, LM head, sampling, scheduling) at the occupancy "
+                    "measured mid-trace, from the controller's live cost model; the per-layer-call cost is counted "
+                    "as offloadable, which holds only when whole layers leave the batch"}
+
+
+# ---------------------------------------------------------------- one server, many points
+class Bench:
+    """The run's shared state: workload, model, scripts, the clients' profiles."""
+
+    def __init__(self, args, w: dict) -> None:
+        from transformers import AutoTokenizer
+
+        from harness.model_prep import prepare
+
+        self.args, self.w = args, w
+        self.model = prepare()
+        self.tok = AutoTokenizer.from_pretrained(self.model)
+        self.num_layers = json.loads((self.model / "config.json").read_text())["num_hidden_layers"]
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-tp-"))
+        self.scripts: dict = {}
+        self.server_layer: dict | None = None
+        self.samples: dict = {}
+        self.n_server = 0
+
+    def profiles(self, scale: float = 1.0) -> dict:
+        assert self.server_layer is not None
+        return device_profiles(self.w, self.server_layer, scale)
+
+    def server(self, system: str, knobs: tuple[str, ...]):
+        from harness.server_process import VLLMServer
+
+        spec = SYSTEMS[system]
+        self.n_server += 1
+        extra = (*COMMON_ARGS, *knobs, *spec["args"], *(self.args.split_args.split() if spec["split"] else ()))
+        server = VLLMServer(self.model, split=spec["split"], log_path=self.tmp / f"{self.n_server}-{system}.log",
+                            extra_args=extra, eager=self.args.eager)
+        server.wait_ready()
+        if not spec["split"] and not self.scripts:  # references and the server's layer times: plain engine
+            self.server_layer = server_layer_times(server.url, str(self.model), self.num_layers)
+            self.scripts = build_scripts(server.url, str(self.model), self.tok, self.w)
+        return server
+
+    def point(self, server, system: str, rate: float, traces: int, label: str, *, scale: float = 1.0,
+              duration: float | None = None, key: str = "") -> dict:
+        """One rate: ``traces`` arrival traces (the same for every system), pooled."""
+        got, arrival_s, probes = [], 0.0, []
+        cpu0, t0 = cpu_breakdown(server.proc.pid), time.perf_counter()
+        profiles = self.profiles(scale)
+        for i in range(traces):
+            d = duration or trace_duration(self.w, rate)
+            reqs = arrivals(self.w, rate, d, trace_seed(self.w, rate, i))
+            bar = ProgressBar(f"{label} rate {rate:.3g}/s trace {i + 1}/{traces}", len(reqs))
+            res, metrics = asyncio.run(run_trace(system, server.url, str(self.model), self.w, self.scripts, profiles,
+                                                 reqs, bar.update, probe_at_s=d / 2 if SYSTEMS[system]["split"] else None))
+            for r in res:
+                r["trace"] = i
+            got += res
+            arrival_s += d
+            if metrics:
+                probes.append(split_limit(metrics, self.num_layers))
+            met = sum(1 for r in res if r.get("met"))
+            bar.close(f"{met}/{len(res)} met")
+            time.sleep(2.5)  # let the engine drain and the controller's load window empty
+        wall = time.perf_counter() - t0
+        cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_breakdown(server.proc.pid).items()}
+        p = summarise(got, rate=rate, arrival_s=arrival_s, wall_s=wall,
+                      cpu_s=sum(v for k, v in cpu.items() if k != "bench_clients"))
+        p.update(traces=traces, speed_scale=scale, cpu_s_by_process=cpu, wall_s=wall,
+                 split_limit=[x for x in probes if x] or None)
+        self.samples.setdefault(system + key, {})[f"{rate:.4g}@{scale:g}"] = got
+        return p
+
+    def screen(self, system: str, sweep: tuple) -> dict:
+        """Each knob setting at the screening rates, one trace each; the most requests met wins."""
+        rates = [float(r) for r in self.w["screen_rates"]]
+        rows = []
+        for j, knobs in enumerate(sweep):
+            server = self.server(system, knobs)
+            try:
+                pts = [self.point(server, system, r, 1, f"[screen {system} {j + 1}/{len(sweep)}]", key="_screen")
+                       for r in rates]
+            finally:
+                server.stop()
+            rows.append({"knobs": list(knobs), "met": sum(p["met"] for p in pts), "requests": sum(p["requests"] for p in pts),
+                         "points": pts})
+        best = max(range(len(rows)), key=lambda j: (rows[j]["met"], -j))
+        return {"rates": rates, "settings": rows, "chosen": rows[best]["knobs"]}
+
+    def full(self, system: str, knobs: tuple[str, ...], rates: list[float], traces: int, refine: int,
+             extra_rates: tuple[float, ...] = ()) -> tuple[list[dict], object]:
+        """The system's points on the grid, refined around its crossing; the server is
+        returned running (the caller stops it)."""
+        server = self.server(system, knobs)
+        label = f"[{system}]"
+        points = [self.point(server, system, r, traces, label) for r in rates]
+        for _ in range(refine):
+            r = next_rate(points)
+            if r is None:
+                break
+            points.append(self.point(server, system, round(r, 3), traces, label + " refine"))
+        for r in extra_rates:
+            if all(abs(p["rate"] - r) > 1e-9 for p in points):
+                points.append(self.point(server, system, r, traces, label))
+        points.sort(key=lambda p: p["rate"])
+        return points, server
+
+
+def k_by_device(samples: dict, system: str) -> dict:
+    """Histogram of the chosen split layer per device class, over every point of ``system``."""
+    out: dict = {}
+    for rows in samples.get(system, {}).values():
+        for s in rows:
+            if s["split_layer"] is not None and s["output_tokens"]:
+                h = out.setdefault(s["device"], {})
+                h[str(s["split_layer"])] = h.get(str(s["split_layer"]), 0) + 1
+    return out
 
 
 # ---------------------------------------------------------------- main
@@ -252,142 +197,137 @@ def main() -> None:
     p.add_argument("--workload", type=Path, default=report.ROOT / "benchmarks" / "workloads" / "default.json")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--eager", action="store_true", help="run every server with --enforce-eager (labelled eager)")
-    p.add_argument("--rates", default=None, help="comma-separated rates instead of the workload's")
-    p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate")
-    p.add_argument("--split-args", default="", help="extra options for the split servers, e.g. "
-                   "'--split-batch-wait-ms 30'")
+    p.add_argument("--rates", default=None, help="comma-separated starting rates instead of the workload's")
+    p.add_argument("--traces", type=int, default=3, help="arrival traces (seeds) per rate (default: %(default)s)")
+    p.add_argument("--refine", type=int, default=3, help="rates added around each crossing (default: %(default)s)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the knob sweeps: the first setting of each")
+    p.add_argument("--no-crossover", action="store_true", help="skip the client-speed sweep")
+    p.add_argument("--split-args", default="", help="extra options for the split servers, e.g. '--split-gather off'")
     args = report.parse_args(p, draw)
     import torch
 
     torch.set_num_threads(1)  # emulated clients share the machine with the server
-    from transformers import AutoTokenizer
-
-    from client_lib import LocalLayers
-    from harness.emulation import Script, all_layer_states
-    from harness.model_prep import prepare
-    from harness.server_process import VLLMServer
-
     w = load_workload(args.workload)
     systems = ["plain", "split_dp"] if args.quick else [s.strip() for s in args.systems.split(",")]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         raise SystemExit(f"unknown system(s) {unknown}; known: {list(SYSTEMS)}")
-    rates = [w["rates"][1]] if args.quick else list(w["rates"])
-    rates = [float(r) for r in args.rates.split(",")] if args.rates else rates
-    duration = args.duration or (6.0 if args.quick else float(w["duration_s"]))
     if "plain" not in systems:
-        systems = ["plain", *systems]  # the references come from the plain engine
-    model = prepare()
-    tok = AutoTokenizer.from_pretrained(model)
-    num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-tp-"))
-    results: dict = {}
-    samples: dict = {}
-    scripts: dict = {}
-    limit = None
+        systems = ["plain", *systems]  # the references and the server's layer times come from plain
+    systems.sort(key=list(SYSTEMS).index)
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else [float(r) for r in w["rates"]]
+    if args.quick:
+        rates, args.traces, args.refine, args.no_sweep, args.no_crossover = rates[:1], 1, 0, True, True
+    bench = Bench(args, w)
+    duration = 6.0 if args.quick else None
     t_all = time.perf_counter()
-    for si, system in enumerate(systems):
-        spec = SYSTEMS[system]
-        extra = (*COMMON_ARGS, *spec["args"], *(args.split_args.split() if spec["split"] else ()))
-        # every server in vLLM's default compiled mode: plain at its best, split with compiled bodies
-        server = VLLMServer(model, split=spec["split"], log_path=tmp / f"{system}.log", extra_args=extra,
-                            eager=args.eager)
+    screens: dict = {}
+    if not args.no_sweep:
+        screens["plain"] = bench.screen("plain", PLAIN_SWEEP)
+        if "split_dp" in systems:
+            screens["split_dp"] = bench.screen("split_dp", SPLIT_SWEEP)
+    chosen = {"plain": tuple(screens["plain"]["chosen"]) if "plain" in screens else PLAIN_SWEEP[0]}
+    split_knobs = tuple(screens["split_dp"]["chosen"]) if "split_dp" in screens else SPLIT_SWEEP[0]
+    results: dict = {}
+    crossover: dict = {"rate": None, "plain": None, "split_dp": []}
+    for system in systems:
+        knobs = chosen["plain"] if system == "plain" else split_knobs
+        if args.quick:
+            server = bench.server(system, knobs)
+            points = [bench.point(server, system, rates[0], 1, f"[{system}]", duration=duration)]
+        else:
+            points, server = bench.full(system, knobs, rates, args.traces, args.refine)
         try:
-            server.wait_ready()
-            if not scripts:
-                scripts = build_scripts(server.url, str(model), tok, w, LocalLayers, Script, all_layer_states)
-            points = []
-            for ri, rate in enumerate(rates):
-                reqs = arrivals(w, rate, duration, seed=w.get("seed", 0) * 1000 + ri)
-                label = f"[{si + 1}/{len(systems)} {system}] rate {rate:g}/s ({ri + 1}/{len(rates)})"
-                bar = ProgressBar(label, len(reqs))
-                cpu0, t0 = cpu_breakdown(server.proc.pid), time.perf_counter()
-                got = asyncio.run(run_rate(system, server.url, str(model), w, scripts, reqs, bar.update))
-                wall = time.perf_counter() - t0
-                cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_breakdown(server.proc.pid).items()}
-                point = summarise(got, rate, duration, sum(v for k, v in cpu.items() if k != "bench_clients"), wall)
-                point["cpu_s_by_process"] = cpu
-                point["wall_s"] = wall
-                bar.close(f"attainment {point['attainment'] if point['attainment'] is not None else float('nan'):.0%}, "
-                          f"goodput {point['goodput_rps']:.2f}/s, mean k {point['mean_split_layer']}")
-                points.append(point)
-                samples.setdefault(system, {})[str(rate)] = got
-                time.sleep(2.5)  # let the engine drain and the controller's load window empty
-            results[system] = {"points": points, "max_rate_at_90pct": max_rate_at(points)}
-            if system == "split_dp":
-                import urllib.request
-
-                with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
-                    limit = split_limit(r.read().decode(), num_layers)
+            interval = max_rate_interval(points)
+            if system == "plain" and not args.no_crossover:  # the crossover's rate: where plain misses its SLA
+                crossover["rate"] = round(1.25 * (interval["rate"] or rates[0]), 3)
+                crossover["plain"] = bench.point(server, system, crossover["rate"], 2, "[crossover plain]")
+            if system == "split_dp" and crossover["rate"]:
+                for scale in CROSSOVER_SCALES:
+                    pt = bench.point(server, system, crossover["rate"], 2, f"[crossover x{scale:g}]", scale=scale,
+                                     key="_crossover")
+                    crossover["split_dp"].append(pt)
         finally:
             server.stop()
-    summary = {s: {"max_rate_at_90pct": r["max_rate_at_90pct"]} for s, r in results.items()}
-    base = results.get("plain", {}).get("max_rate_at_90pct")
-    for s, r in results.items():
-        summary[s]["vs_plain"] = (r["max_rate_at_90pct"] / base) if base and r["max_rate_at_90pct"] else None
-    dp, greedy = (results.get(s, {}).get("max_rate_at_90pct") for s in ("split_dp", "split_greedy"))
-    summary["dp_over_greedy"] = dp / greedy - 1 if dp and greedy else None
-    summary["paper"] = {"server_work_saved": "about 1/3", "dp_over_greedy": "+19%"}
-    summary["split_limit"] = limit
-    summary["wrong_outputs"] = sum(p["wrong_outputs"] for r in results.values() for p in r["points"])
+        results[system] = {"knobs": list(knobs), "points": points, "max_rate_at_90pct": interval}
+        print(f"{system}: max rate at 90% {interval}", flush=True)
     data = {"arguments": report.arguments(args),
-            "environment": report.environment(num_layers=num_layers, wall_s=time.perf_counter() - t_all),
-            "workload": w, "rates": rates, "duration_s": duration, "systems": results, "summary": summary}
-    report.write(args.out, data, rows={"samples": samples}, draw=draw)
-    print(json.dumps(summary, indent=1))
+            "environment": report.environment(num_layers=bench.num_layers, wall_s=time.perf_counter() - t_all),
+            "workload": w, "server_layer_times": bench.server_layer, "client_profiles": bench.profiles(),
+            "sweeps": screens, "systems": results, "crossover": crossover,
+            "k_by_device": {s: k_by_device(bench.samples, s) for s in ("split_dp", "split_greedy") if s in results},
+            "summary": summary(results, crossover)}
+    report.write(args.out, data, rows={"samples": bench.samples}, draw=draw)
+    print(json.dumps(data["summary"], indent=1))
 
 
-def build_scripts(url, model, tok, w, LocalLayers, Script, all_layer_states) -> dict:
-    """Per request type: prompt ids, the plain engine's greedy continuation, every layer's input."""
-    import urllib.request
+def summary(results: dict, crossover: dict) -> dict:
+    out: dict = {}
+    base = results.get("plain", {}).get("max_rate_at_90pct", {})
+    for s, r in results.items():
+        m = r["max_rate_at_90pct"]
+        ratio = m["rate"] / base["rate"] if base.get("rate") and m["rate"] else None
+        out[s] = {"knobs": r["knobs"], "max_rate_at_90pct": m["rate"], "how": m["how"], "ci95": m["ci95"],
+                  "vs_plain": ratio, "vs_plain_ci95": ratio_interval(m, base) if s != "plain" else None,
+                  "requests": sum(p["requests"] for p in r["points"]),
+                  "client_s_per_request": _mean([p["client_s_per_request"] for p in r["points"]])}
+    dp, greedy = (results.get(s, {}).get("max_rate_at_90pct", {}).get("rate") for s in ("split_dp", "split_greedy"))
+    out["dp_over_greedy"] = dp / greedy - 1 if dp and greedy else None
+    limits = [x for p in results.get("split_dp", {}).get("points", []) for x in (p.get("split_limit") or [])]
+    out["split_limit_at_measured_occupancy"] = limits[len(limits) // 2] if limits else None
+    out["crossover_rate"] = crossover.get("rate")
+    out["wrong_outputs"] = sum(p["wrong_outputs"] for r in results.values() for p in r["points"])
+    out["paper"] = {"server_work_saved": "about 1/3", "dp_over_greedy": "+19%"}
+    return out
 
-    full = LocalLayers(model, split_layer="auto")
-    scripts = {}
-    for rtype in w["request_types"]:
-        ids = prompt_ids(tok, rtype["prompt"], rtype["prompt_tokens"])
-        body = {"model": model, "prompt": ids, "max_tokens": rtype["output_tokens"], "temperature": 0,
-                "ignore_eos": True, "return_token_ids": True}
-        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as r:
-            expected = json.load(r)["choices"][0]["token_ids"]
-        scripts[rtype["name"]] = Script(ids, expected, all_layer_states(full, ids + expected), full.fingerprint)
-    return scripts
 
-
-class ProgressBar:
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.t0 = label, max(total, 1), time.perf_counter()
-        self.update(0)
-
-    def update(self, n: int) -> None:
-        filled = int(30 * n / self.total)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {n}/{self.total} "
-                         f"{time.perf_counter() - self.t0:5.0f} s")
-        sys.stderr.flush()
-
-    def close(self, note: str) -> None:
-        sys.stderr.write(f"  {note}\n")
-        sys.stderr.flush()
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
 def draw(data: dict):
-    fig, (a1, a2) = report.subplots(1, 2, figsize=(11, 4.2))
+    fig, ((a1, a2), (a3, a4)) = report.subplots(2, 2, figsize=(12, 8.5))
     for system, r in data["systems"].items():
-        rates = [p["rate"] for p in r["points"]]
-        a1.plot(rates, [p["goodput_rps"] for p in r["points"]], "o-", label=system)
-        a2.plot(rates, [p["attainment"] for p in r["points"]], "o-", label=system)
-    a1.plot(rates, rates, "k:", lw=0.8, label="offered load")
-    a1.set_xlabel("arrival rate (requests/s)")
-    a1.set_ylabel("goodput (requests/s meeting the SLA)")
-    a2.axhline(ATTAINMENT_TARGET, color="grey", ls="--", lw=0.8)
-    a2.set_xlabel("arrival rate (requests/s)")
-    a2.set_ylabel("SLA attainment")
-    a2.set_ylim(0, 1.05)
-    for a in (a1, a2):
+        pts = r["points"]
+        x = [p["offered_rate"] for p in pts]
+        att = [p["attainment"] for p in pts]
+        lo = [p["attainment"] - p["attainment_ci95"][0] for p in pts]
+        hi = [p["attainment_ci95"][1] - p["attainment"] for p in pts]
+        line = a1.errorbar(x, att, yerr=[lo, hi], fmt="o-", capsize=3, label=system)
+        m = r["max_rate_at_90pct"]
+        if m["rate"] and m["ci95"]:
+            a1.errorbar([m["rate"]], [TARGET], xerr=[[m["rate"] - m["ci95"][0]], [m["ci95"][1] - m["rate"]]],
+                        fmt="D", color=line[0].get_color(), capsize=4)
+        a2.plot(x, [p["goodput_rps"] for p in pts], "o-", label=system)
+    a1.axhline(TARGET, color="grey", ls="--", lw=0.8)
+    a1.set(xlabel="offered rate (arrivals/s, measured)", ylabel="SLA attainment (95% Wilson)", ylim=(0, 1.05),
+           title="attainment; diamonds: max rate at 90% (bootstrap 95%)")
+    a2.set(xlabel="offered rate (arrivals/s, measured)", ylabel="goodput (requests/s meeting the SLA)")
+    cross = data.get("crossover") or {}
+    if cross.get("split_dp"):
+        scales = [p["speed_scale"] for p in cross["split_dp"]]
+        a3.errorbar(scales, [p["attainment"] for p in cross["split_dp"]],
+                    yerr=[[p["attainment"] - p["attainment_ci95"][0] for p in cross["split_dp"]],
+                          [p["attainment_ci95"][1] - p["attainment"] for p in cross["split_dp"]]],
+                    fmt="o-", capsize=3, label="split_dp")
+        if cross.get("plain"):
+            a3.axhline(cross["plain"]["attainment"], color="C0", ls=":", label="plain")
+        a3.set_xscale("log", base=2)
+    a3.set(xlabel="client speed multiple (x the workload's per-layer times; larger = slower clients)",
+           ylabel="SLA attainment", ylim=(0, 1.05), title=f"crossover at {cross.get('rate')} req/s")
+    for i, (system, hist) in enumerate((data.get("k_by_device") or {}).items()):
+        for j, (device, h) in enumerate(sorted(hist.items())):
+            ks = sorted(h, key=int)
+            total = sum(h.values())
+            a4.scatter([j + 0.3 * i] * len(ks), [int(k) for k in ks], s=[400 * h[k] / total for k in ks],
+                       alpha=0.6, color=f"C{i + 2}", label=system if j == 0 else None)
+        a4.set_xticks(range(len(hist)), sorted(hist))
+    a4.set(ylabel="split layer k (marker area: share)", title="k per device class")
+    for a in (a1, a2, a3, a4):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
-    fig.suptitle("Throughput at the same SLA: plain vLLM vs vllm-split placements")
+    fig.suptitle("Throughput at the same SLA: plain vLLM vs vllm-split, identical arrivals")
     return fig
 
 

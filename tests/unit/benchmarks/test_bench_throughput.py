@@ -1,8 +1,13 @@
-"""Pure parts of benchmarks/bench_throughput.py: arrivals, the 90% rate, the split limit."""
+"""Pure parts of the throughput experiment: workload and population, arrival traces,
+attainment intervals, the 90% rate and its refinement, the split limit."""
 import pytest
 
-from benchmarks.bench_throughput import arrivals, load_workload, max_rate_at, split_limit
+from benchmarks.bench_throughput import k_by_device, split_limit, summary
 from benchmarks.report import ROOT
+from benchmarks.throughput_requests import (arrivals, device_profiles, load_workload, refusal_reason, summarise,
+                                            trace_duration, trace_seed)
+from benchmarks.throughput_stats import (isotonic_decreasing, max_rate_at, max_rate_interval, next_rate,
+                                         ratio_interval, wilson)
 
 WORKLOAD = ROOT / "benchmarks" / "workloads" / "default.json"
 
@@ -11,26 +16,105 @@ def test_default_workload_is_complete_and_sourced():
     w = load_workload(WORKLOAD)
     for key in ("laptop", "phone", "edge_box", "networks", "slas"):
         assert w["sources"][key]
+    assert w["server_reference"]["source"]
     for r in w["request_types"]:
         assert r["prompt_tokens"] > 0 and r["output_tokens"] > 1 and r["sla"]["ttft_s"] > 0 and r["sla"]["tpot_s"] > 0
+    for d in w["device_classes"]:  # clients slower than the modelled server, holding part of the model
+        assert d["decode_multiple"] >= 1 and d["prefill_multiple"] >= 1 and 0 <= d["max_layers"] < 30
     assert w["rates"] == sorted(w["rates"])
 
 
-def test_arrivals_are_poisson_at_the_rate_and_reproducible():
+def test_device_profiles_are_multiples_of_the_server():
     w = load_workload(WORKLOAD)
-    a = arrivals(w, 4.0, 500.0, seed=3)
-    assert a == arrivals(w, 4.0, 500.0, seed=3)
+    server = {"decode_s": 0.002, "prefill_s_per_token": 5e-5}
+    prof = device_profiles(w, server)
+    laptop = next(d for d in w["device_classes"] if d["name"] == "laptop")
+    assert prof["laptop"]["layer_decode_s"] == pytest.approx(0.002 * laptop["decode_multiple"])
+    assert prof["laptop"]["max_layers"] == laptop["max_layers"]
+    slow = device_profiles(w, server, speed_scale=2.0)
+    assert slow["phone"]["layer_prefill_s_per_token"] == pytest.approx(2 * prof["phone"]["layer_prefill_s_per_token"])
+
+
+def test_arrival_traces_are_poisson_reproducible_and_shared_across_systems():
+    w = load_workload(WORKLOAD)
+    a = arrivals(w, 4.0, 500.0, seed=trace_seed(w, 4.0, 0))
+    assert a == arrivals(w, 4.0, 500.0, seed=trace_seed(w, 4.0, 0))
+    assert a != arrivals(w, 4.0, 500.0, seed=trace_seed(w, 4.0, 1))
+    assert len({trace_seed(w, r, i) for r in (1.0, 1.5, 2.0) for i in range(3)}) == 9
     assert len(a) == pytest.approx(2000, rel=0.1)
     assert all(0 <= x["t"] < 500 for x in a) and [x["t"] for x in a] == sorted(x["t"] for x in a)
-    chat = sum(x["type"] == "chat" for x in a) / len(a)
-    assert chat == pytest.approx(0.5, abs=0.05)
+    assert sum(x["type"] == "chat" for x in a) / len(a) == pytest.approx(0.5, abs=0.05)
+    assert trace_duration(w, 0.1) == w["trace"]["max_s"] and trace_duration(w, 100.0) == w["trace"]["min_s"]
 
 
-def test_max_rate_interpolates_to_the_first_rate_below_target():
-    pts = [{"rate": 1, "attainment": 1.0}, {"rate": 2, "attainment": 0.95}, {"rate": 3, "attainment": 0.85}]
-    assert max_rate_at(pts) == pytest.approx(2.5)
-    assert max_rate_at([{"rate": 1, "attainment": 0.5}]) is None
-    assert max_rate_at([{"rate": 1, "attainment": 0.99}, {"rate": 2, "attainment": 0.9}]) == 2
+def test_wilson_interval():
+    lo, hi = wilson(90, 100)
+    assert lo < 0.9 < hi and hi - lo == pytest.approx(0.12, abs=0.02)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0) and wilson(0, 0) is None
+
+
+def test_isotonic_fit_pools_a_dip():
+    assert isotonic_decreasing([1.0, 0.8, 0.9, 0.5], [1, 1, 1, 1]) == pytest.approx([1.0, 0.85, 0.85, 0.5])
+    assert isotonic_decreasing([0.5, 1.0], [3, 1]) == pytest.approx([0.625, 0.625])
+
+
+def pts(*rows):
+    return [{"rate": r, "offered_rate": r, "requests": n, "met": m} for r, n, m in rows]
+
+
+def test_max_rate_reads_through_a_dip_and_interpolates():
+    # a dip below 90% at 2/s followed by 93% at 3/s: the isotonic fit pools them
+    rate, how = max_rate_at(pts((1, 100, 99), (2, 100, 88), (3, 100, 93), (4, 100, 50)))
+    assert how == "crossing" and rate == pytest.approx(3 + 0.005 / 0.405)  # 2-3/s pooled at 90.5%
+    assert max_rate_at(pts((1, 100, 50))) == (None, "below_all")
+    assert max_rate_at(pts((1, 100, 99), (2, 100, 95))) == (2, "above_all")
+
+
+def test_max_rate_interval_brackets_the_estimate_and_narrows_with_requests():
+    few = max_rate_interval(pts((1, 30, 30), (2, 30, 27), (3, 30, 15)), resamples=400)
+    many = max_rate_interval(pts((1, 300, 300), (2, 300, 270), (3, 300, 150)), resamples=400)
+    for m in (few, many):
+        assert m["ci95"][0] <= m["rate"] <= m["ci95"][1]
+    assert many["ci95"][1] - many["ci95"][0] < few["ci95"][1] - few["ci95"][0]
+    assert ratio_interval({"ci95": (2.0, 3.0)}, {"ci95": (1.0, 2.0)}) == (1.0, 3.0)
+    assert ratio_interval({"ci95": None}, {"ci95": (1.0, 2.0)}) is None
+
+
+def test_next_rate_refines_extends_and_stops():
+    assert next_rate(pts((1, 100, 99), (3, 100, 40))) == 2.0
+    assert next_rate(pts((1, 100, 99), (2, 100, 95))) == 3.0  # above everywhere: grow
+    assert next_rate(pts((1, 100, 10))) == 0.5  # below at the lowest: halve
+    assert next_rate(pts((2.0, 100, 99), (2.2, 100, 40))) is None  # bracketed within 15%
+
+
+def sample(**kw):
+    base = {"device": "laptop", "output_tokens": 4, "split_layer": 3, "exact": True, "refused": None, "met": True,
+            "client_s": 0.5, "ttft_s": 0.3, "tpot_s": 0.1}
+    return {**base, **kw}
+
+
+def test_summarise_counts_refusals_by_reason_and_measures_the_offered_rate():
+    rows = [sample(), sample(met=False),
+            sample(output_tokens=0, refused="server_busy", refusal_reason="queue_timeout", met=None, client_s=0.0)]
+    p = summarise(rows, rate=1.0, arrival_s=2.0, wall_s=3.0, cpu_s=1.0)
+    assert p["offered_rate"] == 1.5 and p["met"] == 1 and p["attainment"] == pytest.approx(1 / 3)
+    assert p["refusal_reasons"] == {"queue_timeout": 1} and p["client_s_per_request"] == 0.5
+    assert p["attainment_ci95"][0] < 1 / 3 < p["attainment_ci95"][1]
+    assert refusal_reason("server_busy", "x; waited 5.0 s in the admission queue") == "queue_timeout"
+    assert refusal_reason("server_busy", "x and the admission queue is full (64)") == "queue_full"
+    assert refusal_reason("sla_unreachable", "no split layer") == "sla_unreachable"
+    assert k_by_device({"split_dp": {"1@1": rows}}, "split_dp") == {"laptop": {"3": 2}}
+
+
+def test_summary_ratios_with_intervals():
+    def system(rate, lo, hi):
+        return {"knobs": [], "points": [{"requests": 10, "wrong_outputs": 0, "client_s_per_request": 0.0}],
+                "max_rate_at_90pct": {"rate": rate, "how": "crossing", "ci95": (lo, hi)}}
+
+    s = summary({"plain": system(2.0, 1.5, 2.5), "split_dp": system(3.0, 2.8, 3.2), "split_greedy": system(2.5, 2, 3)},
+                {"rate": 2.5})
+    assert s["split_dp"]["vs_plain"] == 1.5 and s["split_dp"]["vs_plain_ci95"] == pytest.approx((2.8 / 2.5, 3.2 / 1.5))
+    assert s["dp_over_greedy"] == pytest.approx(0.2) and s["wrong_outputs"] == 0
 
 
 def test_split_limit_from_metrics():
