@@ -111,7 +111,8 @@ class Bench:
                             extra_args=extra, eager=self.args.eager)
         server.wait_ready()
         if not spec["split"] and not self.scripts:  # references and the server's layer times: plain engine
-            self.server_layer = server_layer_times(server.url, str(self.model), self.num_layers)
+            self.server_layer = server_layer_times(server.url, str(self.model), self.num_layers,
+                                                   repeats=1 if self.args.quick else 3)
             self.scripts = build_scripts(server.url, str(self.model), self.tok, self.w)
         return server
 

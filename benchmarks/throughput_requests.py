@@ -148,6 +148,7 @@ async def run_one(system: str, url: str, model: str, req: dict, w: dict, scripts
     except ServerError as exc:
         out["refused"] = exc.code
         out["refusal_reason"] = refusal_reason(exc.code, str(exc))
+        out["refusal_message"] = str(exc)[:240]
         return out
     except Exception as exc:  # noqa: BLE001: a failed request is a sample, not a crash
         out["error"] = f"{type(exc).__name__}: {exc}"[:200]

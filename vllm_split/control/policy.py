@@ -43,6 +43,7 @@ from vllm_split.planner.model_configs import ModelConfig
 from vllm_split.wire.contract import ErrorCode
 
 PLACEMENTS = ("dp", "greedy")
+GATHER_FRACTION = 0.5  # of the recent step: the gather window's longest hold (vllm_split/engine/gather.py FRACTION)
 
 
 class AdmissionInputError(ValueError):
@@ -136,6 +137,7 @@ class AdmissionPolicy:
     default_sla: SLA = field(default_factory=lambda: SLA(ttft_s=5.0, tpot_s=0.25))  # for a client stating none
     offload_above: float = 0.5  # engine utilisation above which the DP minimises server work
     placement: str = "dp"  # or "greedy": the planner's baseline rule instead of the DP (for comparisons)
+    gather_max_s: float = 0.0  # the engine's gather window cap (0: off; config gather / gather_max_ms)
 
     def __post_init__(self) -> None:
         n = self.model.num_hidden_layers
@@ -147,6 +149,9 @@ class AdmissionPolicy:
                                       f"decoder layers), got {self.min_layer!r}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise AdmissionInputError(f"AdmissionPolicy.max_num_seqs: expected None or >= 1, got {self.max_num_seqs!r}")
+        if not isinstance(self.gather_max_s, (int, float)) or not 0 <= self.gather_max_s < 60:
+            raise AdmissionInputError(f"AdmissionPolicy.gather_max_s: expected seconds in [0, 60), "
+                                      f"got {self.gather_max_s!r}")
         if self.hidden_bytes < 1:
             raise AdmissionInputError(f"AdmissionPolicy.hidden_bytes: expected >= 1, got {self.hidden_bytes!r}")
 
@@ -168,6 +173,17 @@ class AdmissionPolicy:
         return RequestGraphInputs(num_layers=self.num_layers, min_layer=self.min_layer, hidden_bytes=self.hidden_bytes,
                                   prompt_len=request.prompt_tokens, output_len=request.expected_output_tokens)
 
+    def gather_s(self, load: ServerLoad) -> float:
+        """How late after its token left an activation may come and still be waited for by
+        the engine's gather window: ``min(gather_max_s, GATHER_FRACTION * recent step)``."""
+        return min(self.gather_max_s, GATHER_FRACTION * load.recent_step_s)
+
+    def turnaround_s(self, request: AdmissionRequest, client: ClientCosts, split_layer: int) -> float:
+        """From a token leaving the server to the client's next activation arriving."""
+        network = request.network
+        assert network is not None
+        return split_layer * client.decode_s + network.uplink_s(self.hidden_bytes) + network.downlink_s(TOKEN_BYTES)
+
     # ---------------------------------------------------------------- predictions
     def predict(self, request: AdmissionRequest, split_layer: int, load: ServerLoad) -> tuple[float, float, float]:
         """Expected (TTFT, TPOT, server work) at ``split_layer``: the graph's latencies plus
@@ -179,9 +195,9 @@ class AdmissionPolicy:
                                       f"got client={client!r}, network={network!r}")
         graph = request_graph(self.graph_inputs(request), load, client)
         ttft, tpot, _, work = evaluate(graph, network, placement_for(split_layer, self.num_layers))
-        turnaround = (split_layer * client.decode_s + network.uplink_s(self.hidden_bytes)
-                      + network.downlink_s(TOKEN_BYTES))
-        return (ttft + 0.5 * busy_fraction(load) * load.recent_step_s, tpot + decode_wait_s(load, turnaround), work)
+        turnaround = self.turnaround_s(request, client, split_layer)
+        return (ttft + 0.5 * busy_fraction(load) * load.recent_step_s,
+                tpot + decode_wait_s(load, turnaround, self.gather_s(load)), work)
 
     def fixed(self, request: AdmissionRequest, load: ServerLoad) -> Admission | Refusal:
         """A client that fixed its split layer is admitted there, with predictions when it
@@ -249,15 +265,43 @@ class AdmissionPolicy:
         placement, or the planner's greedy prefix rule from ``k = min_layer``."""
         client = self.client_costs(request)
         assert client is not None and request.network is not None  # place() checked
-        graph = request_graph(self.graph_inputs(request), load, client, wait_s=busy_fraction(load) * load.recent_step_s)
+        inputs, worst = self.graph_inputs(request), busy_fraction(load) * load.recent_step_s
+        graph = request_graph(inputs, load, client, wait_s=worst)
+        # the placements whose activations the gather window waits for pay no decode wait:
+        # a second graph, the client bounded to the split layers fast enough for it
+        k_gather = self._gathered_split_layer(request, client, load)
+        gathered = None
+        if k_gather is not None:
+            bounded = replace(client, max_layers=k_gather)
+            gathered = request_graph(inputs, load, bounded, wait_s=worst, decode_wait=0.0)
         if spare:
             for k in range(max(self.min_layer, load.min_split_layer), self.num_layers + 1):
-                result = result_for(graph, request.network, sla, placement_for(k, self.num_layers), method="scan")
+                g = gathered if gathered is not None and k <= k_gather else graph
+                result = result_for(g, request.network, sla, placement_for(k, self.num_layers), method="scan")
                 if result.feasible:
                     return replace(result, method="least_offload")
+        results = [self._plan_graph(g, request.network, sla) for g in (graph, gathered) if g is not None]
+        feasible = [r for r in results if r.feasible]
+        return min(feasible, key=lambda r: r.server_work) if feasible else results[0]
+
+    def _plan_graph(self, graph, network: NetworkSpec, sla: SLA) -> PlanResult:
         if self.placement == "greedy":  # the embedding and layers [0, min_layer) stay on the client
-            return greedy(graph, request.network, sla, client_prefix=self.min_layer + 1)
-        return plan(graph, request.network, sla)
+            return greedy(graph, network, sla, client_prefix=self.min_layer + 1)
+        return plan(graph, network, sla)
+
+    def _gathered_split_layer(self, request: AdmissionRequest, client: ClientCosts, load: ServerLoad) -> int | None:
+        """The highest split layer whose turnaround the gather window waits for at ``load``
+        (None: none is, or nobody else runs, so there is no step to wait for)."""
+        gather = self.gather_s(load)
+        if gather <= 0 or busy_fraction(load) <= 0:
+            return None
+        k = self.min_layer
+        if self.turnaround_s(request, client, k) > gather:
+            return None
+        top = self.num_layers if client.max_layers is None else min(self.num_layers, client.max_layers)
+        while k < top and self.turnaround_s(request, client, k + 1) <= gather:
+            k += 1
+        return k
 
     # ---------------------------------------------------------------- decision
     def decide(self, request: AdmissionRequest, placed: PlanResult | Refusal, *, load: ServerLoad,

@@ -83,25 +83,30 @@ def busy_fraction(load: ServerLoad) -> float:
     return min(1.0, load.occupancy)
 
 
-def decode_wait_s(load: ServerLoad, turnaround_s: float) -> float:
+def decode_wait_s(load: ServerLoad, turnaround_s: float, gather_s: float = 0.0) -> float:
     """Expected wait of a decode activation for the step in progress.
 
     With others in the batch the engine steps back to back, period ``S`` (the recent mean
     step). The token leaves at the end of a step; the next step starts at once without this
     request; its activation comes back ``turnaround_s`` later (client compute + network) and
     waits for the running step to end: ``S - (turnaround mod S)``. So a fast client waits a
-    whole step (its token cadence is two steps), which the measurements show.
+    whole step (its token cadence is two steps), which the measurements show. Unless the
+    engine's gather window (``vllm_split/engine/gather.py``) holds the next step for it: it
+    does for an activation expected within ``gather_s`` of the token leaving, which then
+    waits for nothing (the hold is in its turnaround already).
     """
     s = load.recent_step_s
-    if s <= 0:
+    if s <= 0 or turnaround_s <= gather_s:
         return 0.0
     return busy_fraction(load) * (s - (turnaround_s % s))
 
 
 def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts, *,
-                  wait_s: float = 0.0) -> LayerGraph:
+                  wait_s: float = 0.0, decode_wait: float | None = None) -> LayerGraph:
+    """The graph at ``load``; the head pays ``wait_s`` for the step in progress, in the decode
+    pass ``decode_wait`` instead when given (0 for placements the gather window waits for)."""
     c, b, p, n_out = load.cost, load.occupancy, req.prompt_len, req.output_len
-    wait = wait_s
+    wait, dwait = wait_s, wait_s if decode_wait is None else decode_wait
     per_layer_work = c.row_s * (p + n_out - 1) + c.layer_s * (1 + (n_out - 1) / (b + 1))
     nodes = [LayerNode("embed", 0.0, 0.0, FORBIDDEN_S, FORBIDDEN_S, 0.0)]
     for layer in range(req.num_layers):
@@ -114,7 +119,7 @@ def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts
             server_decode_s=c.layer_s + c.row_s * (b + 1) if server_ok else FORBIDDEN_S,
             server_work=per_layer_work,
         ))
-    nodes.append(LayerNode("head", FORBIDDEN_S, FORBIDDEN_S, c.fixed_s + wait, c.fixed_s + wait,
+    nodes.append(LayerNode("head", FORBIDDEN_S, FORBIDDEN_S, c.fixed_s + wait, c.fixed_s + dwait,
                            c.fixed_s * (1 + (n_out - 1) / (b + 1))))
     rows = req.hidden_bytes
     prefill = [0] + [p * rows] * (len(nodes) - 1) + [TOKEN_BYTES]

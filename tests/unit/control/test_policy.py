@@ -174,3 +174,33 @@ def test_bad_request_descriptions_and_options_name_the_value():
         policy(min_layer=31)
     with pytest.raises(AdmissionInputError, match=r"placement: expected one of \['dp', 'greedy'\], got 'best'"):
         policy(placement="best")
+
+
+def test_gather_window_lifts_the_missed_step_from_predictions_and_plans():
+    # a busy server (step about 0.2 s): without gathering, a k = 0 client on the LAN misses
+    # the step in progress and waits most of one; the gather window waits for it instead
+    load = busy(8)
+    off, on = policy(), policy(gather_max_s=0.025)
+    thin = replace(FAST, max_layers=0)  # holds no layer: k = 0 only
+    req = request(tpot=0.3, client=thin)
+    _, tpot_off, _ = off.predict(req, 0, load)
+    _, tpot_on, _ = on.predict(req, 0, load)
+    assert tpot_off - tpot_on == pytest.approx(load.recent_step_s - on.turnaround_s(req, thin, 0), rel=1e-6)
+    assert on.gather_s(load) == 0.025 and on.gather_s(IDLE) == 0.0
+    # a bound only the gathered placements meet: admitted with the window, waits without it
+    bound = (tpot_on + tpot_off) / 2
+    assert decide(off, request(tpot=bound, client=thin), load) == Wait("the SLA cannot be met at the current load")
+    a = decide(on, request(tpot=bound, client=thin), load)
+    assert isinstance(a, Admission) and a.split_layer == 0 and a.predicted_tpot_s <= bound
+
+
+def test_gathered_split_layers_stop_where_the_turnaround_outgrows_the_window():
+    p = policy(gather_max_s=0.025)
+    load = busy(8)
+    slow = ClientCosts(prefill_s_per_token=2e-5, decode_s=0.004)  # 4 ms per layer: about 5 layers fit in 25 ms
+    k = p._gathered_split_layer(request(client=slow), slow, load)
+    assert p.turnaround_s(request(client=slow), slow, k) <= 0.025 < p.turnaround_s(request(client=slow), slow, k + 1)
+    assert p._gathered_split_layer(request(client=replace(slow, max_layers=2)), replace(slow, max_layers=2), load) == 2
+    assert p._gathered_split_layer(request(), FAST, IDLE) is None  # nobody runs: no step to wait for
+    with pytest.raises(AdmissionInputError, match="gather_max_s"):
+        policy(gather_max_s=-1)
