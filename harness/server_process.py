@@ -78,8 +78,12 @@ class VLLMServer:
         if eager is None:
             eager = not split
         cmd.append("--enforce-eager" if eager else "--no-enforce-eager")
+        # VLLM_USE_AOT_COMPILE=0: vLLM 0.32's AOT cache of the compiled model fails to load on the
+        # CPU build ("'function' object has no attribute 'finalize_loading'"), so every start
+        # recompiled (~60 s); without AOT, torch.compile's own caches make a restart ~35 s shorter.
+        # The compiled code is the same. Plain and split servers alike.
         full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                    **(env or {})}
+                    "VLLM_USE_AOT_COMPILE": os.environ.get("VLLM_USE_AOT_COMPILE", "0"), **(env or {})}
         if not split:
             full_env.pop("VLLM_PLUGINS", None)
         # the engine may load classes from harness/ (``--worker-cls harness.timing_worker.TimingWorker``)
