@@ -253,13 +253,13 @@ def main() -> None:
             server.stop()
         results[system] = {"knobs": list(knobs), "points": points, "max_rate_at_90pct": interval}
         print(f"{system}: max rate at 90% {interval}", flush=True)
-    data = {"arguments": report.arguments(args),
-            "environment": report.environment(num_layers=bench.num_layers, wall_s=time.perf_counter() - t_all),
-            "workload": w, "server_layer_times": bench.server_layer, "client_profiles": bench.profiles(),
-            "sweeps": screens, "systems": results, "crossover": crossover,
-            "k_by_device": {s: k_by_device(bench.samples, s) for s in ("split_dp", "split_greedy") if s in results},
-            "summary": summary(results, crossover)}
-    report.write(args.out, data, rows={"samples": bench.samples}, draw=draw)
+        data = {"arguments": report.arguments(args),
+                "environment": report.environment(num_layers=bench.num_layers, wall_s=time.perf_counter() - t_all),
+                "workload": w, "server_layer_times": bench.server_layer, "client_profiles": bench.profiles(),
+                "sweeps": screens, "systems": results, "crossover": crossover,
+                "k_by_device": {s: k_by_device(bench.samples, s) for s in ("split_dp", "split_greedy") if s in results},
+                "summary": summary(results, crossover), "complete": system == systems[-1]}
+        report.write(args.out, data, rows={"samples": bench.samples}, draw=draw)  # after each system: a crash loses one
     print(json.dumps(data["summary"], indent=1))
 
 
