@@ -47,7 +47,8 @@ COMMON_ARGS = ("--no-enable-prefix-caching",)
 # and 2048 batched tokens for the API server).
 PLAIN_SWEEP = (("--max-num-seqs", "128"), ("--max-num-seqs", "32"),
                ("--max-num-seqs", "128", "--max-num-batched-tokens", "512"))
-SPLIT_SWEEP = (("--max-num-seqs", "128"), ("--max-num-seqs", "128", "--split-offload-above-pct", "0"))
+SPLIT_SWEEP = (("--max-num-seqs", "128"), ("--max-num-seqs", "128", "--max-num-batched-tokens", "512"),
+               ("--max-num-seqs", "128", "--max-num-batched-tokens", "512", "--split-offload-above-pct", "0"))
 CROSSOVER_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
@@ -228,6 +229,10 @@ def main() -> None:
         screens["plain"] = bench.screen("plain", PLAIN_SWEEP)
         if "split_dp" in systems:
             screens["split_dp"] = bench.screen("split_dp", SPLIT_SWEEP)
+    if screens:  # the screening's samples on disk before the long part
+        report.write(args.out, {"arguments": report.arguments(args), "sweeps": screens, "complete": False,
+                                "server_layer_times": bench.server_layer, "client_profiles": bench.profiles()},
+                     rows={"samples": bench.samples})
     chosen = {"plain": tuple(screens["plain"]["chosen"]) if "plain" in screens else PLAIN_SWEEP[0]}
     split_knobs = tuple(screens["split_dp"]["chosen"]) if "split_dp" in screens else SPLIT_SWEEP[0]
     results: dict = {}

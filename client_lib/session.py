@@ -35,12 +35,14 @@ DEFAULT_CHUNK_ROWS = 512
 
 
 class ServerError(RuntimeError):
-    """The server rejected a frame or the session (``code`` is machine-readable)."""
+    """The server rejected a frame or the session (``code`` is machine-readable;
+    ``retry_after_s``: when the server said retrying later may succeed, how much later)."""
 
-    def __init__(self, code: str, message: str, fatal: bool) -> None:
+    def __init__(self, code: str, message: str, fatal: bool, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.fatal = fatal
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,5 +228,5 @@ async def _recv(ws: aiohttp.ClientWebSocketResponse) -> wire.Message:
         raise ServerError(ErrorCode.CLOSED, f"connection closed ({msg.type.name}, code {ws.close_code}, {msg.extra!r})", True)
     out = wire.decode(msg.data)
     if isinstance(out, wire.Error):
-        raise ServerError(out.code, out.message, out.fatal)
+        raise ServerError(out.code, out.message, out.fatal, out.retry_after_s)
     return out
