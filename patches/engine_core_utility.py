@@ -14,7 +14,8 @@ Why not subclass: EngineCore (and its ``EngineCoreProc`` / DP subclasses) is ins
          extension point and it cannot add utility methods to its owner.
 Upstream: none yet; a generic "scheduler utility" passthrough would make this unnecessary.
 Remove when: vLLM offers a way for a scheduler (or plugin) to register utility methods.
-Pinned version: vLLM 0.32.0 (checked by ``vllm_split.version.check_vllm_version``).
+Pinned version: every version in ``vllm_split.version.SUPPORTED_VLLM`` (0.32.0, 0.33.0), one code path:
+         the contracts it relies on are identical in both (``test_patch_contracts.py``).
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ How:     wraps ``get_pp_indices`` so that, with one pipeline rank, ``(0, L)`` be
          refused at start-up (not supported yet).
 Upstream: none; a "first layer" option for partial models would make this unnecessary.
 Remove when: vLLM can build a model from a layer range without pipeline parallelism.
-Pinned version: vLLM 0.32.0.
+Pinned version: every version in ``vllm_split.version.SUPPORTED_VLLM`` (0.32.0, 0.33.0), one code path:
+         ``get_pp_indices`` and its lazy look-ups are identical in both (``test_patch_contracts.py``).
 """
 from __future__ import annotations
 

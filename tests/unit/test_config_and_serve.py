@@ -1,4 +1,4 @@
-"""Plugin options, the ``vllm-split serve`` command line, and the vLLM version check."""
+"""Plugin options and the ``vllm-split serve`` command line (the version check: test_version.py)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,6 @@ import pytest
 
 from vllm_split.config import SplitConfig, SplitConfigError
 from vllm_split.serve import build_command
-from vllm_split.version import BUILT_FOR_VLLM, ESCAPE_HATCH, VLLMVersionError, check_vllm_version
 
 
 # ---------------------------------------------------------------- SplitConfig
@@ -112,39 +111,6 @@ def test_vllm_plugins_keeps_existing_plugins_and_adds_ours_once(monkeypatch, exi
 def test_non_serve_subcommand_exits_with_usage(no_plugins_env, argv):
     with pytest.raises(SystemExit, match=r"usage: vllm-split serve MODEL"):
         build_command(argv)
-
-
-# ---------------------------------------------------------------- version check
-@pytest.fixture
-def no_escape_hatch(monkeypatch):
-    monkeypatch.delenv(ESCAPE_HATCH, raising=False)
-
-
-def test_built_for_version():
-    assert BUILT_FOR_VLLM == "0.32.0"
-
-
-@pytest.mark.parametrize("installed", ["0.32.0", "0.32.0+cpu", "0.32.0+cu128"])
-def test_matching_versions_pass(no_escape_hatch, installed):
-    check_vllm_version(installed)
-
-
-@pytest.mark.parametrize("installed", ["0.33.0", "0.31.1+cpu", "0.32.0rc1", "0.32"])
-def test_other_versions_raise_naming_both(no_escape_hatch, installed):
-    with pytest.raises(VLLMVersionError, match=rf"built for vLLM 0\.32\.0 but vLLM {installed.replace('+', r'[+]')} "
-                                               rf"is installed.*{ESCAPE_HATCH}=1"):
-        check_vllm_version(installed)
-
-
-def test_escape_hatch_allows_a_mismatch(monkeypatch):
-    monkeypatch.setenv(ESCAPE_HATCH, "1")
-    check_vllm_version("0.33.0")
-
-
-def test_escape_hatch_needs_exactly_1(monkeypatch):
-    monkeypatch.setenv(ESCAPE_HATCH, "true")
-    with pytest.raises(VLLMVersionError, match=r"vLLM 0\.33\.0 is installed"):
-        check_vllm_version("0.33.0")
 
 
 def test_placement_option_takes_dp_or_greedy():

