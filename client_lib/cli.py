@@ -3,6 +3,9 @@
     vllm-split-client --server http://localhost:8000 --model DIR [--split-layer auto|K] \\
         [--max-layers M] [--ttft 2.0 --tpot 0.2] --prompt "What is the capital of France?" --max-tokens 64 \\
         [--chat] [--timings]
+    vllm-split-client serve --server http://localhost:8000 --model DIR [--port 8001]   # OpenAI gateway
+
+``serve`` runs the OpenAI-compatible gateway (``client_lib/gateway``, docs/gateway.md).
 """
 from __future__ import annotations
 
@@ -111,6 +114,12 @@ async def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from client_lib.gateway.serve import main as serve
+
+        serve(argv[1:])
+        return
     args = parse_args(argv)
     try:
         asyncio.run(run(args))

@@ -60,6 +60,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, *, timeout: float, name: str, log_tail, poll_s: float = 1.0) -> None:
+    """Wait until ``url``/health answers 200; raise (with ``log_tail()``) if ``proc`` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log_tail()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(poll_s)
+    raise TimeoutError(f"{name} not ready after {timeout}s:\n{log_tail()}")
+
+
 class VLLMServer:
     """A vLLM API server subprocess: ``split=True`` runs ``vllm-split serve``."""
 
@@ -93,18 +109,7 @@ class VLLMServer:
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"vLLM server not ready after {timeout}s:\n{self.log_tail()}")
+        wait_healthy(self.url, self.proc, timeout=timeout, name="vLLM server", log_tail=self.log_tail)
 
     def __enter__(self) -> "VLLMServer":
         """``with VLLMServer(...) as server``: ready on entry, stopped on exit (also on failure)."""
