@@ -39,7 +39,8 @@ from benchmarks import report
 from benchmarks.throughput_requests import (SYSTEMS, ProgressBar, arrivals, build_scripts, cpu_breakdown,
                                             device_profiles, load_workload, run_trace, server_layer_times, summarise,
                                             trace_duration, trace_seed)
-from benchmarks.throughput_stats import TARGET, max_rate_interval, next_rate, ratio_interval
+from benchmarks.throughput_stats import (TARGET, max_rate_interval, max_rate_interval_by_trace, next_rate,
+                                         ratio_interval)
 
 # Every server alike: no prefix caching (the emulated requests of a type share a prompt).
 COMMON_ARGS = ("--no-enable-prefix-caching",)
@@ -143,7 +144,7 @@ class Bench:
         p = summarise(got, rate=rate, arrival_s=arrival_s, wall_s=wall,
                       cpu_s=sum(v for k, v in cpu.items() if k != "bench_clients"))
         p.update(traces=traces, speed_scale=scale, cpu_s_by_process=cpu, wall_s=wall,
-                 split_limit=[x for x in probes if x] or None)
+                 split_limit=[x for x in probes if x] or None, trace_counts=trace_counts(got))
         self.samples.setdefault(system + key, {})[f"{rate:.4g}@{scale:g}"] = got
         return p
 
@@ -182,6 +183,35 @@ class Bench:
         return points, server
 
 
+def trace_counts(rows: list[dict]) -> list[list[int]]:
+    """``[[met, requests], ...]`` per arrival trace of one point."""
+    out: dict[int, list[int]] = {}
+    for r in rows:
+        c = out.setdefault(r["trace"], [0, 0])
+        c[0] += bool(r.get("met"))
+        c[1] += 1
+    return [out[i] for i in sorted(out)]
+
+
+def intervals(points: list[dict]) -> tuple[dict, dict]:
+    """The 90% rate with its interval over traces (the headline) and over requests."""
+    return max_rate_interval_by_trace(points), max_rate_interval(points)
+
+
+def reanalyse(out: Path) -> dict:
+    """Recompute every point's per-trace counts, the intervals and the summary of report
+    ``out`` from its raw samples (after a change of the statistics; the measurements stay)."""
+    data = report.load(out, rows=True)
+    samples = data.pop("samples")
+    for system, r in data["systems"].items():
+        for p in r["points"]:
+            p["trace_counts"] = trace_counts(samples[system][f"{p['rate']:.4g}@{p['speed_scale']:g}"])
+        r["max_rate_at_90pct"], r["max_rate_at_90pct_by_request"] = intervals(r["points"])
+    data["summary"] = summary(data["systems"], data.get("crossover") or {})
+    report.write(out, data, rows={"samples": samples}, draw=draw)
+    return data
+
+
 def k_by_device(samples: dict, system: str) -> dict:
     """Histogram of the chosen split layer per device class, over every point of ``system``."""
     out: dict = {}
@@ -205,7 +235,12 @@ def main() -> None:
     p.add_argument("--no-sweep", action="store_true", help="skip the knob sweeps: the first setting of each")
     p.add_argument("--no-crossover", action="store_true", help="skip the client-speed sweep")
     p.add_argument("--split-args", default="", help="extra options for the split servers, e.g. '--split-gather off'")
+    p.add_argument("--reanalyse", action="store_true", help="recompute the intervals and summary of --out from its "
+                   "raw samples, then exit")
     args = report.parse_args(p, draw)
+    if args.reanalyse:
+        print(json.dumps(reanalyse(args.out)["summary"], indent=1))
+        return
     import torch
 
     torch.set_num_threads(1)  # emulated clients share the machine with the server
@@ -245,7 +280,7 @@ def main() -> None:
         else:
             points, server = bench.full(system, knobs, rates, args.traces, args.refine)
         try:
-            interval = max_rate_interval(points)
+            interval, by_request = intervals(points)
             if system == "plain" and not args.no_crossover:  # the crossover's rate: where plain misses its SLA
                 crossover["rate"] = round(1.25 * (interval["rate"] or rates[0]), 3)
                 crossover["plain"] = bench.point(server, system, crossover["rate"], 2, "[crossover plain]")
@@ -256,7 +291,8 @@ def main() -> None:
                     crossover["split_dp"].append(pt)
         finally:
             server.stop()
-        results[system] = {"knobs": list(knobs), "points": points, "max_rate_at_90pct": interval}
+        results[system] = {"knobs": list(knobs), "points": points, "max_rate_at_90pct": interval,
+                           "max_rate_at_90pct_by_request": by_request}
         print(f"{system}: max rate at 90% {interval}", flush=True)
         data = {"arguments": report.arguments(args),
                 "environment": report.environment(num_layers=bench.num_layers, wall_s=time.perf_counter() - t_all),
@@ -275,6 +311,7 @@ def summary(results: dict, crossover: dict) -> dict:
         m = r["max_rate_at_90pct"]
         ratio = m["rate"] / base["rate"] if base.get("rate") and m["rate"] else None
         out[s] = {"knobs": r["knobs"], "max_rate_at_90pct": m["rate"], "how": m["how"], "ci95": m["ci95"],
+                  "ci95_by_request": (r.get("max_rate_at_90pct_by_request") or {}).get("ci95"),
                   "vs_plain": ratio, "vs_plain_ci95": ratio_interval(m, base) if s != "plain" else None,
                   "requests": sum(p["requests"] for p in r["points"]),
                   "client_s_per_request": _mean([p["client_s_per_request"] for p in r["points"]])}

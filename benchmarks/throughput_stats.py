@@ -6,7 +6,9 @@
   does not end the curve and one lucky point above it does not extend it.
 * :func:`max_rate_at`: the largest offered rate at which the fitted attainment is at least
   the target, interpolated between the two points that bracket the crossing; with
-  :func:`max_rate_interval`, a bootstrap interval over the requests of every point.
+  :func:`max_rate_interval`, a bootstrap interval over the requests of every point, and
+  :func:`max_rate_interval_by_trace`, over its arrival traces (the headline interval: the
+  requests of one trace share a queue and are not independent).
 * :func:`next_rate`: where to measure next to narrow the crossing (the refinement of the
   rate grid around it).
 """
@@ -91,6 +93,32 @@ def max_rate_interval(points: Sequence[dict], target: float = TARGET, *, resampl
     ci = (draws[int(0.025 * (len(draws) - 1))], draws[int(0.975 * (len(draws) - 1))])
     return {"rate": rate, "how": how, "ci95": ci, "resamples": resamples,
             "censored_share": sum(1 for d in draws if d in (lo_end, hi_end)) / len(draws)}
+
+
+def max_rate_interval_by_trace(points: Sequence[dict], target: float = TARGET, *, resamples: int = 2000,
+                               seed: int = 0) -> dict:
+    """:func:`max_rate_interval` resampling whole arrival traces instead of requests: the
+    requests of one trace share its queue, so they are not independent, and the spread
+    between traces at one rate is what a repeat of the experiment would see. Each point
+    needs ``trace_counts``: ``[[met, requests], ...]`` per trace."""
+    rate, how = max_rate_at(points, target)
+    pts = sorted((p for p in points if p["requests"] and p.get("trace_counts")), key=lambda p: p["offered_rate"])
+    if not pts:
+        return {"rate": rate, "how": how, "ci95": None, "resamples": 0, "by": "trace"}
+    rng = random.Random(seed)
+    lo_end = pts[0]["offered_rate"]
+    draws = []
+    for _ in range(resamples):
+        fake = []
+        for p in pts:
+            picks = [rng.choice(p["trace_counts"]) for _ in p["trace_counts"]]
+            fake.append({"offered_rate": p["offered_rate"], "met": sum(m for m, _ in picks),
+                         "requests": sum(n for _, n in picks)})
+        r, h = max_rate_at(fake, target)
+        draws.append(lo_end if h == "below_all" else r)
+    draws.sort()
+    return {"rate": rate, "how": how, "ci95": (draws[int(0.025 * (len(draws) - 1))], draws[int(0.975 * (len(draws) - 1))]),
+            "resamples": resamples, "by": "trace"}
 
 
 def ratio_interval(num: dict, den: dict) -> tuple[float, float] | None:

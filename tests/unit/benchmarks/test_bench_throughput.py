@@ -2,12 +2,13 @@
 attainment intervals, the 90% rate and its refinement, the split limit."""
 import pytest
 
-from benchmarks.bench_throughput import k_by_device, split_limit, summary
+from benchmarks import report
+from benchmarks.bench_throughput import k_by_device, reanalyse, split_limit, summary, trace_counts
 from benchmarks.report import ROOT
 from benchmarks.throughput_requests import (arrivals, device_profiles, load_workload, refusal_reason, summarise,
                                             trace_duration, trace_seed)
-from benchmarks.throughput_stats import (isotonic_decreasing, max_rate_at, max_rate_interval, next_rate,
-                                         ratio_interval, wilson)
+from benchmarks.throughput_stats import (isotonic_decreasing, max_rate_at, max_rate_interval,
+                                         max_rate_interval_by_trace, next_rate, ratio_interval, wilson)
 
 WORKLOAD = ROOT / "benchmarks" / "workloads" / "default.json"
 
@@ -130,3 +131,27 @@ def test_split_limit_from_metrics():
     assert lim["fixed_share_of_step"] == pytest.approx(0.01 / 0.07)
     assert lim["best_rate_ratio"] == pytest.approx(1 / (0.01 / 0.07 + (0.06 / 0.07) * 0.5))
     assert split_limit("", 30) is None
+
+
+def test_interval_over_traces_is_wider_when_traces_disagree():
+    # same totals per point; traces that agree vs traces that do not (one queue blew up)
+    agree = [{"rate": r, "offered_rate": r, "requests": 150, "met": m, "trace_counts": [[m // 3, 50]] * 3}
+             for r, m in ((1, 150), (2, 141), (3, 60))]
+    split = [{**p, "trace_counts": [[50, 50], [50, 50], [p["met"] - 100, 50]]} for p in agree]
+    a, b = max_rate_interval_by_trace(agree, resamples=300), max_rate_interval_by_trace(split, resamples=300)
+    assert a["rate"] == b["rate"] and a["by"] == "trace"
+    assert a["ci95"][1] - a["ci95"][0] <= b["ci95"][1] - b["ci95"][0]
+    assert b["ci95"][0] <= b["rate"] <= b["ci95"][1]
+
+
+def test_reanalyse_recomputes_from_the_raw_samples(tmp_path):
+    rows = [sample(trace=i % 3, met=i % 4 != 0) for i in range(12)]
+    assert trace_counts(rows) == [[3, 4], [3, 4], [3, 4]]
+    point = {"rate": 1.0, "speed_scale": 1.0, "offered_rate": 1.0, "requests": 12, "met": 9, "wrong_outputs": 0,
+             "client_s_per_request": 0.5, "attainment": 0.75, "attainment_ci95": [0.5, 0.9], "goodput_rps": 0.75}
+    data = {"systems": {"plain": {"knobs": [], "points": [point], "max_rate_at_90pct": {}}}, "crossover": {}}
+    out = tmp_path / "tp.json"
+    report.write(out, data, rows={"samples": {"plain": {"1@1": rows}}})
+    again = reanalyse(out)
+    assert again["systems"]["plain"]["points"][0]["trace_counts"] == [[3, 4], [3, 4], [3, 4]]
+    assert again["summary"]["plain"]["how"] == "below_all" and report.load(out, rows=True)["samples"]
