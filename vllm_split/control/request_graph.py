@@ -12,7 +12,16 @@ prefill step; the head costs ``fixed_s`` plus ``wait_s``, the wait for the step 
 running when the activation arrives (see :func:`decode_wait_s`). This is
 exact for a batch whose requests share this request's placement (each request waits for
 one step that runs its layers) and is the assumption the controller plans under: the load
-it sees persists and is placed like this request. Layers below the server's ``min_layer``
+it sees persists and is placed like this request.
+
+Which layers a step runs (the roofline of a step, ``docs/server_savings.md``): a step runs
+every layer from the lowest split layer among its requests up (``ServerLoad.min_split_layer``,
+``k_min``), and a layer's cost is mostly reading its weights, shared by every row. So while
+others run (``B > 0``) a layer ``l >= k_min`` runs whether or not this request keeps it on
+its client: kept on the client, it costs the client's time *and* the step still pays
+``layer_s + row_s * B`` for it (this request waits for that step), and it saves the server
+only this request's rows, not the layer call. Only layers below ``k_min`` save the call.
+Layers below the server's ``min_layer``
 cannot run on the server; layers at or above the client's ``max_layers`` (what it can hold
 in memory) cannot run on the client. A node on a side that cannot run it costs
 ``FORBIDDEN_S``, more than any SLA the wire accepts (at most 3600 s), so no planner finds
@@ -107,17 +116,20 @@ def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts
     pass ``decode_wait`` instead when given (0 for placements the gather window waits for)."""
     c, b, p, n_out = load.cost, load.occupancy, req.prompt_len, req.output_len
     wait, dwait = wait_s, wait_s if decode_wait is None else decode_wait
-    per_layer_work = c.row_s * (p + n_out - 1) + c.layer_s * (1 + (n_out - 1) / (b + 1))
+    row_work = c.row_s * (p + n_out - 1)
+    call_work = c.layer_s * (1 + (n_out - 1) / (b + 1))  # this request's share of the layer's calls
+    shared = c.layer_s + c.row_s * b  # a layer the others' steps run anyway: this request waits for it too
     nodes = [LayerNode("embed", 0.0, 0.0, FORBIDDEN_S, FORBIDDEN_S, 0.0)]
     for layer in range(req.num_layers):
         server_ok, client_ok = layer >= req.min_layer, client.holds(layer)
+        runs_anyway = b > 0 and layer >= load.min_split_layer
         nodes.append(LayerNode(
             f"layer{layer}",
-            client_prefill_s=client.prefill_s_per_token * p if client_ok else FORBIDDEN_S,
-            client_decode_s=client.decode_s if client_ok else FORBIDDEN_S,
+            client_prefill_s=client.prefill_s_per_token * p + shared * runs_anyway if client_ok else FORBIDDEN_S,
+            client_decode_s=client.decode_s + shared * runs_anyway if client_ok else FORBIDDEN_S,
             server_prefill_s=c.layer_s + c.row_s * (p + b) if server_ok else FORBIDDEN_S,
             server_decode_s=c.layer_s + c.row_s * (b + 1) if server_ok else FORBIDDEN_S,
-            server_work=per_layer_work,
+            server_work=row_work + (0.0 if runs_anyway else call_work),
         ))
     nodes.append(LayerNode("head", FORBIDDEN_S, FORBIDDEN_S, c.fixed_s + wait, c.fixed_s + dwait,
                            c.fixed_s * (1 + (n_out - 1) / (b + 1))))

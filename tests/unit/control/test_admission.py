@@ -121,8 +121,8 @@ async def test_new_step_records_that_lighten_the_load_admit_a_waiting_request_at
     pending: list[StepRecord] = []
 
     c = controller(queue_wait_s=5.0, step_stats=engine_steps(pending))
-    load(c, 8, busy=0.95)  # 8 requests per step: TPOT 0.04 s cannot be met
-    waiting = asyncio.create_task(c.admit("s", open_request(FAST, tpot=0.04)))
+    load(c, 8, busy=0.95)  # 8 requests per step: TPOT 0.045 s cannot be met
+    waiting = asyncio.create_task(c.admit("s", open_request(FAST, tpot=0.045)))
     await asyncio.sleep(1.2)  # longer than the old 1 s re-plan tick: nothing changed, it waits
     assert not waiting.done() and c.queued == 1
     # the engine now runs one request at a time at k = 28 or 30 (512 steps: the window's old steps drop out)

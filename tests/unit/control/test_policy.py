@@ -204,3 +204,22 @@ def test_gathered_split_layers_stop_where_the_turnaround_outgrows_the_window():
     assert p._gathered_split_layer(request(), FAST, IDLE) is None  # nobody runs: no step to wait for
     with pytest.raises(AdmissionInputError, match="gather_max_s"):
         policy(gather_max_s=-1)
+
+
+def test_layers_the_running_steps_run_anyway_save_only_rows_and_still_cost_their_time():
+    # others run at k_min = 0: every layer runs in the step whatever this request keeps on
+    # its client, so offloading k layers adds the client's time and saves only its rows
+    p, req = policy(), request()
+    steps = ServerLoad(cost=COST, occupancy=4.0, recent_step_s=0.0, utilization=0.9, min_split_layer=0)
+    ttft0, tpot0, work0 = p.predict(req, 0, steps)
+    ttft10, tpot10, work10 = p.predict(req, 10, steps)
+    assert tpot10 - tpot0 == pytest.approx(10 * (FAST.decode_s - COST.row_s), rel=1e-6)
+    rows = req.prompt_tokens + req.expected_output_tokens - 1
+    assert work0 - work10 == pytest.approx(10 * COST.row_s * rows, rel=1e-6)
+    # the running steps start at layer 20: layers below it leave the step with this request
+    high = replace(steps, min_split_layer=20)
+    _, tpot_h, work_h = p.predict(req, 10, high)
+    assert tpot_h < tpot10 and p.predict(req, 0, high)[2] - work_h > 10 * COST.row_s * rows
+    # an idle server runs only this request's layers: each one offloaded saves its call
+    _, tpot_i, _ = p.predict(req, 10, replace(steps, occupancy=0.0))
+    assert tpot_i < tpot10
