@@ -346,7 +346,7 @@ def draw(data: dict):
         a2.plot(x, [p["goodput_rps"] for p in pts], "o-", label=system)
     a1.axhline(TARGET, color="grey", ls="--", lw=0.8)
     a1.set(xlabel="offered rate (arrivals/s, measured)", ylabel="SLA attainment (95% Wilson)", ylim=(0, 1.05),
-           title="attainment; diamonds: max rate at 90% (bootstrap 95%)")
+           title="attainment; diamonds: max rate at 90% (95%, bootstrap over traces)")
     a2.set(xlabel="offered rate (arrivals/s, measured)", ylabel="goodput (requests/s meeting the SLA)")
     cross = data.get("crossover") or {}
     if cross.get("split_dp"):
@@ -354,7 +354,7 @@ def draw(data: dict):
         a3.errorbar(scales, [p["attainment"] for p in cross["split_dp"]],
                     yerr=[[p["attainment"] - p["attainment_ci95"][0] for p in cross["split_dp"]],
                           [p["attainment_ci95"][1] - p["attainment"] for p in cross["split_dp"]]],
-                    fmt="o-", capsize=3, label="split_dp")
+                    fmt="o-", capsize=3, color="C3", label="split_dp")
         if cross.get("plain"):
             a3.axhline(cross["plain"]["attainment"], color="C0", ls=":", label="plain")
         a3.set_xscale("log", base=2)
