@@ -73,6 +73,18 @@ class SplitConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected an integer >= {low}, got {value!r}")
 
+    @property
+    def gather_mode(self) -> str:
+        """Which gather window the scheduler runs: "fixed" (``batch_wait_ms`` > 0 replaces the
+        adaptive one), "adaptive" or "off"."""
+        return "fixed" if self.batch_wait_ms > 0 else self.gather
+
+    @property
+    def gather_max_s(self) -> float:
+        """The longest that window holds a step for an activation (0 when off)."""
+        mode = self.gather_mode
+        return self.batch_wait_ms / 1000 if mode == "fixed" else self.gather_max_ms / 1000 if mode == "adaptive" else 0.0
+
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "SplitConfig":
         raw = (additional_config or {}).get(CONFIG_KEY, {}) if isinstance(additional_config, dict) else {}

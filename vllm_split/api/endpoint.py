@@ -163,7 +163,7 @@ def _controller(engine_client: Any, model: ModelInfo, config: SplitConfig) -> Ad
         model=ModelConfig.from_hf_config(hf_config.to_dict(), name=str(engine_client.model_config.model)),
         hidden_bytes=model.hidden_size * dtype_bytes, min_layer=config.min_layer,
         max_num_seqs=engine_client.vllm_config.scheduler_config.max_num_seqs,
-        offload_above=config.offload_above_pct / 100, placement=config.placement, gather_max_s=_gather_max_s(config),
+        offload_above=config.offload_above_pct / 100, placement=config.placement, gather_max_s=config.gather_max_s,
         default_sla=SLA(ttft_s=config.default_ttft_ms / 1000, tpot_s=config.default_tpot_ms / 1000))
 
     async def step_stats(since: int) -> dict | None:
@@ -172,14 +172,6 @@ def _controller(engine_client: Any, model: ModelInfo, config: SplitConfig) -> Ad
     return AdmissionController(
         policy=policy, step_stats=step_stats, metrics=split_metrics(model.num_layers),
         queue=QueueLimits(limit=config.admission_queue, wait_s=config.admission_wait_ms / 1000))
-
-
-def _gather_max_s(config: SplitConfig) -> float:
-    """The longest the engine holds a step for an activation: the fixed window when set,
-    else the adaptive one's cap, 0 when gathering is off (the policy predicts waits by it)."""
-    if config.batch_wait_ms > 0:
-        return config.batch_wait_ms / 1000
-    return config.gather_max_ms / 1000 if config.gather == "adaptive" else 0.0
 
 
 def torch_dtype_bytes(dtype: Any) -> int:

@@ -38,12 +38,12 @@ from vllm_split.control.live_cost import LiveCostModel
 from vllm_split.control.request_graph import (TOKEN_BYTES, ClientCosts, RequestGraphInputs, ServerLoad, busy_fraction,
                                               check_max_layers, decode_wait_s, placement_for, request_graph,
                                               split_layer_of)
+from vllm_split.engine.gather import FRACTION as GATHER_FRACTION  # pure: the window's longest hold, of a step
 from vllm_split.planner import SLA, NetworkSpec, PlanResult, evaluate, greedy, plan, result_for
 from vllm_split.planner.model_configs import ModelConfig
 from vllm_split.wire.contract import ErrorCode
 
 PLACEMENTS = ("dp", "greedy")
-GATHER_FRACTION = 0.5  # of the recent step: the gather window's longest hold (vllm_split/engine/gather.py FRACTION)
 
 
 class AdmissionInputError(ValueError):

@@ -74,8 +74,8 @@ class SplitSchedulerMixin:
         self._split_gather_since: float | None = None
         # session id -> request id, for live split requests
         self._split_session_reqs: dict[str, str] = {}
-        self.split_gather_mode = "fixed" if config.batch_wait_ms > 0 else config.gather
-        self.split_gather = (GatherWindow(max_s=config.gather_max_ms / 1000.0)
+        self.split_gather_mode = config.gather_mode
+        self.split_gather = (GatherWindow(max_s=config.gather_max_s)
                              if self.split_gather_mode == "adaptive" else None)
         self._split_gather_logged: dict | None = None
         self.split_num_layers = model_config.hf_config.num_hidden_layers
