@@ -70,29 +70,47 @@ def max_rate_at(points: Sequence[dict], target: float = TARGET) -> tuple[float |
     return _crossing(rates, fitted, target)
 
 
-def max_rate_interval(points: Sequence[dict], target: float = TARGET, *, resamples: int = 2000,
-                      seed: int = 0) -> dict:
-    """:func:`max_rate_at` with a 95% bootstrap interval: each point's attainment redrawn
-    from its own requests (binomial), the fit and crossing redone; censored draws (above the
-    target at every rate, or below it at the lowest) count at the grid's ends."""
+def _bootstrap(points: Sequence[dict], target: float, resamples: int, seed: int, by: str, redraw) -> dict:
+    """:func:`max_rate_at` with a 95% bootstrap interval: every point (those ``redraw`` can
+    redraw) redrawn ``resamples`` times by ``redraw(point, rng) -> (met, requests)``, the fit
+    and crossing redone; censored draws (above the target at every rate, or below it at the
+    lowest) count at the grid's ends."""
     rate, how = max_rate_at(points, target)
-    pts = sorted((p for p in points if p["requests"]), key=lambda p: p["offered_rate"])
+    pts = sorted((p for p in points if p["requests"] and (by != "trace" or p.get("trace_counts"))),
+                 key=lambda p: p["offered_rate"])
     if not pts:
-        return {"rate": None, "how": how, "ci95": None, "resamples": 0}
+        return {"rate": rate, "how": how, "ci95": None, "resamples": 0, "by": by}
     rng = random.Random(seed)
     lo_end, hi_end = pts[0]["offered_rate"], pts[-1]["offered_rate"]
     draws = []
     for _ in range(resamples):
         fake = []
         for p in pts:
-            n, q = p["requests"], p["met"] / p["requests"]
-            fake.append({"offered_rate": p["offered_rate"], "requests": n, "met": sum(rng.random() < q for _ in range(n))})
+            met, n = redraw(p, rng)
+            fake.append({"offered_rate": p["offered_rate"], "requests": n, "met": met})
         r, h = max_rate_at(fake, target)
         draws.append(lo_end if h == "below_all" else r)
     draws.sort()
     ci = (draws[int(0.025 * (len(draws) - 1))], draws[int(0.975 * (len(draws) - 1))])
-    return {"rate": rate, "how": how, "ci95": ci, "resamples": resamples,
+    return {"rate": rate, "how": how, "ci95": ci, "resamples": resamples, "by": by,
             "censored_share": sum(1 for d in draws if d in (lo_end, hi_end)) / len(draws)}
+
+
+def _redraw_requests(p: dict, rng: random.Random) -> tuple[int, int]:
+    n, q = p["requests"], p["met"] / p["requests"]
+    return sum(rng.random() < q for _ in range(n)), n
+
+
+def _redraw_traces(p: dict, rng: random.Random) -> tuple[int, int]:
+    picks = [rng.choice(p["trace_counts"]) for _ in p["trace_counts"]]
+    return sum(m for m, _ in picks), sum(n for _, n in picks)
+
+
+def max_rate_interval(points: Sequence[dict], target: float = TARGET, *, resamples: int = 2000,
+                      seed: int = 0) -> dict:
+    """:func:`max_rate_at` with a 95% bootstrap interval over requests: each point's
+    attainment redrawn from its own requests (binomial)."""
+    return _bootstrap(points, target, resamples, seed, "request", _redraw_requests)
 
 
 def max_rate_interval_by_trace(points: Sequence[dict], target: float = TARGET, *, resamples: int = 2000,
@@ -101,24 +119,7 @@ def max_rate_interval_by_trace(points: Sequence[dict], target: float = TARGET, *
     requests of one trace share its queue, so they are not independent, and the spread
     between traces at one rate is what a repeat of the experiment would see. Each point
     needs ``trace_counts``: ``[[met, requests], ...]`` per trace."""
-    rate, how = max_rate_at(points, target)
-    pts = sorted((p for p in points if p["requests"] and p.get("trace_counts")), key=lambda p: p["offered_rate"])
-    if not pts:
-        return {"rate": rate, "how": how, "ci95": None, "resamples": 0, "by": "trace"}
-    rng = random.Random(seed)
-    lo_end = pts[0]["offered_rate"]
-    draws = []
-    for _ in range(resamples):
-        fake = []
-        for p in pts:
-            picks = [rng.choice(p["trace_counts"]) for _ in p["trace_counts"]]
-            fake.append({"offered_rate": p["offered_rate"], "met": sum(m for m, _ in picks),
-                         "requests": sum(n for _, n in picks)})
-        r, h = max_rate_at(fake, target)
-        draws.append(lo_end if h == "below_all" else r)
-    draws.sort()
-    return {"rate": rate, "how": how, "ci95": (draws[int(0.025 * (len(draws) - 1))], draws[int(0.975 * (len(draws) - 1))]),
-            "resamples": resamples, "by": "trace"}
+    return _bootstrap(points, target, resamples, seed, "trace", _redraw_traces)
 
 
 def ratio_interval(num: dict, den: dict) -> tuple[float, float] | None:
