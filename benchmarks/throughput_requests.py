@@ -24,7 +24,9 @@ from benchmarks.throughput_stats import wilson
 
 SYSTEMS = {
     "plain": {"split": False, "args": (), "k": None},
-    "split_server_only": {"split": True, "args": (), "k": 0},
+    # every client at k = 0 sending an activation per token (server decoding declined): the
+    # split protocol's own per-token cost, nothing offloaded
+    "split_server_only": {"split": True, "args": (), "k": 0, "server_decode": False},
     "split_greedy": {"split": True, "args": ("--split-placement", "greedy"), "k": "auto"},
     "split_dp": {"split": True, "args": (), "k": "auto"},
 }
@@ -134,12 +136,13 @@ async def run_one(system: str, url: str, model: str, req: dict, w: dict, scripts
             profile = wire.ClientProfile(**device)
             session, tokens, layers = await run_emulated(
                 url, script, profile=profile, link=link, sla=wire.RequestSLA(**rtype["sla"]), max_tokens=n_out,
-                split_layer=SYSTEMS[system]["k"])
+                split_layer=SYSTEMS[system]["k"], server_decode=SYSTEMS[system].get("server_decode", True))
             times = session.stats.token_times
             k = session.opened.split_layer
             out["exact"] = tokens == script.expected[:n_out] and layers.mismatch is None
             out["split_layer"] = k
             out["placement"] = session.opened.placement
+            out["server_decode"] = session.opened.server_decode
             out["predicted_ttft_s"] = session.opened.predicted_ttft_s
             out["predicted_tpot_s"] = session.opened.predicted_tpot_s
             out["after_open_ttft_s"] = session.stats.time_to_first_token  # from Opened to the first token

@@ -143,7 +143,8 @@ class ResumableGeneration:
         deadline = time.monotonic() + self.policy.give_up_after_s
         while True:
             try:
-                return await SplitSession.create(self.url, self.kept, sampling=sampling, api_key=self.api_key)
+                return await SplitSession.create(self.url, self.kept, sampling=sampling, api_key=self.api_key,
+                                                 server_decode=False)  # it replays kept rows
             except (ServerError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 if isinstance(exc, ServerError) and exc.code not in self.policy.retry_codes:
                     raise

@@ -15,7 +15,10 @@ it) and its SLA, and answers the server's network probes.
 
 One session runs one generation. Per step the client computes the hidden state at its
 split layer for the new token(s) locally and posts it; the server answers with the next
-token. Errors from the server raise :class:`ServerError` with the server's message.
+token. Placed at ``k = 0`` (the client's work would be the embedding lookup alone) the
+session is decoded on the server by default (``server_decode=True``): the client sends the
+prompt's token ids once and receives the tokens, with no round trip per token. Errors from
+the server raise :class:`ServerError` with the server's message.
 """
 from __future__ import annotations
 
@@ -72,7 +75,7 @@ class GenerationStats:
 class SplitSession:
     def __init__(self, *, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, layers: Any,
                  sampling: wire.SamplingOptions, sla: wire.RequestSLA | None, profile: wire.ClientProfile | None,
-                 expected_output_tokens: int | None, link: Any = None) -> None:
+                 expected_output_tokens: int | None, link: Any = None, server_decode: bool = True) -> None:
         self._http = http
         self._ws = ws
         self.layers = layers
@@ -81,6 +84,7 @@ class SplitSession:
         self.profile = profile
         self.expected_output_tokens = expected_output_tokens
         self.link = link  # harness.emulation.EmulatedLink: delays as on a slower network
+        self.server_decode = server_decode  # offered at Open: at k = 0 the server may decode alone
         self.opened: wire.Opened | None = None
         self.stats = GenerationStats()
         self._closed = False
@@ -89,11 +93,14 @@ class SplitSession:
     async def create(cls, url: str, layers: Any, *, sampling: wire.SamplingOptions | None = None,
                      api_key: str | None = None, max_frame_bytes: int = 64 * 1024 * 1024,
                      sla: wire.RequestSLA | None = None, profile: wire.ClientProfile | None = None,
-                     expected_output_tokens: int | None = None, link: Any = None) -> "SplitSession":
+                     expected_output_tokens: int | None = None, link: Any = None,
+                     server_decode: bool = True) -> "SplitSession":
         """Connect; open the session now at a fixed ``layers.split_layer``, or, for
         ``split_layer="auto"``, in :meth:`generate` (planning needs the prompt length).
         ``profile`` defaults to this device's measured one when the server chooses; a
-        profile sent carries the layers' memory bound (``layers.max_layers``) too."""
+        profile sent carries the layers' memory bound (``layers.max_layers``) too.
+        ``server_decode``: offer the server to decode alone when the session is at ``k = 0``
+        (False: send activations even then, e.g. to replay kept rows)."""
         ws_url = url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + SESSION_PATH
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         auto = getattr(layers, "auto", False)
@@ -106,7 +113,8 @@ class SplitSession:
         try:
             ws = await http.ws_connect(ws_url, headers=headers, max_msg_size=max_frame_bytes)
             session = cls(http=http, ws=ws, layers=layers, sampling=sampling or wire.SamplingOptions(), sla=sla,
-                          profile=profile, expected_output_tokens=expected_output_tokens, link=link)
+                          profile=profile, expected_output_tokens=expected_output_tokens, link=link,
+                          server_decode=server_decode)
             if not auto:
                 await session._open(prompt_tokens=None)
         except BaseException:
@@ -119,7 +127,8 @@ class SplitSession:
         await self._send(wire.Open(
             model_fingerprint=self.layers.fingerprint, split_layer=None if auto else self.layers.split_layer,
             sampling=self.sampling, sla=self.sla, client=self.profile,
-            expected_output_tokens=self.expected_output_tokens, prompt_tokens=prompt_tokens))
+            expected_output_tokens=self.expected_output_tokens, prompt_tokens=prompt_tokens,
+            server_decode=self.server_decode))
         while True:  # answer the server's network probes until it decides
             msg = await self._recv()
             if isinstance(msg, wire.Probe):
@@ -176,6 +185,12 @@ class SplitSession:
             raise ValueError("prompt_ids is empty: at least one token is needed")
         if self.opened is None:
             await self._open(prompt_tokens=len(prompt_ids))
+        if self.opened.server_decode:  # k = 0, decoded on the server: the ids go, tokens come
+            t_start = time.perf_counter()
+            await self._send(wire.PromptTokens.from_ids(prompt_ids))
+            async for event in self._tokens(len(prompt_ids), t_start=t_start, local=0.0, decode_locally=False):
+                yield event
+            return
         self.layers.reset()
         t_start = time.perf_counter()
         hidden = await self._forward(list(prompt_ids))
@@ -188,6 +203,9 @@ class SplitSession:
         layer of every prompt position, with ``self.layers``' cache holding them), then
         stream tokens, computing each token's row with ``self.layers``. The resume path
         (``client_lib/resume.py``) uses this to replay the rows it kept."""
+        if self.opened.server_decode:
+            raise ValueError("this session is decoded on the server (Opened.server_decode): it takes the prompt's "
+                             "token ids (generate), not rows; open it with server_decode=False to send rows")
         t_start = time.perf_counter() if t_start is None else t_start
         local = time.perf_counter() - t_start
         n = hidden.shape[0]
@@ -196,6 +214,12 @@ class SplitSession:
         for begin in range(0, n, chunk_rows):
             end = min(begin + chunk_rows, n)
             await self._send(wire.Activation.from_tensor(hidden[begin:end], start=begin, end_of_prompt=end == n))
+        async for event in self._tokens(n, t_start=t_start, local=local, decode_locally=True):
+            yield event
+
+    async def _tokens(self, n: int, *, t_start: float, local: float, decode_locally: bool) -> AsyncIterator[TokenEvent]:
+        """The tokens after a prompt of ``n`` positions went; with ``decode_locally`` each
+        token's row is computed and sent back (a split session), else the server decodes."""
         sent_at = time.perf_counter()
         self.stats.num_prompt_tokens = n
         while True:
@@ -214,12 +238,14 @@ class SplitSession:
                                local_seconds=local, round_trip_seconds=now - sent_at)
             self.stats.events.append(event)
             yield event
-            if msg.finish_reason is None:
+            if msg.finish_reason is None and decode_locally:
                 t0 = time.perf_counter()
                 row = await self._forward([msg.token_id])
                 local = time.perf_counter() - t0
                 await self._send(wire.Activation.from_tensor(row, start=n + msg.index))
                 sent_at = time.perf_counter()
+            else:
+                sent_at = now  # server decoded: the next token's wait starts now
 
 
 async def _recv(ws: aiohttp.ClientWebSocketResponse) -> wire.Message:

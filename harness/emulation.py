@@ -121,14 +121,16 @@ async def make_script(url: str, model_dir, prompt_ids: list[int], num_tokens: in
 
 
 async def run_emulated(url: str, script: Script, *, profile: wire.ClientProfile, link: EmulatedLink | None,
-                       sla: wire.RequestSLA | None, max_tokens: int, split_layer: int | str = "auto"):
-    """One emulated client's whole session: (session with its Opened and stats, tokens, layers)."""
+                       sla: wire.RequestSLA | None, max_tokens: int, split_layer: int | str = "auto",
+                       server_decode: bool = True):
+    """One emulated client's whole session: (session with its Opened and stats, tokens, layers).
+    ``server_decode``: the client offers server decoding at ``k = 0`` (the library's default)."""
     from client_lib.session import SplitSession
 
     layers = script.layers(profile, split_layer)
     tokens = []
     async with await SplitSession.create(url, layers, sampling=wire.SamplingOptions(max_tokens=max_tokens, ignore_eos=True),
-                                         sla=sla, profile=profile, link=link) as session:
+                                         sla=sla, profile=profile, link=link, server_decode=server_decode) as session:
         async for event in session.generate(script.prompt_ids):
             tokens.append(event.token_id)
     return session, tokens, layers

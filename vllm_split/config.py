@@ -60,6 +60,11 @@ class SplitConfig:
     # Placement algorithm under load: "dp" (the planner's DP) or "greedy" (the baseline rule
     # of vllm_split/planner/baselines.py, for comparisons).
     placement: str = "dp"
+    # A session placed at k = 0 whose client offers it (Open.server_decode) runs in the engine
+    # as an ordinary request: the client sends the prompt's token ids and gets tokens, with
+    # no activation and no round trip per token (at k = 0 the client's only work would be
+    # the embedding lookup). 1: on, 0: every session sends activations.
+    server_decode: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -69,7 +74,8 @@ class SplitConfig:
                     raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected one of {list(STRING_OPTIONS[f.name])}, got {value!r}")
                 continue
             low = 0 if f.name in ("batch_wait_ms", "min_layer", "idle_timeout_s", "session_lifetime_s",
-                                  "admission_queue", "admission_wait_ms", "warmup", "offload_above_pct") else 1
+                                  "admission_queue", "admission_wait_ms", "warmup", "offload_above_pct",
+                                  "server_decode") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected an integer >= {low}, got {value!r}")
 

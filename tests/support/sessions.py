@@ -18,9 +18,13 @@ def local_layers(model_dir, k: int) -> LocalLayers:
     return _layers_cache[key]
 
 
-async def split_generate(url: str, layers: LocalLayers, prompt_ids: list[int], **sampling) -> tuple[list[int], SplitSession]:
+async def split_generate(url: str, layers: LocalLayers, prompt_ids: list[int], *, server_decode: bool = False,
+                         **sampling) -> tuple[list[int], SplitSession]:
+    """A whole split session's tokens; at ``k = 0`` through activations unless ``server_decode``
+    (the tests exercise the split path; the library's default offers server decoding)."""
     tokens = []
-    async with await SplitSession.create(url, layers, sampling=SamplingOptions(**sampling)) as session:
+    async with await SplitSession.create(url, layers, sampling=SamplingOptions(**sampling),
+                                         server_decode=server_decode) as session:
         async for event in session.generate(prompt_ids):
             tokens.append(event.token_id)
     return tokens, session

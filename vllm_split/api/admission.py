@@ -54,10 +54,12 @@ class QueueLimits:
                              f"wait_s={self.wait_s!r}")
 
 
-def request_from_open(msg: wire.Open, network: NetworkSpec | None) -> AdmissionRequest:
+def request_from_open(msg: wire.Open, network: NetworkSpec | None, *,
+                      server_decode_allowed: bool = True) -> AdmissionRequest:
     """The policy's description of the request ``msg`` opens (``network``: as measured on
     its connection, None when it was not probed). The client's memory bound
-    (``ClientProfile.max_layers``) goes with its speed."""
+    (``ClientProfile.max_layers``) goes with its speed; its offer of server decoding counts
+    where the server allows it (``SplitConfig.server_decode``)."""
     client: ClientCosts | ClientFlops | None = None
     profile = msg.client
     if profile is not None and profile.layer_decode_s is not None:
@@ -71,7 +73,8 @@ def request_from_open(msg: wire.Open, network: NetworkSpec | None) -> AdmissionR
         prompt_tokens=msg.prompt_tokens or 1,
         expected_output_tokens=msg.expected_output_tokens or msg.sampling.max_tokens,
         sla=SLA(ttft_s=msg.sla.ttft_s, tpot_s=msg.sla.tpot_s) if msg.sla is not None else None,
-        client=client, network=network, split_layer=msg.split_layer)
+        client=client, network=network, split_layer=msg.split_layer,
+        server_decode=msg.server_decode and server_decode_allowed)
 
 
 class StepPoller:
@@ -215,6 +218,8 @@ class AdmissionController:
         k = admission.split_layer
         m.sessions_open.inc()
         m.split_layer.observe(k)
+        if admission.server_decode:
+            m.server_decoded.inc()
         m.offloaded_fraction.observe(k / self.policy.num_layers)
         if admission.predicted_ttft_s is not None:
             m.predicted_ttft.observe(admission.predicted_ttft_s)

@@ -138,6 +138,7 @@ class SplitEndpointPlugin:
             hidden_size=model_config.get_hidden_size(),
             dtype=model_config.dtype,
             max_model_len=model_config.max_model_len,
+            vocab_size=model_config.get_vocab_size(),
         )
         controller = _controller(engine_client, model, config)
         if config.warmup:

@@ -29,6 +29,7 @@ class SplitMetrics:
     queue_length: Any
     server_cost: Any
     occupancy: Any
+    server_decoded: Any
 
 
 _metrics: SplitMetrics | None = None
@@ -69,5 +70,7 @@ def split_metrics(num_layers: int) -> SplitMetrics:
                               multiprocess_mode="mostrecent"),
             occupancy=Gauge("vllm_split:server_occupancy", "Mean requests per engine step (last seconds)",
                             multiprocess_mode="mostrecent"),
+            server_decoded=Counter("vllm_split:sessions_server_decoded",
+                                   "Sessions at k = 0 decoded on the server (token ids in, no round trip per token)"),
         )
     return _metrics

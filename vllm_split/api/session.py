@@ -4,7 +4,10 @@ Runs in the API server process, on its event loop. A session is: ``Open`` -> ``O
 ``Activation`` chunks for the prompt (the last one marked ``end_of_prompt``); then, per
 sampled token, a ``Token`` frame and the client's ``Activation`` for that token (one row,
 at position ``prompt_len + index``) until the token that carries a ``finish_reason``; then
-``Finished``. How far it got is one explicit :class:`~vllm_split.api.session_phase.SessionPhase`
+``Finished``. A session placed at ``k = 0`` whose client offered it is *server decoded*
+(``Opened.server_decode``): its prompt comes as token ids (one ``PromptTokens`` frame) and it
+runs in the engine as an ordinary request, tokens streamed without an activation per token.
+How far it got is one explicit :class:`~vllm_split.api.session_phase.SessionPhase`
 (OPENING, [PROBING], [ADMITTING], PROMPTING, PREFILLING, DECODING, FINISHED), changed only
 by :meth:`ServerSession._enter`, which checks the transition; code outside reads ``phase``,
 ``awaiting`` and ``progress``. The driver (:mod:`vllm_split.api.session_driver`) reads the
@@ -59,6 +62,7 @@ class ModelInfo:
     hidden_size: int
     dtype: torch.dtype
     max_model_len: int
+    vocab_size: int | None = None  # token ids of a server-decoded prompt must be below it
 
 
 class ServerSession:
@@ -76,6 +80,8 @@ class ServerSession:
         self._phase = SessionPhase.OPENING
         self.open: wire.Open | None = None
         self.split_layer = 0
+        self.server_decode = False  # k = 0 and decoded on the server: token ids in, no activations
+        self.prompt_ids: list[int] = []
         self.prompt_rows: list[torch.Tensor] = []
         self.num_prompt_rows = 0
         self.expected_start: int | None = None  # DECODING: position of the activation we wait for
@@ -112,7 +118,7 @@ class ServerSession:
         if phase is SessionPhase.PROBING:
             return "a ProbeReply"
         if phase is SessionPhase.PROMPTING:
-            return f"the prompt chunk at position {self.num_prompt_rows}"
+            return "the prompt's token ids" if self.server_decode else f"the prompt chunk at position {self.num_prompt_rows}"
         if phase is SessionPhase.DECODING and self.expected_start is not None:
             return f"the activation for position {self.expected_start} (token {self.num_output_tokens - 1} was sent)"
         return None
@@ -157,6 +163,8 @@ class ServerSession:
                 raise SessionError(ErrorCode.PROBE, f"network probe failed: {exc}", fatal=True) from None
         admission = await self._admit(msg, network)
         self.split_layer = msg.split_layer if admission is None else admission.split_layer
+        self.server_decode = (admission.server_decode if admission is not None else
+                              msg.server_decode and msg.split_layer == 0 and bool(self.config.server_decode))
         self._enter(SessionPhase.PROMPTING)
         await self.send(wire.Opened(
             session_id=self.session_id, split_layer=self.split_layer, num_layers=self.model.num_layers,
@@ -165,6 +173,7 @@ class ServerSession:
             placement=admission.placement if admission else "fixed",
             predicted_ttft_s=admission.predicted_ttft_s if admission else None,
             predicted_tpot_s=admission.predicted_tpot_s if admission else None,
+            server_decode=self.server_decode,
         ))
         self._opened_at = time.perf_counter()
 
@@ -177,7 +186,8 @@ class ServerSession:
             return None
         self._enter(SessionPhase.ADMITTING)
         try:
-            admission = await self.controller.admit(self.session_id, request_from_open(msg, network))
+            request = request_from_open(msg, network, server_decode_allowed=bool(self.config.server_decode))
+            admission = await self.controller.admit(self.session_id, request)
         except AdmissionRefused as exc:
             raise SessionError(exc.reason, str(exc), fatal=True, retry_after_s=exc.retry_after_s) from None
         self._holds_slot = True
@@ -205,20 +215,45 @@ class ServerSession:
         return rows.to(self.model.dtype)
 
     def accept_prompt_chunk(self, msg: wire.Message) -> bool:
-        """PROMPTING: take one prompt chunk; True (and PREFILLING) when the prompt is complete."""
+        """PROMPTING: take one prompt chunk (a server-decoded session: its PromptTokens); True
+        (and PREFILLING) when the prompt is complete."""
+        if self.server_decode:
+            return self._accept_prompt_ids(msg)
         if not isinstance(msg, wire.Activation):
             raise SessionError(ErrorCode.OUT_OF_TURN, f"expected a prompt Activation, got {type(msg).__name__}")
         if msg.start != self.num_prompt_rows:
             raise SessionError(ErrorCode.OUT_OF_TURN, f"prompt chunk starts at position {msg.start}, expected {self.num_prompt_rows}")
         total = self.num_prompt_rows + msg.rows
-        limit = min(self.config.max_prompt_tokens, self.model.max_model_len - 1)
-        if total > limit:
-            raise SessionError(ErrorCode.PROMPT_TOO_LONG, f"prompt of {total} tokens exceeds the limit of {limit} tokens", fatal=True)
+        self._check_prompt_length(total)
         self.prompt_rows.append(self._rows(msg))
         self.num_prompt_rows = total
         if msg.end_of_prompt:
             self._enter(SessionPhase.PREFILLING)
         return msg.end_of_prompt
+
+    def _check_prompt_length(self, total: int) -> None:
+        limit = min(self.config.max_prompt_tokens, self.model.max_model_len - 1)
+        if total > limit:
+            raise SessionError(ErrorCode.PROMPT_TOO_LONG, f"prompt of {total} tokens exceeds the limit of {limit} tokens", fatal=True)
+
+    def _accept_prompt_ids(self, msg: wire.Message) -> bool:
+        """PROMPTING, server decoded: the whole prompt's token ids in one frame."""
+        if not isinstance(msg, wire.PromptTokens):
+            raise SessionError(ErrorCode.OUT_OF_TURN, f"this session is decoded on the server (Opened.server_decode): "
+                                                      f"expected the prompt as PromptTokens, got {type(msg).__name__}")
+        self._check_prompt_length(msg.num_tokens)
+        try:
+            ids = msg.token_ids()
+        except wire.ProtocolError as exc:
+            raise SessionError(ErrorCode.PROTOCOL, str(exc)) from None
+        vocab = self.model.vocab_size
+        if vocab is not None and max(ids) >= vocab:
+            raise SessionError(ErrorCode.PROTOCOL, f"token id {max(ids)} is out of the model's vocabulary "
+                                                   f"(expected ids < {vocab})")
+        self.prompt_ids = ids
+        self.num_prompt_rows = len(ids)
+        self._enter(SessionPhase.PREFILLING)
+        return True
 
     async def accept_decode(self, msg: wire.Message) -> None:
         """PREFILLING or DECODING: the client's activation for the token it was sent last."""
@@ -245,16 +280,22 @@ class ServerSession:
             n=1, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k if s.top_k > 0 else 0, seed=s.seed, stop_token_ids=list(s.stop_token_ids),
             ignore_eos=s.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA,
-            extra_args={EXTRA_ARGS_KEY: {"session": self.session_id, "split_layer": self.split_layer}},
+            extra_args=None if self.server_decode else {
+                EXTRA_ARGS_KEY: {"session": self.session_id, "split_layer": self.split_layer}},
         )
 
     async def generate(self) -> None:
-        """PREFILLING -> DECODING -> FINISHED: deliver the prompt, run the request, stream tokens."""
-        prompt = torch.cat(self.prompt_rows)
-        self.prompt_rows = []
-        await self._deliver(0, prompt)
+        """PREFILLING -> DECODING -> FINISHED: deliver the prompt, run the request, stream tokens.
+        A server-decoded session is an ordinary request of its token ids (prefix caching as
+        for any ordinary request); a split one's prompt ids are placeholders for its rows."""
         n = self.num_prompt_rows
-        tokens_prompt = TokensPrompt(prompt_token_ids=[PLACEHOLDER_TOKEN_ID] * n, cache_salt=self.session_id)
+        if self.server_decode:
+            tokens_prompt = TokensPrompt(prompt_token_ids=self.prompt_ids)
+        else:
+            prompt = torch.cat(self.prompt_rows)
+            self.prompt_rows = []
+            await self._deliver(0, prompt)
+            tokens_prompt = TokensPrompt(prompt_token_ids=[PLACEHOLDER_TOKEN_ID] * n, cache_salt=self.session_id)
         reason = None
         async for out in self.engine.generate(tokens_prompt, self.sampling_params(), request_id=f"split-{self.session_id}"):
             completion = out.outputs[0]
@@ -266,7 +307,7 @@ class ServerSession:
                 if index == 0:
                     self._enter(SessionPhase.DECODING)
                 self.num_output_tokens += 1
-                if reason is None:
+                if reason is None and not self.server_decode:
                     self.expected_start = n + index
                 await self.send(wire.Token(index=index, token_id=int(token_id), finish_reason=reason))
                 self._token_times.append(time.perf_counter())

@@ -20,6 +20,10 @@ meets the SLA, or with ``placement="greedy"`` the planner's prefix rule
 (:func:`vllm_split.planner.greedy`, the embedding pinned on the client). Both plan with the
 worst wait for the step in progress (a whole step when others run), so a plan that meets
 the SLA meets it whatever the phase of the steps; the predictions use the expected wait.
+A client that offers server decoding (``AdmissionRequest.server_decode``) has one more
+placement: ``k = 0`` with the embedding on the server, the request in every step and no
+round trip per token; it costs the server what ``k = 0`` does, so it replaces ``k = 0``
+wherever that is chosen and is taken when nothing else meets the SLA.
 
 Decisions: :class:`Admission` (split layer, how it was chosen, predicted TTFT and TPOT,
 server work); :class:`Wait` (it could be admitted on a less loaded server, when a request
@@ -36,8 +40,8 @@ from dataclasses import dataclass, field, replace
 
 from vllm_split.control.live_cost import LiveCostModel
 from vllm_split.control.request_graph import (TOKEN_BYTES, ClientCosts, RequestGraphInputs, ServerLoad, busy_fraction,
-                                              check_max_layers, decode_wait_s, placement_for, request_graph,
-                                              split_layer_of)
+                                              SERVER_DECODE_SPLIT, check_max_layers, decode_wait_s,
+                                              is_server_decoded, placement_for, request_graph, split_layer_of)
 from vllm_split.engine.gather import FRACTION as GATHER_FRACTION  # pure: the window's longest hold, of a step
 from vllm_split.planner import SLA, NetworkSpec, PlanResult, evaluate, greedy, plan, result_for
 from vllm_split.planner.model_configs import ModelConfig
@@ -77,6 +81,7 @@ class AdmissionRequest:
     client: ClientCosts | ClientFlops | None = None  # the client's speed; None: no profile sent
     network: NetworkSpec | None = None  # measured on the session's connection; None: not probed
     split_layer: int | None = None  # fixed by the client; None: the server chooses
+    server_decode: bool = False  # at k = 0 the server may decode it (the client offered, the server allows)
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "expected_output_tokens"):
@@ -98,6 +103,7 @@ class Admission:
     predicted_tpot_s: float | None
     server_work: float | None = None  # engine seconds the request is predicted to cost
     sla: SLA | None = None  # the bounds the session is held to (None: it stated none at a fixed k)
+    server_decode: bool = False  # k = 0, decoded on the server: no activation, no round trip per token
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,19 +191,27 @@ class AdmissionPolicy:
         return split_layer * client.decode_s + network.uplink_s(self.hidden_bytes) + network.downlink_s(TOKEN_BYTES)
 
     # ---------------------------------------------------------------- predictions
-    def predict(self, request: AdmissionRequest, split_layer: int, load: ServerLoad) -> tuple[float, float, float]:
+    def predict(self, request: AdmissionRequest, split_layer: int, load: ServerLoad, *,
+                server_decode: bool = False) -> tuple[float, float, float]:
         """Expected (TTFT, TPOT, server work) at ``split_layer``: the graph's latencies plus
         the wait for the step in progress (half a step for the prompt, :func:`decode_wait_s`
-        per token). Needs the request's client costs and network."""
+        per token; none for a session the server decodes, which is in every step). Needs the
+        request's client costs and network."""
         client, network = self.client_costs(request), request.network
         if client is None or network is None:
             raise AdmissionInputError("predict: expected a request with the client's costs and a measured network, "
                                       f"got client={client!r}, network={network!r}")
-        graph = request_graph(self.graph_inputs(request), load, client)
-        ttft, tpot, _, work = evaluate(graph, network, placement_for(split_layer, self.num_layers))
-        turnaround = self.turnaround_s(request, client, split_layer)
-        return (ttft + 0.5 * busy_fraction(load) * load.recent_step_s,
-                tpot + decode_wait_s(load, turnaround, self.gather_s(load)), work)
+        graph = request_graph(self.graph_inputs(request), load, client, embed_on_server=server_decode)
+        k = SERVER_DECODE_SPLIT if server_decode else split_layer
+        ttft, tpot, _, work = evaluate(graph, network, placement_for(k, self.num_layers))
+        wait = 0.0 if server_decode else decode_wait_s(load, self.turnaround_s(request, client, split_layer),
+                                                       self.gather_s(load))
+        return ttft + 0.5 * busy_fraction(load) * load.recent_step_s, tpot + wait, work
+
+    def server_decodes(self, request: AdmissionRequest, split_layer: int) -> bool:
+        """Whether a session at ``split_layer`` runs decoded on the server: at ``k = 0``, when
+        its client offered it (``AdmissionRequest.server_decode``)."""
+        return split_layer == 0 and request.server_decode and self.min_layer == 0
 
     def fixed(self, request: AdmissionRequest, load: ServerLoad) -> Admission | Refusal:
         """A client that fixed its split layer is admitted there, with predictions when it
@@ -210,10 +224,11 @@ class AdmissionPolicy:
         if bound is not None and k > bound:
             return Refusal(ErrorCode.BAD_REQUEST, f"split_layer {k} is above this client's memory bound: it holds at "
                                                   f"most {bound} decoder layers (client.max_layers)")
+        decoded = self.server_decodes(request, k)
         if request.client is None or request.network is None:
-            return Admission(k, "fixed", None, None, sla=request.sla)
-        ttft, tpot, work = self.predict(request, k, load)
-        return Admission(k, "fixed", ttft, tpot, server_work=work, sla=request.sla)
+            return Admission(k, "fixed", None, None, sla=request.sla, server_decode=decoded)
+        ttft, tpot, work = self.predict(request, k, load, server_decode=decoded)
+        return Admission(k, "fixed", ttft, tpot, server_work=work, sla=request.sla, server_decode=decoded)
 
     # ---------------------------------------------------------------- planning
     def place(self, request: AdmissionRequest, load: ServerLoad) -> PlanResult | Refusal:
@@ -262,7 +277,10 @@ class AdmissionPolicy:
         """With ``spare`` (the server has compute to spare) the least offloaded placement
         meeting the SLA from ``k = max(min_layer, load.min_split_layer)`` up (it adds no layer
         call to the running steps), if there is one; otherwise the DP's least-server-work
-        placement, or the planner's greedy prefix rule from ``k = min_layer``."""
+        placement, or the planner's greedy prefix rule from ``k = min_layer``. Server
+        decoding (when the client offered it) stands for ``k = 0``: the same server work
+        without a round trip per token, so it replaces ``k = 0`` wherever that is chosen,
+        and is chosen when it alone meets the SLA."""
         client = self.client_costs(request)
         assert client is not None and request.network is not None  # place() checked
         inputs, worst = self.graph_inputs(request), busy_fraction(load) * load.recent_step_s
@@ -274,7 +292,14 @@ class AdmissionPolicy:
         if k_gather is not None:
             bounded = replace(client, max_layers=k_gather)
             gathered = request_graph(inputs, load, bounded, wait_s=worst, decode_wait=0.0)
+        decoded = None
+        if self.server_decodes(request, 0):
+            g = request_graph(inputs, load, client, wait_s=worst, decode_wait=0.0, embed_on_server=True)
+            decoded = result_for(g, request.network, sla, placement_for(SERVER_DECODE_SPLIT, self.num_layers),
+                                 method="server_decode")
         if spare:
+            if decoded is not None and decoded.feasible and load.min_split_layer == 0:
+                return replace(decoded, method="least_offload")
             for k in range(max(self.min_layer, load.min_split_layer), self.num_layers + 1):
                 g = gathered if gathered is not None and k <= k_gather else graph
                 result = result_for(g, request.network, sla, placement_for(k, self.num_layers), method="scan")
@@ -282,7 +307,10 @@ class AdmissionPolicy:
                     return replace(result, method="least_offload")
         results = [self._plan_graph(g, request.network, sla) for g in (graph, gathered) if g is not None]
         feasible = [r for r in results if r.feasible]
-        return min(feasible, key=lambda r: r.server_work) if feasible else results[0]
+        best = min(feasible, key=lambda r: r.server_work) if feasible else None
+        if decoded is not None and decoded.feasible and (best is None or split_layer_of(best.placement) == 0):
+            return decoded
+        return best if best is not None else results[0]
 
     def _plan_graph(self, graph, network: NetworkSpec, sla: SLA) -> PlanResult:
         if self.placement == "greedy":  # the embedding and layers [0, min_layer) stay on the client
@@ -315,12 +343,12 @@ class AdmissionPolicy:
             return Wait("the SLA cannot be met at the current load")
         if self.max_num_seqs is not None and len(inflight) >= self.max_num_seqs:
             return Wait(f"all {self.max_num_seqs} request slots of the engine are taken")
-        k = split_layer_of(placed.placement)
+        k, decoded = split_layer_of(placed.placement), is_server_decoded(placed.placement)
         if self.first_pushed_past_bound(load, inflight, split_layer=k) is not None:
             return Wait("admitting it would push an admitted session past its TPOT bound")
-        ttft, tpot, work = self.predict(request, k, load)
+        ttft, tpot, work = self.predict(request, k, load, server_decode=decoded)
         return Admission(k, "server_only" if k == 0 else placed.method, ttft, tpot, server_work=work,
-                         sla=self.sla_for(request))
+                         sla=self.sla_for(request), server_decode=decoded)
 
     def added_step_s(self, load: ServerLoad, split_layer: int) -> float:
         """What a newcomer at ``split_layer`` adds to each step at ``load``: its decode row
@@ -343,7 +371,9 @@ class AdmissionPolicy:
             sla, req, k = s.admission.sla, s.request, s.admission.split_layer
             if sla is None or sla.tpot_s is None or req.client is None or req.network is None:
                 continue
-            if self.predict(req, k, load)[1] <= sla.tpot_s < self.predict(req, k, joined)[1]:
+            decoded = s.admission.server_decode
+            if (self.predict(req, k, load, server_decode=decoded)[1] <= sla.tpot_s
+                    < self.predict(req, k, joined, server_decode=decoded)[1]):
                 return s
         return None
 

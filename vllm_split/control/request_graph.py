@@ -1,9 +1,12 @@
 """One request's planner graph from the live server model, the client's profile and the
 measured network (pure; used by the admission policy, :mod:`vllm_split.control.policy`).
 
-Nodes, in order: ``embed`` (always on the client: it holds the token ids), the ``N``
-decoder layers, ``head`` (final norm, LM head, sampling: always on the server). A prefix
-placement that keeps ``embed`` and layers ``[0, k)`` on the client is split layer ``k``.
+Nodes, in order: ``embed`` (on the client, which holds the token ids; on the server only
+for a session the server decodes, ``embed_on_server``), the ``N`` decoder layers, ``head``
+(final norm, LM head, sampling: always on the server). A prefix placement that keeps
+``embed`` and layers ``[0, k)`` on the client is split layer ``k``; the placement with every
+node on the server is server decoding (:data:`SERVER_DECODE_SPLIT`): the client uploads the
+prompt's token ids and the request runs in every step with no round trip per token.
 
 Server latencies follow the engine's step model (:mod:`vllm_split.control.live_cost`) at the
 current occupancy ``B`` (requests per step, this one excluded): a decoder layer costs
@@ -111,15 +114,18 @@ def decode_wait_s(load: ServerLoad, turnaround_s: float, gather_s: float = 0.0) 
 
 
 def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts, *,
-                  wait_s: float = 0.0, decode_wait: float | None = None) -> LayerGraph:
+                  wait_s: float = 0.0, decode_wait: float | None = None, embed_on_server: bool = False) -> LayerGraph:
     """The graph at ``load``; the head pays ``wait_s`` for the step in progress, in the decode
-    pass ``decode_wait`` instead when given (0 for placements the gather window waits for)."""
+    pass ``decode_wait`` instead when given (0 for placements the gather window waits for,
+    and for server decoding). ``embed_on_server``: the embedding may run on the server (free
+    there: a lookup), for a client that offered server decoding."""
     c, b, p, n_out = load.cost, load.occupancy, req.prompt_len, req.output_len
     wait, dwait = wait_s, wait_s if decode_wait is None else decode_wait
     row_work = c.row_s * (p + n_out - 1)
     call_work = c.layer_s * (1 + (n_out - 1) / (b + 1))  # this request's share of the layer's calls
     shared = c.layer_s + c.row_s * b  # a layer the others' steps run anyway: this request waits for it too
-    nodes = [LayerNode("embed", 0.0, 0.0, FORBIDDEN_S, FORBIDDEN_S, 0.0)]
+    embed_server_s = 0.0 if embed_on_server else FORBIDDEN_S
+    nodes = [LayerNode("embed", 0.0, 0.0, embed_server_s, embed_server_s, 0.0)]
     for layer in range(req.num_layers):
         server_ok, client_ok = layer >= req.min_layer, client.holds(layer)
         runs_anyway = b > 0 and layer >= load.min_split_layer
@@ -134,16 +140,27 @@ def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts
     nodes.append(LayerNode("head", FORBIDDEN_S, FORBIDDEN_S, c.fixed_s + wait, c.fixed_s + dwait,
                            c.fixed_s * (1 + (n_out - 1) / (b + 1))))
     rows = req.hidden_bytes
-    prefill = [0] + [p * rows] * (len(nodes) - 1) + [TOKEN_BYTES]
+    prefill = [p * TOKEN_BYTES] + [p * rows] * (len(nodes) - 1) + [TOKEN_BYTES]
     decode = [TOKEN_BYTES] + [rows] * (len(nodes) - 1) + [TOKEN_BYTES]
     return LayerGraph(nodes=tuple(nodes), prefill_edge_bytes=tuple(prefill),
                       decode_edge_bytes=tuple(decode), num_output_tokens=n_out)
 
 
+SERVER_DECODE_SPLIT = -1  # placement_for(SERVER_DECODE_SPLIT): every node, the embedding too, on the server
+
+
 def placement_for(split_layer: int, num_layers: int) -> Placement:
-    """The graph's placement of split layer ``k`` (embed + layers [0, k) on the client)."""
+    """The graph's placement of split layer ``k`` (embed + layers [0, k) on the client);
+    :data:`SERVER_DECODE_SPLIT`: everything on the server."""
     return Placement.prefix(split_layer + 1, num_layers + 2)
 
 
 def split_layer_of(placement: Placement) -> int:
-    return placement.split_layer - 1
+    """The split layer of a prefix placement (0 for server decoding, which runs layer 0 up
+    on the server like ``k = 0``)."""
+    return max(0, placement.split_layer - 1)
+
+
+def is_server_decoded(placement: Placement) -> bool:
+    """Whether the placement keeps even the embedding on the server (server decoding)."""
+    return placement.split_layer == 0

@@ -4,9 +4,9 @@ Every WebSocket message is one binary frame::
 
     magic "VSPL" | version u8 | kind u8 | meta_len u32 (little endian) | meta | payload
 
-``meta`` is a UTF-8 JSON object with the message's fields; ``payload`` is raw tensor bytes
-(only ``Activation`` has one) whose dtype and shape are in ``meta``. Decoding checks every
-field's type and range and raises :class:`ProtocolError` naming what was wrong, what was
+``meta`` is a UTF-8 JSON object with the message's fields; ``payload`` is raw bytes
+(``Activation``: a tensor whose dtype and shape are in ``meta``; ``PromptTokens``: int32
+token ids; ``ProbeReply``: filler). Decoding checks every field's type and range and raises :class:`ProtocolError` naming what was wrong, what was
 expected and what arrived. No pickle, no ``torch.load``: tensors are rebuilt from raw bytes
 with ``torch.frombuffer``. This module imports without vLLM (the client uses it); torch is
 imported only by the tensor helpers.
@@ -119,6 +119,12 @@ class Open:
     ``split_layer=None`` asks the server to choose (its admission controller plans the
     request from ``client``, ``sla``, ``prompt_tokens``, ``expected_output_tokens`` and the
     network it measures).
+
+    ``server_decode``: the client accepts that, placed at ``split_layer = 0`` (where its only
+    work would be the embedding lookup), it sends the prompt's token ids instead
+    (:class:`PromptTokens`) and the server decodes without a round trip per token
+    (``Opened.server_decode``). At ``k = 0`` the activations are the token embeddings, which
+    identify the tokens exactly, so the server learns nothing it would not otherwise.
     """
 
     KIND: ClassVar[int] = 1
@@ -130,9 +136,11 @@ class Open:
     client: ClientProfile | None = None
     expected_output_tokens: int | None = None  # None: sampling.max_tokens
     prompt_tokens: int | None = None  # length of the prompt to come (needed for planning)
+    server_decode: bool = False  # the client accepts server decoding when placed at k = 0
 
     def __post_init__(self) -> None:
         _check_str("model_fingerprint", self.model_fingerprint)
+        _check_bool("server_decode", self.server_decode)
         if self.split_layer is not None:
             _check_int("split_layer", self.split_layer, low=0)
         _check_int("protocol_version", self.protocol_version, low=0)
@@ -192,6 +200,38 @@ class Activation:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptTokens:
+    """The whole prompt as token ids, for a session the server decodes (``Opened.server_decode``):
+    ``num_tokens`` little-endian int32 values in the payload."""
+
+    KIND: ClassVar[int] = 10
+    num_tokens: int
+    data: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_int("num_tokens", self.num_tokens, low=1)
+        if len(self.data) != 4 * self.num_tokens:
+            raise ProtocolError(f"payload: {self.num_tokens} token ids in int32 need {4 * self.num_tokens} bytes, "
+                                f"got {len(self.data)}")
+
+    @classmethod
+    def from_ids(cls, token_ids: "list[int] | tuple[int, ...]") -> "PromptTokens":
+        ids = list(token_ids)
+        for tid in ids:
+            _check_int("token_ids[]", tid, low=0)
+            if tid >= 1 << 31:
+                raise ProtocolError(f"token_ids[]: expected < 2**31, got {tid}")
+        return cls(num_tokens=len(ids), data=struct.pack(f"<{len(ids)}i", *ids))
+
+    def token_ids(self) -> list[int]:
+        ids = list(struct.unpack(f"<{self.num_tokens}i", self.data))
+        bad = [t for t in ids if t < 0]
+        if bad:
+            raise ProtocolError(f"token_ids: expected ids >= 0, got {bad[0]}")
+        return ids
+
+
+@dataclass(frozen=True, slots=True)
 class ProbeReply:
     """The client's immediate answer to a :class:`Probe`, ``reply_bytes`` of payload."""
 
@@ -225,9 +265,13 @@ class Opened:
     placement: str = "fixed"  # "fixed" (the client's k), "dp", "least_offload" or "server_only"
     predicted_ttft_s: float | None = None
     predicted_tpot_s: float | None = None
+    # the server decodes (the client offered it and was placed at k = 0): the client sends
+    # PromptTokens instead of prompt activations and no activation per token
+    server_decode: bool = False
 
     def __post_init__(self) -> None:
         _check_str("session_id", self.session_id)
+        _check_bool("server_decode", self.server_decode)
         _check_str("dtype", self.dtype)
         _check_str("placement", self.placement)
         for name in ("split_layer", "num_layers", "hidden_size", "max_frame_bytes"):
@@ -302,10 +346,10 @@ class Error:
             _check_float("retry_after_s", self.retry_after_s, low=0.0)
 
 
-Message = Union[Open, Activation, ProbeReply, Close, Opened, Probe, Token, Finished, Error]
-_KINDS: dict[int, type] = {cls.KIND: cls for cls in (Open, Activation, ProbeReply, Close, Opened, Probe,
-                                                     Token, Finished, Error)}
-_PAYLOAD_KINDS = (Activation, ProbeReply)  # messages whose ``data`` field is the raw payload
+Message = Union[Open, Activation, PromptTokens, ProbeReply, Close, Opened, Probe, Token, Finished, Error]
+_KINDS: dict[int, type] = {cls.KIND: cls for cls in (Open, Activation, PromptTokens, ProbeReply, Close, Opened,
+                                                     Probe, Token, Finished, Error)}
+_PAYLOAD_KINDS = (Activation, PromptTokens, ProbeReply)  # messages whose ``data`` field is the raw payload
 
 
 # ---------------------------------------------------------------- encode / decode

@@ -223,3 +223,52 @@ def test_layers_the_running_steps_run_anyway_save_only_rows_and_still_cost_their
     # an idle server runs only this request's layers: each one offloaded saves its call
     _, tpot_i, _ = p.predict(req, 10, replace(steps, occupancy=0.0))
     assert tpot_i < tpot10
+
+
+# ---------------------------------------------------------------- server decoding at k = 0
+def test_an_offer_of_server_decoding_turns_k0_into_it_with_no_round_trip_in_the_tpot():
+    p, load = policy(), busy(2)
+    per_token = p.predict(request(), 0, load)
+    decoded = p.predict(request(server_decode=True), 0, load, server_decode=True)
+    assert decoded[2] == pytest.approx(per_token[2])  # the same server work
+    assert decoded[1] == pytest.approx(COST.step_s(N, 3 * N))  # one step with it in: no wait, no network
+    assert decoded[1] < per_token[1]
+    spare = replace(load, utilization=0.1)
+    a = decide(p, request(server_decode=True), spare)
+    assert isinstance(a, Admission) and (a.split_layer, a.placement, a.server_decode) == (0, "server_only", True)
+    assert a.predicted_tpot_s == pytest.approx(decoded[1])
+    assert not decide(p, request(), spare).server_decode  # not offered: activations per token
+
+
+def test_under_load_the_dp_still_offloads_and_takes_server_decoding_when_only_it_meets_the_sla():
+    p, load = policy(), busy(4)
+    offloads = decide(p, request(server_decode=True), load)
+    assert offloads.split_layer > 0 and not offloads.server_decode  # less server work meets the SLA
+    decoded_tpot = p.predict(request(server_decode=True), 0, load, server_decode=True)[1]
+    tight = request(tpot=decoded_tpot * 1.01, server_decode=True)
+    assert isinstance(decide(p, replace(tight, server_decode=False), load), Wait)  # no placement with round trips
+    a = decide(p, tight, load)
+    assert isinstance(a, Admission) and (a.split_layer, a.server_decode) == (0, True)
+
+
+def test_server_decoding_needs_k0_and_a_server_that_holds_layer_0():
+    p = policy()
+    assert p.fixed(request(split_layer=0, server_decode=True), IDLE).server_decode
+    assert not p.fixed(request(split_layer=7, server_decode=True), IDLE).server_decode
+    assert p.fixed(request(split_layer=0, server_decode=True, client=None), IDLE).server_decode  # no profile: no prediction
+    high = policy(min_layer=4)
+    assert not high.server_decodes(request(server_decode=True), 0)
+    a = decide(high, request(server_decode=True), IDLE)
+    assert a.split_layer >= 4 and not a.server_decode
+
+
+def test_an_admitted_server_decoded_session_is_weighed_by_its_own_tpot():
+    p, load = policy(), busy(2)
+    decoded_now = p.predict(request(server_decode=True), 0, load, server_decode=True)[1]
+    session = InFlight(request(server_decode=True),
+                       Admission(0, "server_only", 0.1, decoded_now, sla=SLA(ttft_s=5.0, tpot_s=decoded_now * 1.0001),
+                                 server_decode=True), 0.0)
+    assert p.first_pushed_past_bound(load, [session], split_layer=0) is session
+    # weighed as a session with a round trip per token it would be over its bound already
+    per_token = InFlight(session.request, replace(session.admission, server_decode=False), 0.0)
+    assert p.first_pushed_past_bound(load, [per_token], split_layer=0) is None

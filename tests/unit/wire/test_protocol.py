@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -61,6 +62,10 @@ SAMPLE_MESSAGES = [
               client=wire.ClientProfile(max_layers=0)),
     wire.Opened(session_id="s-2", split_layer=12, num_layers=30, hidden_size=576, dtype="float32",
                 max_frame_bytes=8 << 20, placement="dp", predicted_ttft_s=0.4, predicted_tpot_s=0.09),
+    wire.Open(model_fingerprint="fp1-abc", split_layer=0, server_decode=True),
+    wire.Opened(session_id="s-3", split_layer=0, num_layers=30, hidden_size=576, dtype="float32",
+                max_frame_bytes=8 << 20, placement="server_only", server_decode=True),
+    wire.PromptTokens.from_ids([1, 0, 49151, 7]),
     wire.Probe(nonce=3, reply_bytes=65536),
     wire.ProbeReply(nonce=3, data=b"x" * 100),
     wire.Error(code="server_busy", message="retry", fatal=True, retry_after_s=1.5),
@@ -77,8 +82,30 @@ def test_every_message_kind_round_trips(msg):
 
 def test_message_kinds_are_distinct():
     kinds = [cls.KIND for cls in (wire.Open, wire.Opened, wire.Activation, wire.Token, wire.Finished,
-                                  wire.Error, wire.Close)]
-    assert sorted(kinds) == list(range(1, 8))
+                                  wire.Error, wire.Close, wire.Probe, wire.ProbeReply, wire.PromptTokens)]
+    assert sorted(kinds) == list(range(1, 11))
+
+
+def test_prompt_tokens_carry_int32_ids_in_the_payload():
+    msg = wire.PromptTokens.from_ids([5, 0, 2**31 - 1])
+    frame = wire.encode(msg)
+    assert frame.endswith(struct.pack("<3i", 5, 0, 2**31 - 1))
+    assert wire.decode(frame).token_ids() == [5, 0, 2**31 - 1]
+
+
+@pytest.mark.parametrize("ids, message", [([], "num_tokens: expected >= 1"), ([-1], "token_ids[]: expected >= 0"),
+                                          ([2**31], "expected < 2**31"), ([True], "expected an integer")])
+def test_prompt_tokens_refuse_bad_ids(ids, message):
+    with pytest.raises(wire.ProtocolError, match=re.escape(message)):
+        wire.PromptTokens.from_ids(ids)
+
+
+def test_prompt_tokens_refuse_a_payload_of_the_wrong_length_or_negative_ids():
+    with pytest.raises(wire.ProtocolError, match="2 token ids in int32 need 8 bytes, got 4"):
+        wire.decode(_frame(wire.PromptTokens.KIND, {"num_tokens": 2}, b"\0" * 4))
+    negative = wire.decode(_frame(wire.PromptTokens.KIND, {"num_tokens": 1}, struct.pack("<i", -3)))
+    with pytest.raises(wire.ProtocolError, match="expected ids >= 0, got -3"):
+        negative.token_ids()
 
 
 def test_decode_accepts_bytearray_and_memoryview():
@@ -176,7 +203,7 @@ MALFORMED = [
     ("bad magic", _frame(1, _open_meta(), magic=b"XSPL"), r"bad magic: expected b'VSPL', got b'XSPL'"),
     ("wrong version", _frame(1, _open_meta(), version=2),
      r"protocol version 2 is not supported: this side speaks version 1"),
-    ("unknown kind", _frame(99, {}), r"unknown message kind 99: expected one of \[1, 2, 3, 4, 5, 6, 7, 8, 9\]"),
+    ("unknown kind", _frame(99, {}), r"unknown message kind 99: expected one of \[1, 2, 3, 4, 5, 6, 7, 8, 9, 10\]"),
     ("meta longer than frame", _frame(1, b"{}", meta_len=100),
      r"declared metadata length 100 does not fit: frame has 2 bytes after the header"),
     ("meta over limit", _frame(1, b"{}", meta_len=wire.MAX_META_BYTES + 1),
@@ -188,7 +215,7 @@ MALFORMED = [
     ("unknown field", _frame(1, _open_meta(colour="red")),
      r"Open: unknown field\(s\) \['colour'\]; expected a subset of "
      r"\['client', 'expected_output_tokens', 'model_fingerprint', 'prompt_tokens', 'protocol_version', "
-     r"'sampling', 'sla', 'split_layer'\]"),
+     r"'sampling', 'server_decode', 'sla', 'split_layer'\]"),
     ("unknown sampling field", _frame(1, _open_meta(sampling={"temp": 1})),
      r"sampling: unknown field\(s\) \['temp'\]"),
     ("missing field", _frame(1, {"model_fingerprint": "fp"}),
@@ -325,7 +352,7 @@ def test_corrupted_valid_frames_decode_or_raise_protocol_error(data):
     _decode_or_protocol_error(bytes(frame))
 
 
-_FIELD_NAMES = sorted({f for cls in (wire.Open, wire.Activation, wire.Opened, wire.Token, wire.Finished, wire.Error,
+_FIELD_NAMES = sorted({f for cls in (wire.Open, wire.Activation, wire.PromptTokens, wire.Opened, wire.Token, wire.Finished, wire.Error,
                                      wire.SamplingOptions) for f in cls.__dataclass_fields__})
 _json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
                  | st.text(max_size=8) | st.sampled_from(sorted(wire.TENSOR_DTYPES)))
