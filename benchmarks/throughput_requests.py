@@ -218,6 +218,7 @@ def summarise(samples: list[dict], *, rate: float, arrival_s: float, wall_s: flo
             "errors": sum(1 for s in samples if s.get("error")),
             "wrong_outputs": sum(1 for s in samples if s["exact"] is False),
             "mean_split_layer": statistics.mean(ks) if ks else None,
+            "server_decoded": sum(1 for s in completed if s.get("server_decode")),
             "ttft_p50_s": pct([s["ttft_s"] for s in completed], 50), "tpot_p50_s": pct([s["tpot_s"] for s in completed], 50),
             "tpot_p90_s": pct([s["tpot_s"] for s in completed], 90)}
 

@@ -60,7 +60,7 @@ async def test_server_decoded_beside_split_and_ordinary_requests(split_server, r
 
 async def test_the_offer_is_declined_above_k0(split_server, reference, model_dir):
     layers = local_layers(model_dir, 7)
-    async with await SplitSession.create(split_server.url, layers, sampling=SamplingOptions(max_tokens=4)) as s:
+    async with await SplitSession.create(split_server.url, layers, sampling=SamplingOptions(max_tokens=4, ignore_eos=True)) as s:
         tokens = [e.token_id async for e in s.generate(reference.prompt_ids[0])]
     assert not s.opened.server_decode and tokens == reference.greedy[0][:4]
 

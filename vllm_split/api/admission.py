@@ -12,26 +12,30 @@ one-thread executor, waits are asyncio waits. The decisions themselves are the p
 * :class:`AdmissionController`: the admitted sessions, the bounded admission queue (a
   request the policy makes wait is re-planned on events, not on a tick: whenever a session
   ends and whenever the poller reports a changed load; at most ``QueueLimits.wait_s``, then
-  refused with ``server_busy`` and a ``retry_after_s``), the planning executor and the
-  metrics on vLLM's ``/metrics`` (:mod:`vllm_split.api.metrics`).
+  refused with ``server_busy`` and a ``retry_after_s``), the planning executor, the
+  measured error of the TPOT model (the last ``TPOT_ERROR_WINDOW`` split sessions'
+  measured / predicted TPOT, the policy's planning margin) and the metrics on vLLM's
+  ``/metrics`` (:mod:`vllm_split.api.metrics`).
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
 from vllm_split.control.live_cost import LiveCostModel
 from vllm_split.control.policy import (Admission, AdmissionPolicy, AdmissionRequest, ClientFlops, InFlight, Refusal,
-                                       retry_after_s, server_load)
+                                       retry_after_s, server_load, tpot_error)
 from vllm_split.control.request_graph import ClientCosts, ServerLoad
 from vllm_split.planner import SLA, NetworkSpec
 from vllm_split.wire import protocol as wire
 from vllm_split.wire.contract import ErrorCode, StepRecord
 
 POLL_S = 0.5
+TPOT_ERROR_WINDOW = 64  # recent split sessions whose measured / predicted TPOT sets the planning margin
 
 
 class AdmissionRefused(Exception):
@@ -141,6 +145,7 @@ class AdmissionController:
         self._changed = asyncio.Condition()  # notified on each event that may admit a waiting session
         self._num_events = 0  # sessions ended and load changes so far (a waiter re-plans when it moved)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-split-plan")
+        self._tpot_ratios: deque[float] = deque(maxlen=TPOT_ERROR_WINDOW)  # split sessions', not server-decoded
 
     def start(self) -> None:
         self.poller.start()
@@ -151,8 +156,9 @@ class AdmissionController:
 
     def load(self) -> ServerLoad:
         now = time.monotonic()  # InFlight.admitted_at's clock; the step records use wall time
-        return server_load(self.costs, admitted_ages_s=[now - s.admitted_at for s in self.inflight.values()],
+        load = server_load(self.costs, admitted_ages_s=[now - s.admitted_at for s in self.inflight.values()],
                            num_layers=self.policy.num_layers, now=time.time())
+        return replace(load, tpot_error=tpot_error(self._tpot_ratios))
 
     def retry_after_s(self) -> float:
         return retry_after_s(self.inflight.values(), time.monotonic())
@@ -243,7 +249,10 @@ class AdmissionController:
         if tpot_s is not None:
             m.measured_tpot.observe(tpot_s)
             if s.admission.predicted_tpot_s:
-                m.tpot_ratio.observe(tpot_s / s.admission.predicted_tpot_s)
+                ratio = tpot_s / s.admission.predicted_tpot_s
+                m.tpot_ratio.observe(ratio)
+                if not s.admission.server_decode:
+                    self._tpot_ratios.append(ratio)
         sla = s.admission.sla
         if sla is not None and ttft_s is not None:
             met = sla.is_met(ttft_s, tpot_s or 0.0, 0.0)

@@ -25,6 +25,13 @@ placement: ``k = 0`` with the embedding on the server, the request in every step
 round trip per token; it costs the server what ``k = 0`` does, so it replaces ``k = 0``
 wherever that is chosen and is taken when nothing else meets the SLA.
 
+The model errs, and a placement at the SLA's edge misses by the model's error. So the
+placements with a round trip per token are planned against the TPOT bound divided by the
+measured error of recent split sessions (``ServerLoad.tpot_error``, :func:`tpot_error`: a
+high quantile of measured over predicted TPOT); predictions stay the model's own (the
+error is measured against them), and server decoding, with no round trip, is planned
+against the bound itself.
+
 Decisions: :class:`Admission` (split layer, how it was chosen, predicted TTFT and TPOT,
 server work); :class:`Wait` (it could be admitted on a less loaded server, when a request
 slot frees, or when what the newcomer adds to each step would push an admitted session
@@ -283,6 +290,13 @@ class AdmissionPolicy:
         and is chosen when it alone meets the SLA."""
         client = self.client_costs(request)
         assert client is not None and request.network is not None  # place() checked
+        decoded = None
+        if self.server_decodes(request, 0):
+            g = request_graph(self.graph_inputs(request), load, client, wait_s=busy_fraction(load) * load.recent_step_s,
+                              decode_wait=0.0, embed_on_server=True)
+            decoded = result_for(g, request.network, sla, placement_for(SERVER_DECODE_SPLIT, self.num_layers),
+                                 method="server_decode")
+        sla = calibrated(sla, load.tpot_error)  # round trips per token: plan with the model's measured error
         inputs, worst = self.graph_inputs(request), busy_fraction(load) * load.recent_step_s
         graph = request_graph(inputs, load, client, wait_s=worst)
         # the placements whose activations the gather window waits for pay no decode wait:
@@ -292,11 +306,6 @@ class AdmissionPolicy:
         if k_gather is not None:
             bounded = replace(client, max_layers=k_gather)
             gathered = request_graph(inputs, load, bounded, wait_s=worst, decode_wait=0.0)
-        decoded = None
-        if self.server_decodes(request, 0):
-            g = request_graph(inputs, load, client, wait_s=worst, decode_wait=0.0, embed_on_server=True)
-            decoded = result_for(g, request.network, sla, placement_for(SERVER_DECODE_SPLIT, self.num_layers),
-                                 method="server_decode")
         if spare:
             if decoded is not None and decoded.feasible and load.min_split_layer == 0:
                 return replace(decoded, method="least_offload")
@@ -400,6 +409,30 @@ def server_load(costs: LiveCostModel, *, admitted_ages_s: Collection[float], num
     return ServerLoad(cost=costs.cost, occupancy=occupancy, recent_step_s=recent_step,
                       utilization=costs.utilization(now),
                       min_split_layer=costs.recent_min_split_layer(num_layers, now))
+
+
+TPOT_ERROR_QUANTILE = 0.75  # of the recent ratios: most sessions at the edge keep their bound
+TPOT_ERROR_MIN_SAMPLES = 5
+TPOT_ERROR_MAX = 3.0
+
+
+def tpot_error(ratios: Collection[float]) -> float:
+    """The planning margin from recent split sessions' measured / predicted TPOT: their
+    :data:`TPOT_ERROR_QUANTILE` quantile, within [1, :data:`TPOT_ERROR_MAX`] (1 with fewer
+    than :data:`TPOT_ERROR_MIN_SAMPLES`: nothing measured yet). Never below 1: a pessimistic
+    model is not made optimistic."""
+    values = sorted(r for r in ratios if r > 0)
+    if len(values) < TPOT_ERROR_MIN_SAMPLES:
+        return 1.0
+    q = values[min(len(values) - 1, int(TPOT_ERROR_QUANTILE * len(values)))]
+    return min(TPOT_ERROR_MAX, max(1.0, q))
+
+
+def calibrated(sla: SLA, error: float) -> SLA:
+    """``sla`` with its TPOT bound divided by the model's measured ``error`` (>= 1)."""
+    if sla.tpot_s is None or error <= 1.0:
+        return sla
+    return replace(sla, tpot_s=sla.tpot_s / error)
 
 
 def retry_after_s(inflight: Iterable[InFlight], now: float) -> float:

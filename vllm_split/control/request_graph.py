@@ -79,6 +79,7 @@ class ServerLoad:
     recent_step_s: float  # mean model time of the recent steps (0 when idle)
     utilization: float = 0.0  # fraction of the recent window the engine spent running the model
     min_split_layer: int = 0  # lowest split layer of the recent steps (0: ordinary requests ran, or idle)
+    tpot_error: float = 1.0  # measured / predicted TPOT of recent split sessions (a high quantile, >= 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -167,3 +167,22 @@ async def test_a_session_waits_for_a_request_slot_instead_of_the_engine_queue():
     assert err.value.reason == "server_busy" and "all 1 request slots of the engine are taken" in str(err.value)
     await c.release("s1", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=0.05)
     assert (await c.admit("s3", open_request(FAST, tpot=1.0))).split_layer >= 0
+
+
+async def test_released_split_sessions_set_the_planning_margin_server_decoded_ones_do_not():
+    c = controller()
+    load(c, 4, busy=0.95)
+    assert c.load().tpot_error == 1.0
+    for i in range(6):  # split sessions measured 40% slower than predicted
+        a = await c.admit(f"s{i}", open_request(FAST, tpot=1.0, k=7))
+        await c.release(f"s{i}", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=a.predicted_tpot_s * 1.4)
+    assert c.load().tpot_error == pytest.approx(1.4)
+    msg = wire.Open(model_fingerprint="fp", split_layer=0, server_decode=True, client=FAST,
+                    sla=wire.RequestSLA(ttft_s=5.0, tpot_s=1.0), prompt_tokens=40)
+    for i in range(6):  # server-decoded sessions do not move it
+        a = await c.admit(f"d{i}", request_from_open(msg, LAN))
+        assert a.server_decode
+        await c.release(f"d{i}", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=a.predicted_tpot_s * 3)
+    assert c.load().tpot_error == pytest.approx(1.4)
+    declined = request_from_open(msg, LAN, server_decode_allowed=False)  # the server's option off
+    assert not (await c.admit("x", declined)).server_decode

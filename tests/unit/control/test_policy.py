@@ -272,3 +272,27 @@ def test_an_admitted_server_decoded_session_is_weighed_by_its_own_tpot():
     # weighed as a session with a round trip per token it would be over its bound already
     per_token = InFlight(session.request, replace(session.admission, server_decode=False), 0.0)
     assert p.first_pushed_past_bound(load, [per_token], split_layer=0) is None
+
+
+# ---------------------------------------------------------------- the model's measured error
+def test_tpot_error_is_a_high_quantile_of_the_ratios_within_bounds():
+    from vllm_split.control.policy import TPOT_ERROR_MAX, tpot_error
+
+    assert tpot_error([2.0] * 4) == 1.0  # too few to say
+    assert tpot_error([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]) == pytest.approx(1.6)  # the 75% quantile
+    assert tpot_error([0.5] * 10) == 1.0  # a pessimistic model is not made optimistic
+    assert tpot_error([9.0] * 10) == TPOT_ERROR_MAX
+
+
+def test_a_measured_error_plans_round_trips_with_a_margin_and_leaves_server_decoding_alone():
+    p, load = policy(), busy(4)
+    edge = decide(p, request(), load)  # the DP's placement on the model as it is
+    assert isinstance(edge, Admission) and edge.split_layer > 0
+    bound = edge.predicted_tpot_s * 1.05  # a bound the placement meets by 5% on the model
+    req = request(tpot=bound)
+    assert isinstance(decide(p, req, load), Admission)
+    erring = replace(load, tpot_error=1.3)  # the model was 30% optimistic lately
+    assert isinstance(decide(p, req, erring), Wait)  # no placement with round trips meets bound / 1.3
+    decoded = decide(p, replace(req, server_decode=True), erring)
+    assert isinstance(decoded, Admission) and decoded.server_decode  # no round trip: the bound itself
+    assert decoded.predicted_tpot_s <= bound
