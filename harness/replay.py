@@ -48,14 +48,17 @@ class ReplayResult:
 
 
 async def replay(url: str, script: Script, *, fingerprint: str, http: aiohttp.ClientSession,
-                 chunk_rows: int = 1024) -> ReplayResult:
-    """Run one session from a script; returns the tokens the server sent."""
+                 chunk_rows: int = 1024, turnaround_s: float = 0.0,
+                 sla: wire.RequestSLA | None = None) -> ReplayResult:
+    """Run one session from a script; returns the tokens the server sent. ``turnaround_s``:
+    how long the emulated client takes from a token to its next activation (its layers and
+    its network), slept before each one; ``sla``: the bounds the session states."""
     n_tokens = len(script.expected)
     ws = await http.ws_connect(url.replace("http://", "ws://") + SESSION_PATH, max_msg_size=0)
     try:
         await ws.send_bytes(wire.encode(wire.Open(
             model_fingerprint=fingerprint, split_layer=script.split_layer,
-            sampling=wire.SamplingOptions(max_tokens=n_tokens, ignore_eos=True))))
+            sampling=wire.SamplingOptions(max_tokens=n_tokens, ignore_eos=True), sla=sla)))
         opened = wire.decode((await ws.receive()).data)
         if not isinstance(opened, wire.Opened):
             raise RuntimeError(f"session refused: {opened}")
@@ -75,6 +78,8 @@ async def replay(url: str, script: Script, *, fingerprint: str, http: aiohttp.Cl
             times.append(time.perf_counter())
             tokens.append(msg.token_id)
             if msg.finish_reason is None:
+                if turnaround_s > 0:
+                    await asyncio.sleep(turnaround_s)
                 await ws.send_bytes(wire.encode(wire.Activation.from_tensor(
                     script.decode_rows[msg.index : msg.index + 1], start=n + msg.index)))
         return ReplayResult(tokens=tokens, exact=tokens == script.expected, times=times)

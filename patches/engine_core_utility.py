@@ -26,11 +26,12 @@ from vllm_split.wire.contract import UTILITY_RELEASE as RELEASE
 from vllm_split.wire.contract import UTILITY_STEP_STATS as STEP_STATS
 
 
-def _deliver(self: Any, session_id: str, start: int, num_rows: int, data: bytes) -> str | None:
+def _deliver(self: Any, session_id: str, start: int, num_rows: int, data: bytes,
+             turnaround_s: float | None = None) -> str | None:
     scheduler = self.scheduler
     if not hasattr(scheduler, "split_deliver"):
         return "vllm-split: the engine does not run the split scheduler"
-    return scheduler.split_deliver(session_id, start, num_rows, data)
+    return scheduler.split_deliver(session_id, start, num_rows, data, turnaround_s)
 
 
 def _release(self: Any, session_id: str) -> bool:

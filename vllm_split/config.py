@@ -5,7 +5,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 CONFIG_KEY = "vllm_split"
-STRING_OPTIONS = {"placement": ("dp", "greedy"), "gather": ("adaptive", "off")}
+STRING_OPTIONS = {"placement": ("dp", "greedy"), "gather": ("adaptive", "off"),
+                  "composition": ("gathered", "mixed", "grouped", "auto")}
 
 
 class SplitConfigError(ValueError):
@@ -57,6 +58,13 @@ class SplitConfig:
     # controller minimises server work (the DP); below it the server has compute to spare and
     # offloads as little as the SLA allows. 0: the DP at any load.
     offload_above_pct: int = 50
+    # Step composition by split layer (vllm_split/engine/composition.py): "gathered" (each
+    # step runs what is ready, the adaptive gather window holds it for activations expected
+    # soon), "mixed" (no holds), "grouped" (steps alternate between the requests at or above
+    # a split layer, skipping the layers below it, and the others; the threshold the
+    # roofline model finds best) or "auto" (per batch, the one the model predicts serves the
+    # most tokens per engine-second within every session's TPOT bound).
+    composition: str = "gathered"
     # Placement algorithm under load: "dp" (the planner's DP) or "greedy" (the baseline rule
     # of vllm_split/planner/baselines.py, for comparisons).
     placement: str = "dp"
@@ -82,7 +90,10 @@ class SplitConfig:
     @property
     def gather_mode(self) -> str:
         """Which gather window the scheduler runs: "fixed" (``batch_wait_ms`` > 0 replaces the
-        adaptive one), "adaptive" or "off"."""
+        adaptive one), "adaptive" or "off" (also with the "mixed" or "grouped" composition,
+        which never hold a step)."""
+        if self.composition in ("mixed", "grouped"):
+            return "off"
         return "fixed" if self.batch_wait_ms > 0 else self.gather
 
     @property

@@ -1,4 +1,5 @@
-"""Real-engine fixtures: a plain vLLM server for references, then a vllm-split server.
+"""Real-engine fixtures: a plain vLLM server for references, then a vllm-split server per step
+composition (``COMPOSITIONS``).
 
 The plain server runs first and is stopped before the split server starts (one engine at
 a time on this machine): ``split_server`` depends on ``reference``. Package scope: the
@@ -6,6 +7,7 @@ server is stopped before the next test package starts its own.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -40,7 +42,15 @@ def reference(model_dir, tokenizer, tmp_path_factory) -> Reference:
     return Reference(prompt_ids=prompt_ids, greedy=greedy, sampled=sampled, plain_text=plain_text)
 
 
-@pytest.fixture(scope="package")
-def split_server(model_dir, reference, tmp_path_factory):
-    with VLLMServer(model_dir, split=True, log_path=tmp_path_factory.mktemp("split") / "server.log") as server:
+# Every test of this folder runs on a split server per step composition (the scheduler's
+# gathered default and grouped, which defers requests below a split layer every other
+# step); VLLM_SPLIT_TEST_COMPOSITIONS=gathered,mixed,grouped,auto runs them all.
+COMPOSITIONS = os.environ.get("VLLM_SPLIT_TEST_COMPOSITIONS", "gathered,grouped").split(",")
+
+
+@pytest.fixture(scope="package", params=COMPOSITIONS)
+def split_server(request, model_dir, reference, tmp_path_factory):
+    composition = request.param
+    with VLLMServer(model_dir, split=True, log_path=tmp_path_factory.mktemp(f"split-{composition}") / "server.log",
+                    extra_args=("--split-composition", composition)) as server:
         yield server

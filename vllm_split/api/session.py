@@ -80,6 +80,7 @@ class ServerSession:
         self._phase = SessionPhase.OPENING
         self.open: wire.Open | None = None
         self.split_layer = 0
+        self.tpot_bound_s: float | None = None  # the TPOT the session is held to (the scheduler composes steps by it)
         self.server_decode = False  # k = 0 and decoded on the server: token ids in, no activations
         self.prompt_ids: list[int] = []
         self.prompt_rows: list[torch.Tensor] = []
@@ -163,6 +164,8 @@ class ServerSession:
                 raise SessionError(ErrorCode.PROBE, f"network probe failed: {exc}", fatal=True) from None
         admission = await self._admit(msg, network)
         self.split_layer = msg.split_layer if admission is None else admission.split_layer
+        sla = admission.sla if admission is not None else None
+        self.tpot_bound_s = sla.tpot_s if sla is not None else msg.sla.tpot_s if msg.sla is not None else None
         self.server_decode = (admission.server_decode if admission is not None else
                               msg.server_decode and msg.split_layer == 0 and bool(self.config.server_decode))
         self._enter(SessionPhase.PROMPTING)
@@ -264,12 +267,14 @@ class ServerSession:
             raise SessionError(ErrorCode.OUT_OF_TURN, f"activation of {msg.rows} row(s) at position {msg.start}: expected {want}")
         rows = self._rows(msg)
         self.expected_start = None
-        await self._deliver(msg.start, rows)
+        turnaround = time.perf_counter() - self._token_times[-1] if self._token_times else None
+        await self._deliver(msg.start, rows, turnaround)
 
-    async def _deliver(self, start: int, rows: torch.Tensor) -> None:
+    async def _deliver(self, start: int, rows: torch.Tensor, turnaround_s: float | None = None) -> None:
         _, _, data = wire.encode_tensor(rows)
         self._rows_in_engine = True
-        err = await self.engine.engine_core.call_utility_async(UTILITY_DELIVER, self.session_id, start, rows.shape[0], data)
+        err = await self.engine.engine_core.call_utility_async(UTILITY_DELIVER, self.session_id, start, rows.shape[0],
+                                                               data, turnaround_s)
         if err:
             raise SessionError(ErrorCode.DELIVERY, err, fatal=True)
 
@@ -281,7 +286,8 @@ class ServerSession:
             top_k=s.top_k if s.top_k > 0 else 0, seed=s.seed, stop_token_ids=list(s.stop_token_ids),
             ignore_eos=s.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA,
             extra_args=None if self.server_decode else {
-                EXTRA_ARGS_KEY: {"session": self.session_id, "split_layer": self.split_layer}},
+                EXTRA_ARGS_KEY: {"session": self.session_id, "split_layer": self.split_layer,
+                                 "tpot_s": self.tpot_bound_s}},
         )
 
     async def generate(self) -> None:

@@ -19,10 +19,20 @@ for up to that long. While a step is held, ``schedule()`` returns an empty outpu
 0.2 ms sleep: EngineCore processes its input queue (the deliveries), finds the ready
 requests still unfinished and schedules again (after its own 1 ms sleep for a step that
 ran no model).
+
+Step composition (``composition``; the model and the rule are ``composition.py``'s):
+``gathered`` is the above; ``mixed`` never holds; ``grouped`` alternates *high* steps (the
+ready requests at or above a threshold split layer: the step skips the layers below it)
+with *low* steps (the others, deferred from the high step; they keep their slot); ``auto``
+asks the roofline model which of the three serves the running batch best, again whenever
+the running set changes and every ``RECHOOSE_STEPS`` steps. The model's turnarounds are the
+API server's (each decode delivery carries the time since its session's token left).
 """
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -35,6 +45,7 @@ from vllm_split.version import check_vllm_version
 from vllm_split.config import SplitConfig
 from vllm_split.wire.contract import EXTRA_ARGS_KEY
 from vllm_split.engine.activations import ActivationStore, DeliveryError, SplitInput
+from vllm_split.engine.composition import Choice, RooflineCost, Row, choose
 from vllm_split.engine.gather import GatherWindow
 from vllm_split.engine.step_records import StepRecorder, step_shape
 
@@ -42,6 +53,8 @@ logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handle
 
 HOLD_SLEEP_S = 0.0002  # EngineCore loops while a step is held: do not spin hot
 RECENT_STEPS = 8  # steps whose mean time sizes the adaptive window
+RECHOOSE_STEPS = 16  # auto / grouped composition: steps between choices for an unchanged running set
+TURNAROUND_SAMPLES = 8  # per session: the composer's turnaround is their median
 # logged when the last split request of a burst ends (benchmarks/bench_gather.py reads it)
 GATHER_LOG = "vllm-split gather totals: holds=%d held_s=%.4f caught=%d late=%d probes=%d"
 
@@ -54,6 +67,14 @@ def split_request_info(request: Any) -> tuple[str, int] | None:
     if info is None:
         return None
     return str(info["session"]), int(info["split_layer"])
+
+
+def split_tpot_bound(request: Any) -> float | None:
+    """The TPOT bound its session is held to (None: none, or an ordinary request)."""
+    params = getattr(request, "sampling_params", None)
+    info = (getattr(params, "extra_args", None) or {}).get(EXTRA_ARGS_KEY) or {}
+    bound = info.get("tpot_s")
+    return float(bound) if isinstance(bound, (int, float)) and bound > 0 else None
 
 
 class SplitSchedulerMixin:
@@ -70,7 +91,7 @@ class SplitSchedulerMixin:
         # request id -> (session id, split layer), for live split requests
         self.split_requests: dict[str, tuple[str, int]] = {}
         config = SplitConfig.from_additional_config(self.vllm_config.additional_config)
-        self.split_batch_wait_s = config.batch_wait_ms / 1000.0
+        self.split_batch_wait_s = config.gather_max_s if config.gather_mode == "fixed" else 0.0
         self._split_gather_since: float | None = None
         # session id -> request id, for live split requests
         self._split_session_reqs: dict[str, str] = {}
@@ -80,10 +101,23 @@ class SplitSchedulerMixin:
         self._split_gather_logged: dict | None = None
         self.split_num_layers = model_config.hf_config.num_hidden_layers
         self.split_steps = StepRecorder()
+        # step composition (composition.py)
+        self.split_composition = config.composition
+        self.split_cost = RooflineCost()
+        self.split_gather_max_s = config.gather_max_s
+        self._split_bounds: dict[str, float | None] = {}  # request id -> its session's TPOT bound
+        self._split_turnarounds: dict[str, deque] = {}  # session id -> recent turnarounds (s)
+        self._split_choice = Choice("mixed" if config.composition == "mixed" else "gathered")
+        self._split_choice_key: frozenset | None = None
+        self._split_choice_age = 0
+        self._split_high_next = True  # grouped: the next step may be a high one
+        self.split_composition_steps: dict[str, int] = {}  # steps run per composition
 
     # ---------------------------------------------------------------- deliveries
-    def split_deliver(self, session_id: str, start: int, num_rows: int, data: bytes) -> str | None:
-        """Store rows (raw bytes in the model dtype); returns an error message or None."""
+    def split_deliver(self, session_id: str, start: int, num_rows: int, data: bytes,
+                      turnaround_s: float | None = None) -> str | None:
+        """Store rows (raw bytes in the model dtype); returns an error message or None.
+        ``turnaround_s``: for a decode row, the API server's time from its token to it."""
         try:
             rows = torch.frombuffer(bytearray(data), dtype=self.split_store.dtype)
             rows = rows.reshape(num_rows, self.split_store.hidden_size)
@@ -93,6 +127,8 @@ class SplitSchedulerMixin:
             self.split_store.append(session_id, start=start, rows=rows)
         except DeliveryError as exc:
             return str(exc)
+        if turnaround_s is not None and num_rows == 1 and turnaround_s >= 0:
+            self._split_turnarounds.setdefault(session_id, deque(maxlen=TURNAROUND_SAMPLES)).append(turnaround_s)
         req_id = self._split_session_reqs.get(session_id)
         request = self.requests.get(req_id) if req_id is not None else None
         if self.split_gather is not None and request is not None and not self._split_is_held(request):
@@ -116,6 +152,7 @@ class SplitSchedulerMixin:
         if info is not None:
             self.split_requests[request.request_id] = info
             self._split_session_reqs[info[0]] = request.request_id
+            self._split_bounds[request.request_id] = split_tpot_bound(request)
         super().add_request(request)
 
     def _split_gathering(self, held_running: list) -> list:
@@ -157,12 +194,61 @@ class SplitSchedulerMixin:
         n = min(len(records), RECENT_STEPS)
         return sum(records[-i].exec_s for i in range(1, n + 1)) / n if n else None
 
+    # ---------------------------------------------------------------- composition
+    def _split_k(self, request: Any) -> int:
+        return self.split_requests.get(request.request_id, ("", 0))[1]
+
+    def _split_row(self, request: Any) -> Row:
+        info = self.split_requests.get(request.request_id)
+        samples = self._split_turnarounds.get(info[0]) if info is not None else None
+        return Row(split_layer=info[1] if info is not None else 0, context=request.num_computed_tokens,
+                   turnaround_s=statistics.median(samples) if samples else 0.0,
+                   tpot_bound_s=self._split_bounds.get(request.request_id))
+
+    def _split_compose(self) -> Choice:
+        """The composition of this step: the configured one, or (auto, grouped) the model's
+        choice for the running decode requests, kept while the running set stays the same
+        for up to ``RECHOOSE_STEPS`` steps."""
+        if self.split_composition in ("gathered", "mixed"):
+            return self._split_choice  # fixed
+        if not self.split_requests:  # ordinary requests only: nothing to compose
+            return Choice("gathered")
+        key = frozenset(r.request_id for r in self.running)
+        self._split_choice_age += 1
+        if key != self._split_choice_key or self._split_choice_age >= RECHOOSE_STEPS:
+            rows = [self._split_row(r) for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
+            choice = choose(rows, self.split_composition, self.split_num_layers, self.split_cost,
+                            gather_max_s=self.split_gather_max_s).choice if rows else Choice("gathered")
+            if choice != self._split_choice:
+                logger.debug("vllm-split composition: %s", choice)
+            self._split_choice, self._split_choice_key, self._split_choice_age = choice, key, 0
+        return self._split_choice
+
+    def _split_grouped_defer(self, held_running: list, threshold: int) -> list:
+        """Grouped: the ready requests below ``threshold`` to defer so that this step is a
+        high one (after a low step, when both groups have ready requests)."""
+        held_ids = {id(r) for r in held_running}
+        ready = [r for r in self.running if id(r) not in held_ids]
+        low = [r for r in ready if self._split_k(r) < threshold]
+        high = len(low) < len(ready)
+        defer = low if self._split_high_next and high and low else []
+        self._split_high_next = not (high and (defer or not low))  # after a high step, a low one
+        return defer
+
     def schedule(self, *args: Any, **kwargs: Any):
+        choice = self._split_compose()
         held_running = [r for r in self.running if self._split_is_held(r)]
-        held_running += self._split_gathering(held_running)
+        if choice.mode == "grouped":
+            held_running += self._split_grouped_defer(held_running, choice.threshold)
+        elif choice.mode == "gathered":
+            held_running += self._split_gathering(held_running)
         held_waiting = [r for r in self.waiting if self._split_is_held(r)]
-        if self._split_holding(held_running, held_waiting):
+        if choice.mode == "gathered" and self._split_holding(held_running, held_waiting):
             held_running, held_waiting = list(self.running), list(self.waiting)
+        elif choice.mode != "gathered" and self.split_gather is not None:  # keep its clock, hold nothing
+            now = time.monotonic()
+            self.split_gather.scheduling(now)
+            self.split_gather.close(now)
         if held_running:
             held_ids = {id(r) for r in held_running}
             self.running = [r for r in self.running if id(r) not in held_ids]
@@ -179,6 +265,9 @@ class SplitSchedulerMixin:
             if held_waiting:  # FCFS prepends one by one to the front: reversed keeps the order
                 self.waiting.prepend_requests(reversed(held_waiting))
         output.split_inputs = self._split_inputs_for(output)
+        if output.total_num_scheduled_tokens > 0 and self.split_requests:
+            label = choice.mode if choice.threshold is None else f"grouped@{choice.threshold}"
+            self.split_composition_steps[label] = self.split_composition_steps.get(label, 0) + 1
         self.split_steps.scheduled(id(output), step_shape(self.split_num_layers, (
             (count, self.split_requests.get(req_id, ("", 0))[1])
             for req_id, count in output.num_scheduled_tokens.items())))
@@ -201,7 +290,8 @@ class SplitSchedulerMixin:
         gather window's counters (totals since start-up)."""
         return {"num_layers": self.split_num_layers, "records": self.split_steps.since(since),
                 "num_running": len(self.running), "num_waiting": len(self.waiting),
-                "gather": self._split_gather_stats()}
+                "gather": self._split_gather_stats(),
+                "composition": {"mode": self.split_composition, "steps": dict(self.split_composition_steps)}}
 
     def _split_gather_stats(self) -> dict:
         counts = self.split_gather.stats() if self.split_gather is not None else {}
@@ -234,6 +324,8 @@ class SplitSchedulerMixin:
         if info is not None:
             self.split_store.release(info[0])
             self._split_session_reqs.pop(info[0], None)
+            self._split_bounds.pop(request.request_id, None)
+            self._split_turnarounds.pop(info[0], None)
             if self.split_gather is not None:
                 self.split_gather.forget(request.request_id)
                 if not self.split_requests:

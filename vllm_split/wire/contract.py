@@ -15,12 +15,14 @@ from typing import Iterable
 # The split-session WebSocket route (under /v1, so vLLM's --api-key guards it).
 SESSION_PATH = "/v1/split/session"
 
-# SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"session": id, "split_layer": k} marks a
-# split request for the scheduler.
+# SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"session": id, "split_layer": k, "tpot_s":
+# bound or None} marks a split request for the scheduler (the bound: its session's TPOT SLA).
 EXTRA_ARGS_KEY = "vllm_split"
 
 # EngineCore utility methods (call_utility_async names) the plugin adds.
-UTILITY_DELIVER = "vllm_split_deliver"  # (session_id, start, num_rows, data) -> error or None
+# (session_id, start, num_rows, data, turnaround_s) -> error or None; turnaround_s: for a
+# decode row, seconds from its session's token leaving the API server to this row arriving
+UTILITY_DELIVER = "vllm_split_deliver"
 UTILITY_RELEASE = "vllm_split_release"  # (session_id) -> bool
 UTILITY_STEP_STATS = "vllm_split_step_stats"  # (since_seq) -> {"records": [...], ...} or None
 

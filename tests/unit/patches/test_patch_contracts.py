@@ -276,8 +276,10 @@ def test_utility_methods_reach_the_split_scheduler(clean_engine_core):
     converted = EngineCoreProc._convert_msgspec_args(method, args)
     assert converted == args and type(converted[3]) is bytes  # passed through unconverted
     assert method(*converted) == "rejected: reason"
+    timed = ("sess", 4, 1, b"\x00" * 8, 0.012)  # a decode row with its turnaround
+    assert method(*EngineCoreProc._convert_msgspec_args(method, timed)) == "rejected: reason"
     assert getattr(engine, ecu.RELEASE)("sess") is True
-    assert calls == [("deliver", args), ("release", ("sess",))]
+    assert calls == [("deliver", (*args, None)), ("deliver", timed), ("release", ("sess",))]
 
 
 def test_utility_methods_on_a_stock_scheduler(clean_engine_core):
