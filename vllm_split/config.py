@@ -73,6 +73,10 @@ class SplitConfig:
     # no activation and no round trip per token (at k = 0 the client's only work would be
     # the embedding lookup). 1: on, 0: every session sends activations.
     server_decode: int = 1
+    # An offload must save at least this share (%) of a request's server work, else a client
+    # that offers server decoding is decoded on the server (no round trip per token, no risk
+    # to its TPOT): where every step runs every layer anyway an offload saves only rows.
+    min_offload_saving_pct: int = 10
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -83,7 +87,7 @@ class SplitConfig:
                 continue
             low = 0 if f.name in ("batch_wait_ms", "min_layer", "idle_timeout_s", "session_lifetime_s",
                                   "admission_queue", "admission_wait_ms", "warmup", "offload_above_pct",
-                                  "server_decode") else 1
+                                  "server_decode", "min_offload_saving_pct") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected an integer >= {low}, got {value!r}")
 

@@ -17,6 +17,9 @@ pytestmark = pytest.mark.engine
 
 
 async def _opened(url: str, layers, **open_kw) -> RawSession:
+    """A session opened at ``layers``' split layer; ``layers``' own KV cache emptied (the
+    cached layers are shared by the tests, which run once per composition)."""
+    layers.reset()
     raw = await RawSession.connect(url)
     await raw.send(wire.Open(model_fingerprint=layers.fingerprint, split_layer=layers.split_layer, **open_kw))
     assert isinstance(await raw.recv(), wire.Opened)

@@ -165,6 +165,7 @@ def _controller(engine_client: Any, model: ModelInfo, config: SplitConfig) -> Ad
         hidden_bytes=model.hidden_size * dtype_bytes, min_layer=config.min_layer,
         max_num_seqs=engine_client.vllm_config.scheduler_config.max_num_seqs,
         offload_above=config.offload_above_pct / 100, placement=config.placement, gather_max_s=config.gather_max_s,
+        min_offload_saving=config.min_offload_saving_pct / 100,
         default_sla=SLA(ttft_s=config.default_ttft_ms / 1000, tpot_s=config.default_tpot_ms / 1000))
 
     async def step_stats(since: int) -> dict | None:

@@ -23,7 +23,10 @@ the SLA meets it whatever the phase of the steps; the predictions use the expect
 A client that offers server decoding (``AdmissionRequest.server_decode``) has one more
 placement: ``k = 0`` with the embedding on the server, the request in every step and no
 round trip per token; it costs the server what ``k = 0`` does, so it replaces ``k = 0``
-wherever that is chosen and is taken when nothing else meets the SLA.
+wherever that is chosen, is taken when nothing else meets the SLA, and is preferred to an
+offload that saves the server less than ``min_offload_saving`` of the request's work: on a
+server whose steps run every layer anyway an offload saves only the request's rows
+(a few percent), and a round trip per token is a risk to the SLA not worth that.
 
 The model errs, and a placement at the SLA's edge misses by the model's error. So the
 placements with a round trip per token are planned against the TPOT bound divided by the
@@ -151,6 +154,7 @@ class AdmissionPolicy:
     offload_above: float = 0.5  # engine utilisation above which the DP minimises server work
     placement: str = "dp"  # or "greedy": the planner's baseline rule instead of the DP (for comparisons)
     gather_max_s: float = 0.0  # the engine's gather window cap (0: off; config gather / gather_max_ms)
+    min_offload_saving: float = 0.1  # an offload must save this share of the request's server work (vs server decoding)
 
     def __post_init__(self) -> None:
         n = self.model.num_hidden_layers
@@ -165,6 +169,9 @@ class AdmissionPolicy:
         if not isinstance(self.gather_max_s, (int, float)) or not 0 <= self.gather_max_s < 60:
             raise AdmissionInputError(f"AdmissionPolicy.gather_max_s: expected seconds in [0, 60), "
                                       f"got {self.gather_max_s!r}")
+        if not isinstance(self.min_offload_saving, (int, float)) or not 0 <= self.min_offload_saving < 1:
+            raise AdmissionInputError(f"AdmissionPolicy.min_offload_saving: expected a share in [0, 1), "
+                                      f"got {self.min_offload_saving!r}")
         if self.hidden_bytes < 1:
             raise AdmissionInputError(f"AdmissionPolicy.hidden_bytes: expected >= 1, got {self.hidden_bytes!r}")
 
@@ -317,7 +324,9 @@ class AdmissionPolicy:
         results = [self._plan_graph(g, request.network, sla) for g in (graph, gathered) if g is not None]
         feasible = [r for r in results if r.feasible]
         best = min(feasible, key=lambda r: r.server_work) if feasible else None
-        if decoded is not None and decoded.feasible and (best is None or split_layer_of(best.placement) == 0):
+        if decoded is not None and decoded.feasible and (
+                best is None or split_layer_of(best.placement) == 0
+                or best.server_work >= (1 - self.min_offload_saving) * decoded.server_work):
             return decoded
         return best if best is not None else results[0]
 

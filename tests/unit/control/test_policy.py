@@ -296,3 +296,18 @@ def test_a_measured_error_plans_round_trips_with_a_margin_and_leaves_server_deco
     decoded = decide(p, replace(req, server_decode=True), erring)
     assert isinstance(decoded, Admission) and decoded.server_decode  # no round trip: the bound itself
     assert decoded.predicted_tpot_s <= bound
+
+
+def test_an_offload_saving_too_little_gives_way_to_server_decoding():
+    load = busy(4)
+    offloaded = decide(policy(min_offload_saving=0.0), request(server_decode=True), load)
+    decoded_work = policy().predict(request(server_decode=True), 0, load, server_decode=True)[2]
+    saving = 1 - offloaded.server_work / decoded_work
+    assert offloaded.split_layer > 0 and 0 < saving < 0.98
+    below = decide(policy(min_offload_saving=round(saving + 0.01, 3)), request(server_decode=True), load)
+    assert (below.split_layer, below.server_decode) == (0, True)
+    above = decide(policy(min_offload_saving=round(saving - 0.01, 3)), request(server_decode=True), load)
+    assert above.split_layer == offloaded.split_layer and not above.server_decode
+    assert not decide(policy(min_offload_saving=0.99), request(), load).server_decode  # not offered: the DP's
+    with pytest.raises(AdmissionInputError, match="min_offload_saving"):
+        policy(min_offload_saving=1.0)
