@@ -24,8 +24,13 @@ output token (``VLLM_SPLIT_STEP_LOG``: the server's work, holds excluded) and ea
 session's TPOT. Predicted by ``vllm_split/engine/composition.py`` for the same rows (context:
 prompt + half the output; turnaround: the client's plus an assumed 3 ms loopback trip through
 the API server): the composition ``auto`` and ``grouped`` choose for that batch, tokens per
-second (sum of 1 / TPOT), step time per token and TPOT. The summary gives, per load, the
-best fixed composition and how far ``auto``'s measured throughput is from it.
+second (sum of 1 / TPOT), step time per token and TPOT. Two sets of predictions: with the
+step model the servers use (``RooflineCost``'s defaults, fitted by ``fit_roofline`` on the
+step benchmark), and with the step model fitted here (least squares over every decode
+step of the four servers: fixed, per layer call, per layer-row; plus the engine loop's
+median gap between back-to-back steps, which a step's period adds). The summary gives, per
+load, the best fixed composition and how far ``auto``'s measured throughput is from it.
+``--reanalyse`` recomputes fits, predictions and summary from the report and its step logs.
 """
 from __future__ import annotations
 
@@ -95,14 +100,47 @@ def steady(sessions: list[dict], log: Path) -> dict:
             "tpot_by_session": tpot, "mismatches": sum(not s["exact"] for s in sessions)}
 
 
-def prediction(load: dict, mode: str, num_layers: int, context: int) -> dict:
-    from vllm_split.engine.composition import Row, choose
+def fit_cost(logs: list[Path], num_layers: int) -> dict:
+    """The step model from every decode step in ``logs`` (fixed, per layer call, per
+    layer-row, by least squares) and the loop's median gap between back-to-back steps."""
+    import numpy as np
+
+    x, y, gaps = [], [], []
+    for log in logs:
+        steps = read_steps(log, 0.0, float("inf"))
+        gaps += [b["t"] - a["t"] - b["step_s"] for a, b in zip(steps, steps[1:])]
+        for st in steps:
+            if st["num_tokens"] != st["num_reqs"]:
+                continue  # a prefill in the step
+            ks = [0] * (st["num_reqs"] - len(st["split_layers"])) + st["split_layers"]
+            x.append([1.0, num_layers - min(ks), sum(num_layers - k for k in ks)])
+            y.append(st["step_s"])
+    coef, *_ = np.linalg.lstsq(np.array(x), np.array(y), rcond=None)
+    fixed, layer, row = (max(0.0, float(c)) for c in coef)
+    pred = np.array(x) @ np.array([fixed, layer, row])
+    err = np.abs(pred - np.array(y)) / np.array(y)
+    back_to_back = [g for g in gaps if 0 <= g < 0.02]
+    return {"fixed_s": fixed, "layer_s": layer, "row_s": row, "steps": len(y),
+            "median_error": float(np.median(err)), "p90_error": float(np.quantile(err, 0.9)),
+            "loop_gap_s": statistics.median(back_to_back) if back_to_back else 0.0}
+
+
+def prediction(load: dict, mode: str, num_layers: int, context: int, fit: dict | None = None) -> dict:
+    """What the model predicts for ``load`` under ``mode``: with the servers' step model, or
+    with ``fit`` (its loop gap added to a step's period for TPOT and throughput)."""
+    from vllm_split.engine.composition import RooflineCost, Row, choose
 
     rows = ([Row(0, context)] * load["ordinary"]
             + [Row(k, context, load["turnaround_s"] + API_TRIP_S, TPOT_BOUND_S) for k in load["split"]])
-    p = choose(rows, mode, num_layers)
+    work = period = RooflineCost()
+    if fit is not None:
+        work = RooflineCost(fixed_s=fit["fixed_s"], layer_s=fit["layer_s"], row_s=fit["row_s"], kv_s=0.0)
+        period = RooflineCost(fixed_s=fit["fixed_s"] + fit["loop_gap_s"], layer_s=fit["layer_s"], row_s=fit["row_s"],
+                              kv_s=0.0)
+    p = choose(rows, mode, num_layers, period)
+    steps = choose(rows, mode, num_layers, work)
     return {"choice": {"mode": p.choice.mode, "threshold": p.choice.threshold},
-            "tokens_per_s": sum(1.0 / t for t in p.tpot_s), "step_s_per_token": p.step_s_per_token,
+            "tokens_per_s": sum(1.0 / t for t in p.tpot_s), "step_s_per_token": steps.step_s_per_token,
             "tpot_by_session": list(p.tpot_s), "engine_tokens_per_s": p.tokens_per_s}
 
 
@@ -118,15 +156,18 @@ def summarize(results: dict, loads: dict) -> dict:
             tps = statistics.median(x["tokens_per_s"] for x in rounds)
             spt = statistics.median(x["step_s_per_token"] for x in rounds)
             tpot = statistics.median(t for x in rounds for t in x["tpot_by_session"])
-            pred = r["predicted"]
             per[mode] = {"tokens_per_s": tps, "step_s_per_token": spt, "tpot_p50_s": tpot,
-                         "predicted_tokens_per_s": pred["tokens_per_s"],
-                         "predicted_step_s_per_token": pred["step_s_per_token"],
-                         "predicted_tpot_p50_s": statistics.median(pred["tpot_by_session"]),
-                         "error_tokens_per_s": pred["tokens_per_s"] / tps - 1,
-                         "error_step_s_per_token": pred["step_s_per_token"] / spt - 1,
-                         "error_tpot": statistics.median(pred["tpot_by_session"]) / tpot - 1,
-                         "choice": pred["choice"], "mismatches": sum(x["mismatches"] for x in rounds)}
+                         "choice": r["predicted"]["choice"], "mismatches": sum(x["mismatches"] for x in rounds)}
+            for tag, pred in (("", r["predicted"]), ("fitted_", r.get("predicted_fitted"))):
+                if pred is None:
+                    continue
+                ptpot = statistics.median(pred["tpot_by_session"])
+                per[mode].update({f"{tag}predicted_tokens_per_s": pred["tokens_per_s"],
+                                  f"{tag}predicted_step_s_per_token": pred["step_s_per_token"],
+                                  f"{tag}predicted_tpot_p50_s": ptpot,
+                                  f"{tag}error_tokens_per_s": pred["tokens_per_s"] / tps - 1,
+                                  f"{tag}error_step_s_per_token": pred["step_s_per_token"] / spt - 1,
+                                  f"{tag}error_tpot": ptpot / tpot - 1})
         fixed = {m: v for m, v in per.items() if m != "auto"}
         best = max(fixed, key=lambda m: fixed[m]["tokens_per_s"]) if fixed else None
         out[load] = {"modes": per, "best_fixed": best,
@@ -142,8 +183,10 @@ def draw(data: dict):
         per = data["summary"][load]["modes"]
         modes = [m for m in MODES if m in per]
         x = range(len(modes))
-        ax.bar([i - 0.2 for i in x], [per[m]["tokens_per_s"] for m in modes], 0.4, label="measured")
-        ax.bar([i + 0.2 for i in x], [per[m]["predicted_tokens_per_s"] for m in modes], 0.4, label="roofline model")
+        ax.bar([i - 0.27 for i in x], [per[m]["tokens_per_s"] for m in modes], 0.27, label="measured")
+        ax.bar(list(x), [per[m]["predicted_tokens_per_s"] for m in modes], 0.27, label="model, servers' step costs")
+        ax.bar([i + 0.27 for i in x], [per[m].get("fitted_predicted_tokens_per_s", 0) for m in modes], 0.27,
+               label="model, step costs fitted here")
         labels = [m if m != "auto" else f"auto ({per[m]['choice']['mode']})" for m in modes]
         ax.set_xticks(list(x), labels, fontsize=8)
         ax.set_ylabel("output tokens/s (steady window)")
@@ -153,6 +196,23 @@ def draw(data: dict):
     return fig
 
 
+def reanalyse(data: dict, log_dir: Path) -> dict:
+    """Fit the step model on the report's step logs, predict every (composition, load)
+    with it and with the servers' model, and summarise."""
+    loads, args = data["loads"], data["arguments"]
+    num_layers = data["num_layers"]
+    fit = fit_cost([log_dir / f"{m}.steps.jsonl" for m in data["results"]], num_layers)
+    context = args["prompt_tokens"] + args["tokens"] // 2
+    for mode, per in data["results"].items():
+        for name, r in per.items():
+            r["predicted"] = prediction(loads[name], mode, num_layers, context)
+            r["predicted_fitted"] = prediction(loads[name], mode, num_layers, context, fit)
+    data["step_model_fitted"] = fit
+    data["log_dir"] = str(log_dir)
+    data["summary"] = summarize(data["results"], loads)
+    return data
+
+
 def main() -> None:
     p = report.parser("bench_composition", __doc__, quick="one load, 8 tokens, 1 round, gathered and auto (CI smoke)",
                       seed=0, plot=True)
@@ -160,7 +220,15 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48, help="output tokens per session")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--reanalyse", action="store_true", help="recompute fits, predictions and summary of --out")
+    p.add_argument("--log-dir", type=Path, default=None, help="--reanalyse: the step logs (default: the report's)")
     args = report.parse_args(p, draw)
+    if args.reanalyse:
+        data = json.loads(args.out.read_text())
+        data = reanalyse(data, args.log_dir or Path(data["log_dir"]))
+        report.write(args.out, data, draw=draw)
+        print(json.dumps(data["summary"], indent=1))
+        return
     modes = [m for m in MODES if m in args.modes.split(",")]
     loads = dict(LOADS)
     if args.quick:
@@ -210,10 +278,10 @@ def main() -> None:
                     rounds.append(steady(sessions, log))
                     print(f"[bench] {mode} {name} round {i + 1}: {rounds[-1]['tokens_per_s']:.1f} tokens/s, "
                           f"{rounds[-1]['mismatches']} mismatches", flush=True)
-                context = args.prompt_tokens + args.tokens // 2
-                results[mode][name] = {"rounds": rounds, "predicted": prediction(load, mode, num_layers, context)}
+                results[mode][name] = {"rounds": rounds}
     data = {"arguments": report.arguments(args), "environment": report.environment(model=model.name),
-            "loads": loads, "results": results, "summary": summarize(results, loads)}
+            "loads": loads, "num_layers": num_layers, "results": results}
+    data = reanalyse(data, tmp)
     report.write(args.out, data, draw=draw)
     print(json.dumps(data["summary"], indent=1))
 

@@ -48,7 +48,8 @@ UNBOUND_SLACK = 0.02  # a row without a TPOT bound may be this much slower than 
 @dataclass(frozen=True, slots=True)
 class RooflineCost:
     """A step's cost terms (seconds). The defaults are the split runner's compiled fit on
-    this project's reference machine (``results/fit_roofline.json``, ``additive_kv``)."""
+    this project's reference machine (``results/fit_roofline.json``, ``additive_kv``); the
+    scheduler refits them on its own recent steps (``SplitSchedulerMixin._split_fitted_cost``)."""
 
     fixed_s: float = 0.0129
     layer_s: float = 0.00195

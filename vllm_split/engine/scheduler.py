@@ -25,8 +25,9 @@ Step composition (``composition``; the model and the rule are ``composition.py``
 ready requests at or above a threshold split layer: the step skips the layers below it)
 with *low* steps (the others, deferred from the high step; they keep their slot); ``auto``
 asks the roofline model which of the three serves the running batch best, again whenever
-the running set changes and every ``RECHOOSE_STEPS`` steps. The model's turnarounds are the
-API server's (each decode delivery carries the time since its session's token left).
+the running set changes and every ``RECHOOSE_STEPS`` steps, with its step costs refitted on
+the last ``COST_FIT_STEPS`` steps' engine time. The model's turnarounds are the API
+server's (each decode delivery carries the time since its session's token left).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from vllm_split.version import check_vllm_version
 from vllm_split.config import SplitConfig
 from vllm_split.wire.contract import EXTRA_ARGS_KEY
 from vllm_split.engine.activations import ActivationStore, DeliveryError, SplitInput
+from vllm_split.control.live_cost import StepCost, fit_step_cost
 from vllm_split.engine.composition import Choice, RooflineCost, Row, choose
 from vllm_split.engine.gather import GatherWindow
 from vllm_split.engine.step_records import StepRecorder, step_shape
@@ -54,6 +56,10 @@ logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handle
 HOLD_SLEEP_S = 0.0002  # EngineCore loops while a step is held: do not spin hot
 RECENT_STEPS = 8  # steps whose mean time sizes the adaptive window
 RECHOOSE_STEPS = 16  # auto / grouped composition: steps between choices for an unchanged running set
+COST_FIT_STEPS = 256  # the composer's step model: fitted on this many recent steps (their engine time)
+# how many steps' worth the reference costs weigh in that fit: a light pull, for batches
+# whose steps cannot tell the fixed part from the layers (all at one split layer)
+COST_PRIOR_WEIGHT = 0.1
 TURNAROUND_SAMPLES = 8  # per session: the composer's turnaround is their median
 # logged when the last split request of a burst ends (benchmarks/bench_gather.py reads it)
 GATHER_LOG = "vllm-split gather totals: holds=%d held_s=%.4f caught=%d late=%d probes=%d"
@@ -216,6 +222,7 @@ class SplitSchedulerMixin:
         key = frozenset(r.request_id for r in self.running)
         self._split_choice_age += 1
         if key != self._split_choice_key or self._split_choice_age >= RECHOOSE_STEPS:
+            self.split_cost = self._split_fitted_cost()
             rows = [self._split_row(r) for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
             choice = choose(rows, self.split_composition, self.split_num_layers, self.split_cost,
                             gather_max_s=self.split_gather_max_s).choice if rows else Choice("gathered")
@@ -223,6 +230,14 @@ class SplitSchedulerMixin:
                 logger.debug("vllm-split composition: %s", choice)
             self._split_choice, self._split_choice_key, self._split_choice_age = choice, key, 0
         return self._split_choice
+
+    def _split_fitted_cost(self) -> RooflineCost:
+        """The step model fitted on the recent steps' engine time (a step's period: the
+        worker's step and the loop around it), towards the reference machine's defaults."""
+        records = list(self.split_steps.records)[-COST_FIT_STEPS:]
+        ref = RooflineCost()
+        fit = fit_step_cost(records, prior=StepCost(ref.fixed_s, ref.layer_s, ref.row_s), prior_weight=COST_PRIOR_WEIGHT)
+        return RooflineCost(fixed_s=fit.fixed_s, layer_s=fit.layer_s, row_s=fit.row_s, kv_s=0.0 if records else ref.kv_s)
 
     def _split_grouped_defer(self, held_running: list, threshold: int) -> list:
         """Grouped: the ready requests below ``threshold`` to defer so that this step is a

@@ -96,3 +96,16 @@ def test_fixed_compositions_and_what_they_drop(clock):
     assert s._split_bounds["x"] == 0.2 and list(s._split_turnarounds["s-x"]) == [0.01, 0.01, 0.01]
     s._free_request(r)
     assert "x" not in s._split_bounds and "s-x" not in s._split_turnarounds
+
+
+def test_the_composer_refits_its_step_costs_on_the_engines_own_steps(clock):
+    from vllm_split.wire.contract import StepRecord
+
+    s = make("auto")
+    assert s._split_fitted_cost().layer_s == pytest.approx(0.00195)  # no steps yet: the reference defaults
+    fixed, layer, row = 0.008, 0.003, 0.0002  # a slower machine
+    for i, (calls, rows) in enumerate([(30, 30 * b) for b in (1, 2, 4, 8)] * 20 + [(15, 15 * b) for b in (2, 6)] * 20):
+        s.split_steps.records.append(StepRecord(i + 1, 0.0, fixed + layer * calls + row * rows, calls, rows, 1, 1))
+    fit = s._split_fitted_cost()
+    assert (fit.fixed_s, fit.layer_s, fit.row_s) == (pytest.approx(fixed, rel=0.05), pytest.approx(layer, rel=0.05),
+                                                     pytest.approx(row, rel=0.05))
