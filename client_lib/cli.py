@@ -2,7 +2,7 @@
 
     vllm-split-client --server http://localhost:8000 --model DIR [--split-layer auto|K] \\
         [--max-layers M] [--ttft 2.0 --tpot 0.2] --prompt "What is the capital of France?" --max-tokens 64 \\
-        [--chat] [--timings]
+        [--wire-dtype auto|float16|int8_mixed|...] [--chat] [--timings]
     vllm-split-client serve --server http://localhost:8000 --model DIR [--port 8001]   # OpenAI gateway
 
 ``serve`` runs the OpenAI-compatible gateway (``client_lib/gateway``, docs/gateway.md).
@@ -17,6 +17,8 @@ import sys
 
 from client_lib.local_layers import LocalLayers
 from client_lib.session import ServerError, SplitSession
+from client_lib.wire_policy import DEFAULT_MIN_AGREEMENT
+from vllm_split.wire.protocol import WIRE_DTYPES
 from vllm_split.wire.protocol import RequestSLA, SamplingOptions
 
 
@@ -29,6 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-layers", type=int, default=None,
                    help="most decoder layers this client holds in memory (auto loads only these; the server "
                         "chooses no k above it); default: no bound")
+    p.add_argument("--wire-dtype", default=None, choices=["auto", *WIRE_DTYPES],
+                   help="format of the activations on the wire; 'auto': the smallest whose measured agreement with "
+                        "float32 on this model reaches --min-agreement (float32 for a model not measured); default: "
+                        "the local layers' dtype (float32, exact)")
+    p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
+                   help="--wire-dtype auto: lowest greedy token match rate with float32 to accept (default "
+                        f"{DEFAULT_MIN_AGREEMENT})")
     p.add_argument("--ttft", type=float, default=None, help="SLA: time to first token (s)")
     p.add_argument("--tpot", type=float, default=None, help="SLA: time per output token (s)")
     p.add_argument("--prompt", required=True)
@@ -71,7 +80,8 @@ async def run(args: argparse.Namespace) -> dict:
     tokens: list[int] = []
     printed = ""
     async with await SplitSession.create(args.server, layers, sampling=sampling, api_key=args.api_key,
-                                         sla=sla, expected_output_tokens=args.max_tokens) as session:
+                                         sla=sla, expected_output_tokens=args.max_tokens,
+                                         wire_dtype=args.wire_dtype, min_agreement=args.min_agreement) as session:
         async for event in session.generate(prompt_ids):
             tokens.append(event.token_id)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -88,6 +98,7 @@ async def run(args: argparse.Namespace) -> dict:
     locals_ = [e.local_seconds for e in stats.events[1:]]
     summary = {
         "split_layer": opened.split_layer, "placement": opened.placement, "num_layers": layers.num_layers,
+        "wire_dtype": opened.wire_dtype,
         "predicted_ttft_s": opened.predicted_ttft_s, "predicted_tpot_s": opened.predicted_tpot_s,
         "tpot_s": stats.time_per_output_token,
         "prompt_tokens": stats.num_prompt_tokens, "output_tokens": stats.num_output_tokens,

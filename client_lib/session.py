@@ -19,6 +19,12 @@ token. Placed at ``k = 0`` (the client's work would be the embedding lookup alon
 session is decoded on the server by default (``server_decode=True``): the client sends the
 prompt's token ids once and receives the tokens, with no round trip per token. Errors from
 the server raise :class:`ServerError` with the server's message.
+
+The rows' wire dtype (``wire_dtype``): None (default) sends the tensor's own dtype (float32,
+exact); a name offers that format alone; ``"auto"`` offers the smallest formats whose
+measured agreement with float32 on this model reaches ``min_agreement``
+(:mod:`client_lib.wire_policy`). The server answers the one it takes (``Opened.wire_dtype``)
+and every row, prompt chunks and decode rows alike, goes in it.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 
+from client_lib.wire_policy import DEFAULT_MIN_AGREEMENT, offered_wire_dtypes
 from vllm_split.wire import protocol as wire
 from vllm_split.wire.contract import SESSION_PATH, ErrorCode
 
@@ -75,7 +82,8 @@ class GenerationStats:
 class SplitSession:
     def __init__(self, *, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, layers: Any,
                  sampling: wire.SamplingOptions, sla: wire.RequestSLA | None, profile: wire.ClientProfile | None,
-                 expected_output_tokens: int | None, link: Any = None, server_decode: bool = True) -> None:
+                 expected_output_tokens: int | None, link: Any = None, server_decode: bool = True,
+                 wire_dtypes: tuple[str, ...] = ()) -> None:
         self._http = http
         self._ws = ws
         self.layers = layers
@@ -85,6 +93,7 @@ class SplitSession:
         self.expected_output_tokens = expected_output_tokens
         self.link = link  # harness.emulation.EmulatedLink: delays as on a slower network
         self.server_decode = server_decode  # offered at Open: at k = 0 the server may decode alone
+        self.wire_dtypes = wire_dtypes  # offered at Open, preferred first; () : the tensor's own dtype
         self.opened: wire.Opened | None = None
         self.stats = GenerationStats()
         self._closed = False
@@ -94,16 +103,19 @@ class SplitSession:
                      api_key: str | None = None, max_frame_bytes: int = 64 * 1024 * 1024,
                      sla: wire.RequestSLA | None = None, profile: wire.ClientProfile | None = None,
                      expected_output_tokens: int | None = None, link: Any = None,
-                     server_decode: bool = True) -> "SplitSession":
+                     server_decode: bool = True, wire_dtype: str | None = None,
+                     min_agreement: float = DEFAULT_MIN_AGREEMENT) -> "SplitSession":
         """Connect; open the session now at a fixed ``layers.split_layer``, or, for
         ``split_layer="auto"``, in :meth:`generate` (planning needs the prompt length).
         ``profile`` defaults to this device's measured one when the server chooses; a
         profile sent carries the layers' memory bound (``layers.max_layers``) too.
         ``server_decode``: offer the server to decode alone when the session is at ``k = 0``
-        (False: send activations even then, e.g. to replay kept rows)."""
+        (False: send activations even then, e.g. to replay kept rows). ``wire_dtype`` (None,
+        ``"auto"`` or a name) and ``min_agreement``: the rows' wire dtype (module docstring)."""
         ws_url = url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + SESSION_PATH
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         auto = getattr(layers, "auto", False)
+        wire_dtypes = offered_wire_dtypes(layers.fingerprint, wire_dtype, min_agreement=min_agreement)
         if profile is not None or auto:
             from client_lib.client_profile import client_profile, with_bound
 
@@ -114,7 +126,7 @@ class SplitSession:
             ws = await http.ws_connect(ws_url, headers=headers, max_msg_size=max_frame_bytes)
             session = cls(http=http, ws=ws, layers=layers, sampling=sampling or wire.SamplingOptions(), sla=sla,
                           profile=profile, expected_output_tokens=expected_output_tokens, link=link,
-                          server_decode=server_decode)
+                          server_decode=server_decode, wire_dtypes=wire_dtypes)
             if not auto:
                 await session._open(prompt_tokens=None)
         except BaseException:
@@ -128,7 +140,7 @@ class SplitSession:
             model_fingerprint=self.layers.fingerprint, split_layer=None if auto else self.layers.split_layer,
             sampling=self.sampling, sla=self.sla, client=self.profile,
             expected_output_tokens=self.expected_output_tokens, prompt_tokens=prompt_tokens,
-            server_decode=self.server_decode))
+            server_decode=self.server_decode, wire_dtypes=self.wire_dtypes))
         while True:  # answer the server's network probes until it decides
             msg = await self._recv()
             if isinstance(msg, wire.Probe):
@@ -137,6 +149,9 @@ class SplitSession:
             if not isinstance(msg, wire.Opened):
                 raise ServerError("protocol", f"expected Opened, got {type(msg).__name__}", True)
             break
+        if msg.wire_dtype not in (self.wire_dtypes or (None,)):
+            offered = f"not one of the offered {list(self.wire_dtypes)}" if self.wire_dtypes else "none was offered"
+            raise ServerError("protocol", f"the server chose wire dtype {msg.wire_dtype!r}, {offered}", True)
         if auto:
             self.layers.use_split_layer(msg.split_layer)
         self.opened = msg
@@ -208,12 +223,13 @@ class SplitSession:
                              "token ids (generate), not rows; open it with server_decode=False to send rows")
         t_start = time.perf_counter() if t_start is None else t_start
         local = time.perf_counter() - t_start
-        n = hidden.shape[0]
-        row_bytes = hidden.shape[1] * hidden.element_size()
+        n, fmt = hidden.shape[0], self.opened.wire_dtype
+        row_bytes = hidden.shape[1] * hidden.element_size() if fmt is None else wire.row_bytes(fmt, hidden.shape[1])
         chunk_rows = max(1, min(chunk_rows, (self.opened.max_frame_bytes - 4096) // row_bytes))
         for begin in range(0, n, chunk_rows):
             end = min(begin + chunk_rows, n)
-            await self._send(wire.Activation.from_tensor(hidden[begin:end], start=begin, end_of_prompt=end == n))
+            await self._send(wire.Activation.from_tensor(hidden[begin:end], start=begin, end_of_prompt=end == n,
+                                                         wire_dtype=fmt))
         async for event in self._tokens(n, t_start=t_start, local=local, decode_locally=True):
             yield event
 
@@ -242,7 +258,8 @@ class SplitSession:
                 t0 = time.perf_counter()
                 row = await self._forward([msg.token_id])
                 local = time.perf_counter() - t0
-                await self._send(wire.Activation.from_tensor(row, start=n + msg.index))
+                await self._send(wire.Activation.from_tensor(row, start=n + msg.index,
+                                                             wire_dtype=self.opened.wire_dtype))
                 sent_at = time.perf_counter()
             else:
                 sent_at = now  # server decoded: the next token's wait starts now

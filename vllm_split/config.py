@@ -4,9 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from vllm_split.wire.protocol import WIRE_DTYPES
+
 CONFIG_KEY = "vllm_split"
 STRING_OPTIONS = {"placement": ("dp", "greedy"), "gather": ("adaptive", "off"),
                   "composition": ("gathered", "mixed", "grouped", "auto")}
+LIST_OPTIONS = {"wire_dtypes": WIRE_DTYPES}  # comma-separated names, each one of these
 
 
 class SplitConfigError(ValueError):
@@ -77,10 +80,22 @@ class SplitConfig:
     # that offers server decoding is decoded on the server (no round trip per token, no risk
     # to its TPOT): where every step runs every layer anyway an offload saves only rows.
     min_offload_saving_pct: int = 10
+    # Wire dtypes this server takes activations in (comma-separated): a client offers the
+    # ones it can send (Open.wire_dtypes) and gets the first of its offer listed here. A
+    # client that offers none sends float32, float16 or bfloat16 as before.
+    wire_dtypes: str = "int8_mixed,int8_row,fp8_e4m3,float16,bfloat16,float32"
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in LIST_OPTIONS:
+                names = [n.strip() for n in value.split(",")] if isinstance(value, str) else [value]
+                bad = [n for n in names if n not in LIST_OPTIONS[f.name]]
+                if bad:
+                    raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected comma-separated names from "
+                                           f"{list(LIST_OPTIONS[f.name])}, got {value!r} ({bad[0]!r} is not one)")
+                object.__setattr__(self, f.name, ",".join(names))
+                continue
             if f.name in STRING_OPTIONS:
                 if value not in STRING_OPTIONS[f.name]:
                     raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected one of {list(STRING_OPTIONS[f.name])}, got {value!r}")
@@ -90,6 +105,11 @@ class SplitConfig:
                                   "server_decode", "min_offload_saving_pct") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected an integer >= {low}, got {value!r}")
+
+    @property
+    def accepted_wire_dtypes(self) -> tuple[str, ...]:
+        """The wire dtypes of the ``wire_dtypes`` option, in its order."""
+        return tuple(self.wire_dtypes.split(","))
 
     @property
     def gather_mode(self) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.engine.server_config import MAX_TOKENS
-from tests.support.sessions import RawSession, local_layers, metrics, split_generate
+from tests.support.sessions import RawSession, answer_tokens, local_layers, metrics, split_generate
 from vllm_split.wire import protocol as wire
 
 pytestmark = pytest.mark.engine
@@ -42,15 +42,7 @@ async def _finish_good_prompt(raw: RawSession, layers, ids, expected) -> None:
     """The session still works after rejected frames: run it to the end, token-exact."""
     layers.reset()
     await raw.send(wire.Activation.from_tensor(layers.forward(ids), start=0, end_of_prompt=True))
-    got = []
-    while True:
-        msg = await raw.recv()
-        if isinstance(msg, wire.Finished):
-            break
-        assert isinstance(msg, wire.Token), msg
-        got.append(msg.token_id)
-        if msg.finish_reason is None:
-            await raw.send(wire.Activation.from_tensor(layers.forward([msg.token_id]), start=len(ids) + msg.index))
+    got, _ = await answer_tokens(raw, layers, len(ids))
     assert got == expected
 
 
@@ -63,9 +55,10 @@ async def test_rejected_frames_keep_the_session_usable(split_server, reference, 
         # wrong hidden size
         await raw.send(wire.Activation.from_tensor(torch.zeros(3, 100), start=0, end_of_prompt=True))
         await _expect_error(raw, "hidden_size", "hidden size 100, the model's is 576")
-        # wrong dtype (int8 is not a tensor dtype of the protocol)
+        # wrong dtype (int8 is not a wire dtype of the protocol; int8_row is)
         await raw.send(_frame(3, {"start": 0, "dtype": "int8", "shape": [1, 576], "end_of_prompt": True}, b"\0" * 576))
-        await _expect_error(raw, "protocol", "dtype: expected one of ['bfloat16', 'float16', 'float32'], got 'int8'")
+        await _expect_error(raw, "protocol", "dtype: expected one of ['float32', 'float16', 'bfloat16', 'int8_row', "
+                                             "'int8_mixed', 'fp8_e4m3'], got 'int8'")
         # NaN and Inf
         bad = h.clone()
         bad[0, 0], bad[1, 5] = float("nan"), float("inf")

@@ -30,6 +30,21 @@ async def split_generate(url: str, layers: LocalLayers, prompt_ids: list[int], *
     return tokens, session
 
 
+async def answer_tokens(raw: "RawSession", layers: LocalLayers, prompt_len: int, *,
+                        wire_dtype: str | None = None) -> tuple[list[int], wire.Finished]:
+    """Tokens until ``Finished``, each answered with ``layers``' row for it (as a client does)."""
+    got = []
+    while True:
+        msg = await raw.recv()
+        if isinstance(msg, wire.Finished):
+            return got, msg
+        assert isinstance(msg, wire.Token), msg
+        got.append(msg.token_id)
+        if msg.finish_reason is None:
+            row = layers.forward([msg.token_id])
+            await raw.send(wire.Activation.from_tensor(row, start=prompt_len + msg.index, wire_dtype=wire_dtype))
+
+
 class RawSession:
     """A hand-driven WebSocket for sending arbitrary frames."""
 

@@ -58,12 +58,16 @@ class QueueLimits:
                              f"wait_s={self.wait_s!r}")
 
 
-def request_from_open(msg: wire.Open, network: NetworkSpec | None, *,
-                      server_decode_allowed: bool = True) -> AdmissionRequest:
+def request_from_open(msg: wire.Open, network: NetworkSpec | None, *, server_decode_allowed: bool = True,
+                      wire_dtype: str | None = None, hidden_size: int | None = None) -> AdmissionRequest:
     """The policy's description of the request ``msg`` opens (``network``: as measured on
     its connection, None when it was not probed). The client's memory bound
     (``ClientProfile.max_layers``) goes with its speed; its offer of server decoding counts
-    where the server allows it (``SplitConfig.server_decode``)."""
+    where the server allows it (``SplitConfig.server_decode``). ``wire_dtype``: the one the
+    server accepted from the client's offer (None: none negotiated, the policy's default row
+    size); with the model's ``hidden_size`` it sets the bytes one row costs on the wire."""
+    if wire_dtype is not None and hidden_size is None:
+        raise ValueError(f"request_from_open: wire_dtype {wire_dtype!r} needs the model's hidden_size")
     client: ClientCosts | ClientFlops | None = None
     profile = msg.client
     if profile is not None and profile.layer_decode_s is not None:
@@ -78,7 +82,8 @@ def request_from_open(msg: wire.Open, network: NetworkSpec | None, *,
         expected_output_tokens=msg.expected_output_tokens or msg.sampling.max_tokens,
         sla=SLA(ttft_s=msg.sla.ttft_s, tpot_s=msg.sla.tpot_s) if msg.sla is not None else None,
         client=client, network=network, split_layer=msg.split_layer,
-        server_decode=msg.server_decode and server_decode_allowed)
+        server_decode=msg.server_decode and server_decode_allowed,
+        row_bytes=None if wire_dtype is None else wire.row_bytes(wire_dtype, hidden_size))
 
 
 class StepPoller:

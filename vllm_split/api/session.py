@@ -7,6 +7,9 @@ at position ``prompt_len + index``) until the token that carries a ``finish_reas
 ``Finished``. A session placed at ``k = 0`` whose client offered it is *server decoded*
 (``Opened.server_decode``): its prompt comes as token ids (one ``PromptTokens`` frame) and it
 runs in the engine as an ordinary request, tokens streamed without an activation per token.
+The activations' wire dtype is negotiated at Open (:meth:`ServerSession._choose_wire_dtype`):
+the first of the client's ``Open.wire_dtypes`` that this server accepts; 8-bit rows are
+decoded into the model's dtype, and a row in another dtype than the negotiated one is refused.
 How far it got is one explicit :class:`~vllm_split.api.session_phase.SessionPhase`
 (OPENING, [PROBING], [ADMITTING], PROMPTING, PREFILLING, DECODING, FINISHED), changed only
 by :meth:`ServerSession._enter`, which checks the transition; code outside reads ``phase``,
@@ -82,6 +85,7 @@ class ServerSession:
         self.split_layer = 0
         self.tpot_bound_s: float | None = None  # the TPOT the session is held to (the scheduler composes steps by it)
         self.server_decode = False  # k = 0 and decoded on the server: token ids in, no activations
+        self.wire_dtype: str | None = None  # negotiated at Open; None: any float format
         self.prompt_ids: list[int] = []
         self.prompt_rows: list[torch.Tensor] = []
         self.num_prompt_rows = 0
@@ -155,6 +159,7 @@ class ServerSession:
             raise SessionError(ErrorCode.MAX_TOKENS, f"max_tokens {msg.sampling.max_tokens} exceeds this server's limit of {cap} tokens per session", fatal=True)
         self.open = msg
         self._check_sampling()
+        self.wire_dtype = self._choose_wire_dtype(msg)
         network = None
         if receive is not None and (msg.split_layer is None or msg.client is not None):
             self._enter(SessionPhase.PROBING)
@@ -176,7 +181,7 @@ class ServerSession:
             placement=admission.placement if admission else "fixed",
             predicted_ttft_s=admission.predicted_ttft_s if admission else None,
             predicted_tpot_s=admission.predicted_tpot_s if admission else None,
-            server_decode=self.server_decode,
+            server_decode=self.server_decode, wire_dtype=self.wire_dtype,
         ))
         self._opened_at = time.perf_counter()
 
@@ -189,12 +194,25 @@ class ServerSession:
             return None
         self._enter(SessionPhase.ADMITTING)
         try:
-            request = request_from_open(msg, network, server_decode_allowed=bool(self.config.server_decode))
+            request = request_from_open(msg, network, server_decode_allowed=bool(self.config.server_decode),
+                                        wire_dtype=self.wire_dtype, hidden_size=self.model.hidden_size)
             admission = await self.controller.admit(self.session_id, request)
         except AdmissionRefused as exc:
             raise SessionError(exc.reason, str(exc), fatal=True, retry_after_s=exc.retry_after_s) from None
         self._holds_slot = True
         return admission
+
+    def _choose_wire_dtype(self, msg: wire.Open) -> str | None:
+        """The first of the client's offered wire dtypes this server accepts (``wire_dtypes``
+        option); None when it offered none. An offer with none accepted is refused."""
+        if not msg.wire_dtypes:
+            return None
+        accepted = self.config.accepted_wire_dtypes
+        chosen = next((name for name in msg.wire_dtypes if name in accepted), None)
+        if chosen is None:
+            raise SessionError(ErrorCode.WIRE_DTYPE, f"none of the wire dtypes offered {list(msg.wire_dtypes)} is "
+                                                     f"accepted: this server takes {list(accepted)}", fatal=True)
+        return chosen
 
     def _check_sampling(self) -> None:
         """vLLM's own checks of the sampling values (ranges, vocabulary) at Open, not after the prompt."""
@@ -211,11 +229,24 @@ class ServerSession:
     def _rows(self, msg: wire.Activation) -> torch.Tensor:
         if msg.shape[1] != self.model.hidden_size:
             raise SessionError(ErrorCode.HIDDEN_SIZE, f"activation has hidden size {msg.shape[1]}, the model's is {self.model.hidden_size}")
-        rows = msg.to_tensor()
+        self._check_wire_dtype(msg)
+        try:
+            rows = msg.to_tensor()  # an 8-bit frame: float32 (its contents checked), cast below
+        except wire.ProtocolError as exc:
+            raise SessionError(ErrorCode.PROTOCOL, f"activation at position {msg.start}: {exc}") from None
         if not bool(torch.isfinite(rows).all()):
             bad = int((~torch.isfinite(rows)).sum())
             raise SessionError(ErrorCode.NON_FINITE, f"activation at position {msg.start} has {bad} NaN or Inf value(s)")
         return rows.to(self.model.dtype)
+
+    def _check_wire_dtype(self, msg: wire.Activation) -> None:
+        if self.wire_dtype is not None and msg.dtype != self.wire_dtype:
+            raise SessionError(ErrorCode.WIRE_DTYPE, f"activation at position {msg.start} is in {msg.dtype}, but this "
+                                                     f"session negotiated {self.wire_dtype} (Opened.wire_dtype)")
+        if self.wire_dtype is None and msg.dtype not in wire.TENSOR_DTYPES:
+            raise SessionError(ErrorCode.WIRE_DTYPE, f"activation at position {msg.start} is in {msg.dtype}, but this "
+                                                     f"session negotiated no wire dtype: it takes "
+                                                     f"{list(wire.TENSOR_DTYPES)} (offer {msg.dtype} in Open.wire_dtypes)")
 
     def accept_prompt_chunk(self, msg: wire.Message) -> bool:
         """PROMPTING: take one prompt chunk (a server-decoded session: its PromptTokens); True

@@ -92,6 +92,7 @@ class AdmissionRequest:
     network: NetworkSpec | None = None  # measured on the session's connection; None: not probed
     split_layer: int | None = None  # fixed by the client; None: the server chooses
     server_decode: bool = False  # at k = 0 the server may decode it (the client offered, the server allows)
+    row_bytes: int | None = None  # one row on the wire in its negotiated wire dtype; None: the policy's hidden_bytes
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "expected_output_tokens"):
@@ -101,6 +102,9 @@ class AdmissionRequest:
         k = self.split_layer
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise AdmissionInputError(f"AdmissionRequest.split_layer: expected None or an int >= 0, got {k!r}")
+        b = self.row_bytes
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise AdmissionInputError(f"AdmissionRequest.row_bytes: expected None or an int >= 1, got {b!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +151,7 @@ class AdmissionPolicy:
     """The served model's shape and the admission options."""
 
     model: ModelConfig  # the served model (its decoder layers)
-    hidden_bytes: int  # one row of activations on the wire
+    hidden_bytes: int  # one row of activations on the wire, in the model's dtype (a request's row_bytes overrides it)
     min_layer: int = 0  # lowest split layer the server holds
     max_num_seqs: int | None = None  # the engine's request slots (None: not checked)
     default_sla: SLA = field(default_factory=lambda: SLA(ttft_s=5.0, tpot_s=0.25))  # for a client stating none
@@ -189,8 +193,13 @@ class AdmissionPolicy:
             return ClientCosts.from_flops(client.flops_per_s, self.model, max_layers=client.max_layers)
         return client
 
+    def row_bytes(self, request: AdmissionRequest) -> int:
+        """One row of ``request``'s activations on the wire: its wire dtype's, else ``hidden_bytes``."""
+        return self.hidden_bytes if request.row_bytes is None else request.row_bytes
+
     def graph_inputs(self, request: AdmissionRequest) -> RequestGraphInputs:
-        return RequestGraphInputs(num_layers=self.num_layers, min_layer=self.min_layer, hidden_bytes=self.hidden_bytes,
+        return RequestGraphInputs(num_layers=self.num_layers, min_layer=self.min_layer,
+                                  hidden_bytes=self.row_bytes(request),
                                   prompt_len=request.prompt_tokens, output_len=request.expected_output_tokens)
 
     def gather_s(self, load: ServerLoad) -> float:
@@ -202,7 +211,8 @@ class AdmissionPolicy:
         """From a token leaving the server to the client's next activation arriving."""
         network = request.network
         assert network is not None
-        return split_layer * client.decode_s + network.uplink_s(self.hidden_bytes) + network.downlink_s(TOKEN_BYTES)
+        return (split_layer * client.decode_s + network.uplink_s(self.row_bytes(request))
+                + network.downlink_s(TOKEN_BYTES))
 
     # ---------------------------------------------------------------- predictions
     def predict(self, request: AdmissionRequest, split_layer: int, load: ServerLoad, *,

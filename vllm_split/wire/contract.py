@@ -40,6 +40,7 @@ class ErrorCode:
     PROBE = "probe"
     HIDDEN_SIZE = "hidden_size"
     NON_FINITE = "non_finite"
+    WIRE_DTYPE = "wire_dtype"  # no offered wire dtype is accepted, or an activation not in the negotiated one
     PROMPT_TOO_LONG = "prompt_too_long"
     DELIVERY = "delivery"
     IDLE_TIMEOUT = "idle_timeout"

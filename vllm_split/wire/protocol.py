@@ -10,6 +10,13 @@ token ids; ``ProbeReply``: filler). Decoding checks every field's type and range
 expected and what arrived. No pickle, no ``torch.load``: tensors are rebuilt from raw bytes
 with ``torch.frombuffer``. This module imports without vLLM (the client uses it); torch is
 imported only by the tensor helpers.
+
+Wire dtypes (:data:`WIRE_DTYPES`): an activation travels as float32, float16 or bfloat16
+(raw values), or in one of the 8-bit formats of :mod:`vllm_split.wire.quant` (the payload is
+the codes, then one float32 scale per row: :func:`quant.frame_sizes`). The client offers the
+formats it can send at ``Open.wire_dtypes`` (its order of preference); the server answers
+the one it takes in ``Opened.wire_dtype`` (None when the client offered nothing: any float
+format, as before the 8-bit formats). :func:`row_bytes` is what one row costs in each.
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ import math
 import struct
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Union
+
+from vllm_split.wire import quant
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +39,9 @@ MAX_META_BYTES = 64 * 1024
 MAX_PROBE_BYTES = 1024 * 1024
 # dtype name -> bytes per element; the server casts whatever arrives to the model's dtype.
 TENSOR_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# every dtype an Activation may carry: the float formats, then the 8-bit ones (wire/quant.py)
+WIRE_DTYPES = (*TENSOR_DTYPES, *quant.FORMATS)
+MAX_WIRE_DTYPES_OFFERED = 16
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
@@ -128,6 +140,7 @@ class Open:
     """
 
     KIND: ClassVar[int] = 1
+    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("server_decode", "wire_dtypes")  # not sent unless used: older servers take the frame
     model_fingerprint: str
     split_layer: int | None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
@@ -137,10 +150,22 @@ class Open:
     expected_output_tokens: int | None = None  # None: sampling.max_tokens
     prompt_tokens: int | None = None  # length of the prompt to come (needed for planning)
     server_decode: bool = False  # the client accepts server decoding when placed at k = 0
+    # wire dtypes the client can send activations in, preferred first (names this side does
+    # not know are skipped by the server); empty: float32, float16 or bfloat16 as it likes
+    wire_dtypes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_str("model_fingerprint", self.model_fingerprint)
         _check_bool("server_decode", self.server_decode)
+        offered = tuple(_list("wire_dtypes", self.wire_dtypes))
+        if len(offered) > MAX_WIRE_DTYPES_OFFERED:
+            raise ProtocolError(f"wire_dtypes: expected at most {MAX_WIRE_DTYPES_OFFERED} names, got {len(offered)}")
+        for name in offered:
+            if not isinstance(name, str) or not 0 < len(name) <= 32:
+                raise ProtocolError(f"wire_dtypes[]: expected a name of 1 to 32 characters, got {name!r:.40}")
+        if len(set(offered)) != len(offered):
+            raise ProtocolError(f"wire_dtypes: expected distinct names, got {list(offered)}")
+        object.__setattr__(self, "wire_dtypes", offered)
         if self.split_layer is not None:
             _check_int("split_layer", self.split_layer, low=0)
         _check_int("protocol_version", self.protocol_version, low=0)
@@ -157,6 +182,8 @@ class Activation:
     """Hidden states at the split layer for positions [start, start + rows).
 
     ``end_of_prompt`` marks the last chunk of the prompt; decode steps send one row each.
+    ``dtype`` is one of :data:`WIRE_DTYPES`; in an 8-bit format ``data`` is the codes, then
+    the float32 scales (:meth:`quantized` splits them; a bad scale is refused here already).
     """
 
     KIND: ClassVar[int] = 3
@@ -168,10 +195,7 @@ class Activation:
 
     def __post_init__(self) -> None:
         _check_int("start", self.start, low=0)
-        if not isinstance(self.dtype, str) or self.dtype not in TENSOR_DTYPES:
-            raise ProtocolError(
-                f"dtype: expected one of {sorted(TENSOR_DTYPES)}, got {self.dtype!r}"
-            )
+        _check_wire_dtype("dtype", self.dtype)
         shape = tuple(_list("shape", self.shape))
         if len(shape) != 2:
             raise ProtocolError(f"shape: expected [rows, hidden_size], got {list(shape)}")
@@ -179,24 +203,51 @@ class Activation:
             _check_int("shape[]", dim, low=1)
         object.__setattr__(self, "shape", shape)
         _check_bool("end_of_prompt", self.end_of_prompt)
-        expected = shape[0] * shape[1] * TENSOR_DTYPES[self.dtype]
+        if self.dtype in TENSOR_DTYPES:
+            expected, what = shape[0] * shape[1] * TENSOR_DTYPES[self.dtype], ""
+        else:
+            codes, scales = _quant_call(quant.frame_sizes, self.dtype, *shape)
+            expected, what = codes + scales, f" ({codes} of 8-bit payload + {scales} of float32 scales, one per row)"
         if len(self.data) != expected:
             raise ProtocolError(
-                f"payload: shape {list(shape)} in {self.dtype} needs {expected} bytes, "
+                f"payload: shape {list(shape)} in {self.dtype} needs {expected} bytes{what}, "
                 f"got {len(self.data)}"
             )
+        if what:
+            self.quantized()  # checks the scales
 
     @property
     def rows(self) -> int:
         return self.shape[0]
 
     @classmethod
-    def from_tensor(cls, tensor: "torch.Tensor", *, start: int, end_of_prompt: bool = False) -> "Activation":
-        dtype, shape, data = encode_tensor(tensor)
+    def from_tensor(cls, tensor: "torch.Tensor", *, start: int, end_of_prompt: bool = False,
+                    wire_dtype: str | None = None) -> "Activation":
+        """The rows of a 2-D float tensor, sent in ``wire_dtype`` (None: the tensor's own dtype)."""
+        if wire_dtype is not None and wire_dtype not in TENSOR_DTYPES:
+            _check_wire_dtype("wire_dtype", wire_dtype)
+            q = _quant_call(quant.encode, tensor, wire_dtype)
+            dtype, shape, data = wire_dtype, q.shape, q.payload + q.scales
+        else:
+            dtype, shape, data = encode_tensor(tensor if wire_dtype is None else _cast(tensor, wire_dtype))
         return cls(start=start, dtype=dtype, shape=shape, data=data, end_of_prompt=end_of_prompt)
 
-    def to_tensor(self) -> "torch.Tensor":
-        return decode_tensor(self.dtype, self.shape, self.data)
+    def quantized(self) -> quant.QuantizedTensor:
+        """An 8-bit activation's codes and scales (views of ``data``, not copies); a float
+        one raises ProtocolError."""
+        if self.dtype in TENSOR_DTYPES:
+            raise ProtocolError(f"dtype: {self.dtype} is not an 8-bit format (expected one of {list(quant.FORMATS)})")
+        codes, _ = quant.frame_sizes(self.dtype, *self.shape)
+        view = memoryview(self.data)
+        return _quant_call(quant.QuantizedTensor, self.dtype, self.shape, view[:codes], view[codes:])
+
+    def to_tensor(self, *, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """The rows as a tensor in ``dtype`` (None: the wire dtype, float32 for an 8-bit one);
+        an 8-bit frame whose contents do not decode raises ProtocolError."""
+        if self.dtype in TENSOR_DTYPES:
+            out = decode_tensor(self.dtype, self.shape, self.data)
+            return out if dtype is None else out.to(dtype)
+        return _quant_call(quant.decode, self.quantized(), dtype=dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +307,7 @@ class Opened:
     """The server accepted the session."""
 
     KIND: ClassVar[int] = 2
+    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("server_decode", "wire_dtype")  # not sent unless used: older clients take the frame
     session_id: str
     split_layer: int
     num_layers: int
@@ -268,10 +320,15 @@ class Opened:
     # the server decodes (the client offered it and was placed at k = 0): the client sends
     # PromptTokens instead of prompt activations and no activation per token
     server_decode: bool = False
+    # the wire dtype the server takes activations in, one of Open.wire_dtypes; None: the
+    # client offered none and sends float32, float16 or bfloat16
+    wire_dtype: str | None = None
 
     def __post_init__(self) -> None:
         _check_str("session_id", self.session_id)
         _check_bool("server_decode", self.server_decode)
+        if self.wire_dtype is not None:
+            _check_wire_dtype("wire_dtype", self.wire_dtype)
         _check_str("dtype", self.dtype)
         _check_str("placement", self.placement)
         for name in ("split_layer", "num_layers", "hidden_size", "max_frame_bytes"):
@@ -350,6 +407,7 @@ Message = Union[Open, Activation, PromptTokens, ProbeReply, Close, Opened, Probe
 _KINDS: dict[int, type] = {cls.KIND: cls for cls in (Open, Activation, PromptTokens, ProbeReply, Close, Opened,
                                                      Probe, Token, Finished, Error)}
 _PAYLOAD_KINDS = (Activation, PromptTokens, ProbeReply)  # messages whose ``data`` field is the raw payload
+_DEFAULTS = {(cls, f.name): f.default for cls in (Open, Opened) for f in fields(cls) if f.name in cls.OMIT_DEFAULT}
 
 
 # ---------------------------------------------------------------- encode / decode
@@ -359,6 +417,9 @@ def encode(msg: Message) -> bytes:
     meta = asdict(msg)
     if isinstance(msg, _PAYLOAD_KINDS):
         payload = meta.pop("data")
+    for name in getattr(msg, "OMIT_DEFAULT", ()):  # fields added in version 1, left out at their default
+        if meta[name] == _DEFAULTS[type(msg), name]:
+            del meta[name]
     meta_bytes = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
     return _HEADER.pack(MAGIC, PROTOCOL_VERSION, msg.KIND, len(meta_bytes)) + meta_bytes + payload
 
@@ -431,6 +492,38 @@ def encode_tensor(tensor: "torch.Tensor") -> tuple[str, tuple[int, int], bytes]:
     return name, (int(tensor.shape[0]), int(tensor.shape[1])), flat.numpy().tobytes()
 
 
+def row_bytes(dtype: str, hidden_size: int) -> int:
+    """Bytes one row (one position's hidden state) costs on the wire in ``dtype``: a float
+    format's element size times ``hidden_size``; an 8-bit one's codes and scale
+    (:func:`quant.bytes_per_row`)."""
+    _check_wire_dtype("dtype", dtype)
+    _check_int("hidden_size", hidden_size, low=1)
+    if dtype in TENSOR_DTYPES:
+        return hidden_size * TENSOR_DTYPES[dtype]
+    return _quant_call(quant.bytes_per_row, dtype, hidden_size)
+
+
+def _cast(tensor: "torch.Tensor", dtype: str) -> "torch.Tensor":
+    """``tensor`` in the float ``dtype``; refuses finite values that the cast would overflow."""
+    import torch
+
+    out = tensor.to(getattr(torch, dtype))
+    if tensor.dtype != out.dtype and tensor.is_floating_point():
+        overflow = torch.isinf(out) & torch.isfinite(tensor)
+        if bool(overflow.any()):
+            raise ProtocolError(f"tensor: a value of magnitude {float(tensor[overflow].abs().max()):.6g} overflows "
+                                f"{dtype}; choose a wider wire dtype")
+    return out
+
+
+def _quant_call(fn, *args, **kwargs):
+    """``fn(...)`` of :mod:`quant`, its QuantFormatError raised as a ProtocolError."""
+    try:
+        return fn(*args, **kwargs)
+    except quant.QuantFormatError as exc:
+        raise ProtocolError(str(exc)) from None
+
+
 def decode_tensor(dtype: str, shape: tuple[int, int], data: bytes) -> "torch.Tensor":
     """Rebuild a tensor from raw bytes (a copy: the frame buffer is not kept)."""
     import torch
@@ -461,6 +554,11 @@ def _check_float(name: str, value: Any, *, low: float, high: float | None = None
 def _check_reason(value: Any) -> None:
     if value not in FINISH_REASONS:
         raise ProtocolError(f"finish_reason: expected one of {list(FINISH_REASONS)}, got {value!r}")
+
+
+def _check_wire_dtype(name: str, value: Any) -> None:
+    if not isinstance(value, str) or value not in WIRE_DTYPES:
+        raise ProtocolError(f"{name}: expected one of {list(WIRE_DTYPES)}, got {value!r:.40}")
 
 
 def _check_bool(name: str, value: Any) -> None:

@@ -69,6 +69,14 @@ SAMPLE_MESSAGES = [
     wire.Probe(nonce=3, reply_bytes=65536),
     wire.ProbeReply(nonce=3, data=b"x" * 100),
     wire.Error(code="server_busy", message="retry", fatal=True, retry_after_s=1.5),
+    wire.Open(model_fingerprint="fp1-abc", split_layer=7, wire_dtypes=("int8_mixed", "float16", "float32")),
+    wire.Opened(session_id="s-4", split_layer=7, num_layers=30, hidden_size=576, dtype="bfloat16",
+                max_frame_bytes=8 << 20, wire_dtype="int8_mixed"),
+    wire.Activation.from_tensor(torch.arange(24, dtype=torch.float32).reshape(2, 12) - 11, start=3,
+                                wire_dtype="int8_mixed"),
+    wire.Activation.from_tensor(torch.linspace(-1, 1, 12).reshape(3, 4), start=0, wire_dtype="int8_row"),
+    wire.Activation(start=1, dtype="fp8_e4m3", shape=(1, 4),
+                    data=bytes([0x38, 0xB8, 0, 0x40]) + struct.pack("<f", 2.0)),
 ]
 
 
@@ -215,7 +223,7 @@ MALFORMED = [
     ("unknown field", _frame(1, _open_meta(colour="red")),
      r"Open: unknown field\(s\) \['colour'\]; expected a subset of "
      r"\['client', 'expected_output_tokens', 'model_fingerprint', 'prompt_tokens', 'protocol_version', "
-     r"'sampling', 'server_decode', 'sla', 'split_layer'\]"),
+     r"'sampling', 'server_decode', 'sla', 'split_layer', 'wire_dtypes'\]"),
     ("unknown sampling field", _frame(1, _open_meta(sampling={"temp": 1})),
      r"sampling: unknown field\(s\) \['temp'\]"),
     ("missing field", _frame(1, {"model_fingerprint": "fp"}),
@@ -251,7 +259,8 @@ MALFORMED = [
     ("negative start", _frame(3, _activation_meta(start=-1), bytes(32)), r"start: expected >= 0, got -1"),
     ("negative split layer", _frame(1, _open_meta(split_layer=-2)), r"split_layer: expected >= 0, got -2"),
     ("unknown dtype", _frame(3, _activation_meta(dtype="float64"), bytes(64)),
-     r"dtype: expected one of \['bfloat16', 'float16', 'float32'\], got 'float64'"),
+     r"dtype: expected one of \['float32', 'float16', 'bfloat16', 'int8_row', 'int8_mixed', 'fp8_e4m3'\], "
+     r"got 'float64'"),
     ("1-D shape", _frame(3, _activation_meta(shape=[8]), bytes(32)),
      r"shape: expected \[rows, hidden_size\], got \[8\]"),
     ("3-D shape", _frame(3, _activation_meta(shape=[1, 2, 4]), bytes(32)),
@@ -355,7 +364,7 @@ def test_corrupted_valid_frames_decode_or_raise_protocol_error(data):
 _FIELD_NAMES = sorted({f for cls in (wire.Open, wire.Activation, wire.PromptTokens, wire.Opened, wire.Token, wire.Finished, wire.Error,
                                      wire.SamplingOptions) for f in cls.__dataclass_fields__})
 _json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
-                 | st.text(max_size=8) | st.sampled_from(sorted(wire.TENSOR_DTYPES)))
+                 | st.text(max_size=8) | st.sampled_from(wire.WIRE_DTYPES))
 _json_values = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=4)
                             | st.dictionaries(st.sampled_from(_FIELD_NAMES), inner, max_size=4), max_leaves=12)
 
