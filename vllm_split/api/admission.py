@@ -13,8 +13,8 @@ one-thread executor, waits are asyncio waits. The decisions themselves are the p
   request the policy makes wait is re-planned on events, not on a tick: whenever a session
   ends and whenever the poller reports a changed load; at most ``QueueLimits.wait_s``, then
   refused with ``server_busy`` and a ``retry_after_s``), the planning executor, the
-  measured error of the TPOT model (the last ``TPOT_ERROR_WINDOW`` split sessions'
-  measured / predicted TPOT, the policy's planning margin) and the metrics on vLLM's
+  measured errors of the latency model (the last ``ERROR_WINDOW`` split sessions'
+  measured / predicted TPOT and TTFT, the policy's planning margins) and the metrics on vLLM's
   ``/metrics`` (:mod:`vllm_split.api.metrics`).
 """
 from __future__ import annotations
@@ -28,14 +28,14 @@ from typing import Any, Awaitable, Callable
 
 from vllm_split.control.live_cost import LiveCostModel
 from vllm_split.control.policy import (Admission, AdmissionPolicy, AdmissionRequest, ClientFlops, InFlight, Refusal,
-                                       retry_after_s, server_load, tpot_error)
+                                       model_error, retry_after_s, server_load)
 from vllm_split.control.request_graph import ClientCosts, ServerLoad
 from vllm_split.planner import SLA, NetworkSpec
 from vllm_split.wire import protocol as wire
 from vllm_split.wire.contract import ErrorCode, StepRecord
 
 POLL_S = 0.5
-TPOT_ERROR_WINDOW = 64  # recent split sessions whose measured / predicted TPOT sets the planning margin
+ERROR_WINDOW = 64  # recent split sessions whose measured / predicted TPOT and TTFT set the planning margins
 
 
 class AdmissionRefused(Exception):
@@ -150,7 +150,8 @@ class AdmissionController:
         self._changed = asyncio.Condition()  # notified on each event that may admit a waiting session
         self._num_events = 0  # sessions ended and load changes so far (a waiter re-plans when it moved)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-split-plan")
-        self._tpot_ratios: deque[float] = deque(maxlen=TPOT_ERROR_WINDOW)  # split sessions', not server-decoded
+        self._tpot_ratios: deque[float] = deque(maxlen=ERROR_WINDOW)  # split sessions', not server-decoded
+        self._ttft_ratios: deque[float] = deque(maxlen=ERROR_WINDOW)
 
     def start(self) -> None:
         self.poller.start()
@@ -163,7 +164,7 @@ class AdmissionController:
         now = time.monotonic()  # InFlight.admitted_at's clock; the step records use wall time
         load = server_load(self.costs, admitted_ages_s=[now - s.admitted_at for s in self.inflight.values()],
                            num_layers=self.policy.num_layers, now=time.time())
-        return replace(load, tpot_error=tpot_error(self._tpot_ratios))
+        return replace(load, tpot_error=model_error(self._tpot_ratios), ttft_error=model_error(self._ttft_ratios))
 
     def retry_after_s(self) -> float:
         return retry_after_s(self.inflight.values(), time.monotonic())
@@ -251,6 +252,8 @@ class AdmissionController:
         m.work_saved.inc(rows * k)
         if ttft_s is not None:
             m.measured_ttft.observe(ttft_s)
+            if s.admission.predicted_ttft_s and not s.admission.server_decode:
+                self._ttft_ratios.append(ttft_s / s.admission.predicted_ttft_s)
         if tpot_s is not None:
             m.measured_tpot.observe(tpot_s)
             if s.admission.predicted_tpot_s:

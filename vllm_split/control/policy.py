@@ -29,11 +29,12 @@ server whose steps run every layer anyway an offload saves only the request's ro
 (a few percent), and a round trip per token is a risk to the SLA not worth that.
 
 The model errs, and a placement at the SLA's edge misses by the model's error. So the
-placements with a round trip per token are planned against the TPOT bound divided by the
-measured error of recent split sessions (``ServerLoad.tpot_error``, :func:`tpot_error`: a
-high quantile of measured over predicted TPOT); predictions stay the model's own (the
-error is measured against them), and server decoding, with no round trip, is planned
-against the bound itself.
+placements with a round trip per token are planned against the TPOT and TTFT bounds
+divided by the measured errors of recent split sessions (``ServerLoad.tpot_error`` and
+``ttft_error``, :func:`model_error`: a high quantile of measured over predicted);
+predictions stay the model's own (the errors are measured against them), and server
+decoding, with no round trip and no client prefill, is planned against the bounds
+themselves.
 
 Decisions: :class:`Admission` (split layer, how it was chosen, predicted TTFT and TPOT,
 server work); :class:`Wait` (it could be admitted on a less loaded server, when a request
@@ -313,7 +314,7 @@ class AdmissionPolicy:
                               decode_wait=0.0, embed_on_server=True)
             decoded = result_for(g, request.network, sla, placement_for(SERVER_DECODE_SPLIT, self.num_layers),
                                  method="server_decode")
-        sla = calibrated(sla, load.tpot_error)  # round trips per token: plan with the model's measured error
+        sla = calibrated(sla, load.tpot_error, load.ttft_error)  # round trips: plan with the model's measured error
         inputs, worst = self.graph_inputs(request), busy_fraction(load) * load.recent_step_s
         graph = request_graph(inputs, load, client, wait_s=worst)
         # the placements whose activations the gather window waits for pay no decode wait:
@@ -435,8 +436,8 @@ TPOT_ERROR_MIN_SAMPLES = 5
 TPOT_ERROR_MAX = 3.0
 
 
-def tpot_error(ratios: Collection[float]) -> float:
-    """The planning margin from recent split sessions' measured / predicted TPOT: their
+def model_error(ratios: Collection[float]) -> float:
+    """The planning margin from recent split sessions' measured / predicted TPOT (or TTFT): their
     :data:`TPOT_ERROR_QUANTILE` quantile, within [1, :data:`TPOT_ERROR_MAX`] (1 with fewer
     than :data:`TPOT_ERROR_MIN_SAMPLES`: nothing measured yet). Never below 1: a pessimistic
     model is not made optimistic."""
@@ -447,11 +448,10 @@ def tpot_error(ratios: Collection[float]) -> float:
     return min(TPOT_ERROR_MAX, max(1.0, q))
 
 
-def calibrated(sla: SLA, error: float) -> SLA:
-    """``sla`` with its TPOT bound divided by the model's measured ``error`` (>= 1)."""
-    if sla.tpot_s is None or error <= 1.0:
-        return sla
-    return replace(sla, tpot_s=sla.tpot_s / error)
+def calibrated(sla: SLA, tpot_error: float, ttft_error: float = 1.0) -> SLA:
+    """``sla`` with its TPOT and TTFT bounds divided by the model's measured errors (>= 1)."""
+    return replace(sla, tpot_s=sla.tpot_s / max(1.0, tpot_error) if sla.tpot_s is not None else None,
+                   ttft_s=sla.ttft_s / max(1.0, ttft_error) if sla.ttft_s is not None else None)
 
 
 def retry_after_s(inflight: Iterable[InFlight], now: float) -> float:

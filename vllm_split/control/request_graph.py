@@ -80,6 +80,7 @@ class ServerLoad:
     utilization: float = 0.0  # fraction of the recent window the engine spent running the model
     min_split_layer: int = 0  # lowest split layer of the recent steps (0: ordinary requests ran, or idle)
     tpot_error: float = 1.0  # measured / predicted TPOT of recent split sessions (a high quantile, >= 1)
+    ttft_error: float = 1.0  # the same for TTFT
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,6 +177,7 @@ async def test_released_split_sessions_set_the_planning_margin_server_decoded_on
         a = await c.admit(f"s{i}", open_request(FAST, tpot=1.0, k=7))
         await c.release(f"s{i}", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=a.predicted_tpot_s * 1.4)
     assert c.load().tpot_error == pytest.approx(1.4)
+    assert c.load().ttft_error == 1.0  # their TTFTs came in under the predictions
     msg = wire.Open(model_fingerprint="fp", split_layer=0, server_decode=True, client=FAST,
                     sla=wire.RequestSLA(ttft_s=5.0, tpot_s=1.0), prompt_tokens=40)
     for i in range(6):  # server-decoded sessions do not move it

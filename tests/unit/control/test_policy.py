@@ -276,7 +276,12 @@ def test_an_admitted_server_decoded_session_is_weighed_by_its_own_tpot():
 
 # ---------------------------------------------------------------- the model's measured error
 def test_tpot_error_is_a_high_quantile_of_the_ratios_within_bounds():
-    from vllm_split.control.policy import TPOT_ERROR_MAX, tpot_error
+    from vllm_split.control.policy import TPOT_ERROR_MAX, model_error as tpot_error
+    from vllm_split.control.policy import calibrated
+
+    tight = calibrated(SLA(ttft_s=2.0, tpot_s=0.3), 1.5, 2.0)
+    assert (tight.ttft_s, tight.tpot_s) == (pytest.approx(1.0), pytest.approx(0.2))
+    assert calibrated(SLA(tpot_s=0.3), 0.5) == SLA(tpot_s=0.3)  # never loosened
 
     assert tpot_error([2.0] * 4) == 1.0  # too few to say
     assert tpot_error([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]) == pytest.approx(1.6)  # the 75% quantile
@@ -296,6 +301,16 @@ def test_a_measured_error_plans_round_trips_with_a_margin_and_leaves_server_deco
     decoded = decide(p, replace(req, server_decode=True), erring)
     assert isinstance(decoded, Admission) and decoded.server_decode  # no round trip: the bound itself
     assert decoded.predicted_tpot_s <= bound
+
+
+def test_a_measured_ttft_error_tightens_the_ttft_bound_of_round_trip_placements():
+    p, load = policy(), busy(4)
+    edge = decide(p, request(), load)  # k = 30: the client's prefill of every layer
+    req = next(r for f in (1.2, 1.5, 2.0, 3.0) if isinstance(
+        decide(p, r := request(sla=SLA(ttft_s=edge.predicted_ttft_s * f, tpot_s=1.0)), load), Admission))
+    admitted = decide(p, req, load)
+    placed = decide(p, req, replace(load, ttft_error=1.3))  # the TTFT model was 30% optimistic lately
+    assert isinstance(placed, Wait) or placed.split_layer < admitted.split_layer
 
 
 def test_an_offload_saving_too_little_gives_way_to_server_decoding():
