@@ -214,7 +214,7 @@ def reanalyse(data: dict, log_dir: Path) -> dict:
 
 
 def main() -> None:
-    p = report.parser("bench_composition", __doc__, quick="one load, 8 tokens, 1 round, gathered and auto (CI smoke)",
+    p = report.parser("bench_composition", __doc__, quick="one load, 8 tokens, 1 round, gathered and auto, eager servers (CI smoke)",
                       seed=0, plot=True)
     p.add_argument("--rounds", type=int, default=2, help="measured rounds per load and composition")
     p.add_argument("--tokens", type=int, default=48, help="output tokens per session")
@@ -254,7 +254,7 @@ def main() -> None:
     num_layers = fingerprint = None
     for mode in modes:
         log = tmp / f"{mode}.steps.jsonl"
-        server = VLLMServer(model, split=True, log_path=tmp / f"{mode}.log",
+        server = VLLMServer(model, split=True, log_path=tmp / f"{mode}.log", eager=args.quick,
                             extra_args=(*COMMON, "--split-composition", mode), env={"VLLM_SPLIT_STEP_LOG": str(log)})
         with server:
             if not work:  # the greedy continuations (this engine's), then the clients' scripts

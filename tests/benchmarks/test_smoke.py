@@ -112,3 +112,26 @@ def test_bench_gather_quick(tmp_path):
     gather = summary["gather"]
     assert gather is None or {"num_holds", "held_s", "num_caught", "num_late", "num_probes"} <= set(gather)
     assert out.with_suffix(".png").exists()
+
+
+@pytest.mark.engine
+def test_bench_composition_quick(tmp_path):
+    out = tmp_path / "composition.json"
+    run("bench_composition", "--quick", "--out", str(out), timeout=1200)
+    data = json.loads(out.read_text())
+    (load,) = data["summary"]
+    modes = data["summary"][load]["modes"]
+    assert set(modes) == {"gathered", "auto"}
+    for m in modes.values():
+        assert m["mismatches"] == 0 and m["tokens_per_s"] > 0 and m["fitted_predicted_tokens_per_s"] > 0
+    assert data["step_model_fitted"]["steps"] > 0 and out.with_suffix(".png").exists()
+
+
+@pytest.mark.engine
+def test_bench_wire_ttft_quick(tmp_path):
+    out = tmp_path / "wire_ttft.json"
+    run("bench_wire_ttft", "--quick", "--out", str(out), timeout=900)
+    s = json.loads(out.read_text())["summary"]
+    assert set(s) == {"float16", "int8_mixed"}
+    assert s["int8_mixed"]["prompt_bytes"] < s["float16"]["prompt_bytes"]
+    assert all(v["ttft_p50_s"] > 0 for v in s.values()) and out.with_suffix(".png").exists()
