@@ -5,21 +5,47 @@
         [--wire-dtype auto|float16|int8_mixed|...] [--chat] [--timings]
     vllm-split-client serve --server http://localhost:8000 --model DIR [--port 8001]   # OpenAI gateway
 
-``serve`` runs the OpenAI-compatible gateway (``client_lib/gateway``, docs/gateway.md).
+``serve`` runs the OpenAI-compatible gateway (``client_lib/gateway``, docs/gateway.md). An
+``https://`` server is reached over ``wss://`` and its certificate verified against the
+system's CAs, or against ``--ca-file PATH`` (``--insecure``: no verification, testing only).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 
 from client_lib.local_layers import LocalLayers
 from client_lib.session import ServerError, SplitSession
 from client_lib.wire_policy import DEFAULT_MIN_AGREEMENT
+from vllm_split.wire.contract import ErrorCode
 from vllm_split.wire.protocol import WIRE_DTYPES
 from vllm_split.wire.protocol import RequestSLA, SamplingOptions
+
+
+def _existing_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return path
+
+
+def add_tls_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--{prefix}ca-file PATH`` and ``--{prefix}insecure``: how an https:// split server's
+    certificate is verified (read back with :func:`tls_option`)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(f"--{prefix}ca-file", type=_existing_file, default=None, metavar="PATH",
+                       help="https:// server: trust this CA bundle or self-signed certificate (PEM) instead of "
+                            "the system's CAs")
+    group.add_argument(f"--{prefix}insecure", action="store_true",
+                       help="https:// server: do not verify its certificate (for testing only)")
+
+
+def tls_option(ca_file: str | None, insecure: bool) -> str | bool | None:
+    """``SplitSession.create``'s ``ssl`` from :func:`add_tls_options`' values."""
+    return False if insecure else ca_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (use 1 when the server is a vLLM CPU server on the same machine)")
     p.add_argument("--api-key", default=None)
+    add_tls_options(p)
     p.add_argument("--timings", action="store_true", help="print per-token timings")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     return p.parse_args(argv)
@@ -81,7 +108,8 @@ async def run(args: argparse.Namespace) -> dict:
     printed = ""
     async with await SplitSession.create(args.server, layers, sampling=sampling, api_key=args.api_key,
                                          sla=sla, expected_output_tokens=args.max_tokens,
-                                         wire_dtype=args.wire_dtype, min_agreement=args.min_agreement) as session:
+                                         wire_dtype=args.wire_dtype, min_agreement=args.min_agreement,
+                                         ssl=tls_option(args.ca_file, args.insecure)) as session:
         async for event in session.generate(prompt_ids):
             tokens.append(event.token_id)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -135,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         asyncio.run(run(args))
     except ServerError as exc:
-        sys.exit(f"server error: {exc}")
+        sys.exit(f"{'connection' if exc.code == ErrorCode.TLS else 'server'} error: {exc}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import torch
 
-from client_lib.session import DEFAULT_CHUNK_ROWS, ServerError, SplitSession, TokenEvent
+from client_lib.session import DEFAULT_CHUNK_ROWS, ServerError, SplitSession, SSLOption, TokenEvent
 from vllm_split.wire import protocol as wire
 from vllm_split.wire.contract import ErrorCode
 
@@ -76,7 +76,7 @@ class ResumableGeneration:
 
     def __init__(self, url: str, layers: Any, *, sampling: wire.SamplingOptions | None = None,
                  api_key: str | None = None, policy: ReconnectPolicy = ReconnectPolicy(),
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, ssl: SSLOption = None) -> None:
         self.sampling = sampling or wire.SamplingOptions()
         if self.sampling.temperature > 0:
             raise ResumeError(f"resume is exact only for greedy decoding (temperature 0), got temperature "
@@ -85,6 +85,7 @@ class ResumableGeneration:
             raise ResumeError("resume replays rows kept at one split layer: give LocalLayers a fixed split_layer, "
                               "not 'auto'")
         self.url, self.api_key, self.policy, self.chunk_rows = url, api_key, policy, chunk_rows
+        self.ssl = ssl  # SplitSession.create's ssl: how a wss:// server's certificate is verified
         self.kept = _KeptRows(layers)
         self.num_reconnects = 0
         self.finish_reason: str | None = None
@@ -144,7 +145,7 @@ class ResumableGeneration:
         while True:
             try:
                 return await SplitSession.create(self.url, self.kept, sampling=sampling, api_key=self.api_key,
-                                                 server_decode=False)  # it replays kept rows
+                                                 server_decode=False, ssl=self.ssl)  # it replays kept rows
             except (ServerError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 if isinstance(exc, ServerError) and exc.code not in self.policy.retry_codes:
                     raise

@@ -25,9 +25,18 @@ exact); a name offers that format alone; ``"auto"`` offers the smallest formats 
 measured agreement with float32 on this model reaches ``min_agreement``
 (:mod:`client_lib.wire_policy`). The server answers the one it takes (``Opened.wire_dtype``)
 and every row, prompt chunks and decode rows alike, goes in it.
+
+TLS: an ``https://`` URL connects over ``wss://`` (a server started with vLLM's
+``--ssl-keyfile``/``--ssl-certfile``). The server's certificate is verified by default,
+against the system's CAs; ``ssl=`` takes the path of a CA bundle (or of a self-signed
+certificate) to trust instead, or an ``ssl.SSLContext``. ``ssl=False`` turns verification
+off: for tests only, never the default. A certificate that does not verify, or a server that
+does not speak TLS, raises :class:`ServerError` with code ``tls`` naming the URL.
 """
 from __future__ import annotations
 
+import os
+import ssl as ssl_lib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -42,11 +51,16 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_CHUNK_ROWS = 512
+# ``ssl=``: None verifies against the system CAs; a path: the CA bundle or self-signed
+# certificate to trust; an SSLContext as is; False: no verification (tests only)
+SSLOption = ssl_lib.SSLContext | str | os.PathLike | bool | None
 
 
 class ServerError(RuntimeError):
     """The server rejected a frame or the session (``code`` is machine-readable;
-    ``retry_after_s``: when the server said retrying later may succeed, how much later)."""
+    ``retry_after_s``: when the server said retrying later may succeed, how much later).
+    The client raises it too, with the client-side codes of ``ErrorCode`` (``closed``,
+    ``aborted``, ``tls``)."""
 
     def __init__(self, code: str, message: str, fatal: bool, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
@@ -104,16 +118,18 @@ class SplitSession:
                      sla: wire.RequestSLA | None = None, profile: wire.ClientProfile | None = None,
                      expected_output_tokens: int | None = None, link: Any = None,
                      server_decode: bool = True, wire_dtype: str | None = None,
-                     min_agreement: float = DEFAULT_MIN_AGREEMENT) -> "SplitSession":
+                     min_agreement: float = DEFAULT_MIN_AGREEMENT, ssl: SSLOption = None) -> "SplitSession":
         """Connect; open the session now at a fixed ``layers.split_layer``, or, for
         ``split_layer="auto"``, in :meth:`generate` (planning needs the prompt length).
         ``profile`` defaults to this device's measured one when the server chooses; a
         profile sent carries the layers' memory bound (``layers.max_layers``) too.
         ``server_decode``: offer the server to decode alone when the session is at ``k = 0``
         (False: send activations even then, e.g. to replay kept rows). ``wire_dtype`` (None,
-        ``"auto"`` or a name) and ``min_agreement``: the rows' wire dtype (module docstring)."""
+        ``"auto"`` or a name) and ``min_agreement``: the rows' wire dtype (module docstring).
+        ``ssl``: how a ``wss://`` server's certificate is verified (module docstring)."""
         ws_url = url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + SESSION_PATH
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        ssl_context = client_ssl(ssl)
         auto = getattr(layers, "auto", False)
         wire_dtypes = offered_wire_dtypes(layers.fingerprint, wire_dtype, min_agreement=min_agreement)
         if profile is not None or auto:
@@ -123,7 +139,10 @@ class SplitSession:
             profile = client_profile(layers) if profile is None else with_bound(profile, bound)
         http = aiohttp.ClientSession()
         try:
-            ws = await http.ws_connect(ws_url, headers=headers, max_msg_size=max_frame_bytes)
+            try:
+                ws = await http.ws_connect(ws_url, headers=headers, max_msg_size=max_frame_bytes, ssl=ssl_context)
+            except aiohttp.ClientSSLError as exc:
+                raise tls_error(ws_url, exc) from exc
             session = cls(http=http, ws=ws, layers=layers, sampling=sampling or wire.SamplingOptions(), sla=sla,
                           profile=profile, expected_output_tokens=expected_output_tokens, link=link,
                           server_decode=server_decode, wire_dtypes=wire_dtypes)
@@ -263,6 +282,28 @@ class SplitSession:
                 sent_at = time.perf_counter()
             else:
                 sent_at = now  # server decoded: the next token's wait starts now
+
+
+def client_ssl(option: SSLOption) -> ssl_lib.SSLContext | bool:
+    """aiohttp's ``ssl=`` for a session's ``ssl`` option (module docstring)."""
+    if option is None or option is True:
+        return True  # aiohttp's default: verify against the system CAs
+    if option is False or isinstance(option, ssl_lib.SSLContext):
+        return option
+    if isinstance(option, (str, os.PathLike)):
+        return ssl_lib.create_default_context(cafile=os.fspath(option))
+    raise TypeError(f"ssl: expected an SSLContext, a CA file path, a bool or None, got {type(option).__name__}")
+
+
+def tls_error(url: str, exc: aiohttp.ClientSSLError) -> ServerError:
+    """The client error for a TLS handshake with ``url`` that failed."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cause = exc.certificate_error
+        what = (f"certificate verification failed ({getattr(cause, 'verify_message', None) or cause}); "
+                f"trust its CA with ssl=PATH (vllm-split-client --ca-file, gateway --server-ca-file)")
+    else:
+        what = f"TLS handshake failed ({exc}); is it a TLS server?"
+    return ServerError(ErrorCode.TLS, f"{url}: {what}", True)
 
 
 async def _recv(ws: aiohttp.ClientWebSocketResponse) -> wire.Message:

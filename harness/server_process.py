@@ -5,10 +5,13 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 STARTUP_TIMEOUT_S = 420
@@ -21,25 +24,40 @@ def kv_capacity_tokens(server_log: Path) -> int | None:
     return int(m.group(1).replace(",", "")) if m else None
 
 
-def _scrape(url: str) -> list[str]:
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+@dataclass(frozen=True)
+class TLSFiles:
+    """A server's certificate and key (vLLM's ``--ssl-certfile``/``--ssl-keyfile``) and the CA
+    file its clients trust (the certificate itself when it is self-signed)."""
+
+    certfile: Path
+    keyfile: Path
+    ca_file: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that verifies the server against ``ca_file``."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+def _scrape(url: str, ssl_context: ssl.SSLContext | None = None) -> list[str]:
+    with urllib.request.urlopen(url + "/metrics", timeout=30, context=ssl_context) as r:
         return r.read().decode().splitlines()
 
 
-def split_metrics(url: str) -> dict[str, float]:
-    """vllm-split's own metrics at ``url``, by name with labels (``name{label="v"}``)."""
+def split_metrics(url: str, ssl_context: ssl.SSLContext | None = None) -> dict[str, float]:
+    """vllm-split's own metrics at ``url``, by name with labels (``name{label="v"}``);
+    ``ssl_context``: an https:// server's (``VLLMServer.ssl_context``)."""
     out: dict[str, float] = {}
-    for line in _scrape(url):
+    for line in _scrape(url, ssl_context):
         m = re.match(r"^(vllm_split:[a-z_]+(?:\{[^}]*\})?)\s+([-+0-9.eE]+)$", line)
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
 
 
-def metrics(url: str) -> dict[str, float]:
+def metrics(url: str, ssl_context: ssl.SSLContext | None = None) -> dict[str, float]:
     """vLLM's Prometheus gauges/counters at ``url`` (unlabelled sums by metric name)."""
     out: dict[str, float] = {}
-    for line in _scrape(url):
+    for line in _scrape(url, ssl_context):
         m = re.match(r"^(vllm:[a-z_]+)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$", line)
         if m:
             out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
@@ -60,16 +78,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, *, timeout: float, name: str, log_tail, poll_s: float = 1.0) -> None:
-    """Wait until ``url``/health answers 200; raise (with ``log_tail()``) if ``proc`` exits first or time runs out."""
+def wait_healthy(url: str, proc: subprocess.Popen, *, timeout: float, name: str, log_tail, poll_s: float = 1.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+    """Wait until ``url``/health answers 200; raise (with ``log_tail()``) if ``proc`` exits first or time runs out,
+    or at once if an https:// ``url``'s certificate does not verify against ``ssl_context``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log_tail()}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            with urllib.request.urlopen(url + "/health", timeout=2, context=ssl_context) as r:
                 if r.status == 200:
                     return
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ssl.SSLCertVerificationError):
+                raise RuntimeError(f"{name} at {url}: {exc.reason}") from exc
         except OSError:
             pass
         time.sleep(poll_s)
@@ -77,17 +100,22 @@ def wait_healthy(url: str, proc: subprocess.Popen, *, timeout: float, name: str,
 
 
 class VLLMServer:
-    """A vLLM API server subprocess: ``split=True`` runs ``vllm-split serve``."""
+    """A vLLM API server subprocess: ``split=True`` runs ``vllm-split serve``; with ``tls`` it
+    serves https:// and wss:// (vLLM's ``--ssl-certfile``/``--ssl-keyfile``), ``url`` is
+    https:// and ``ssl_context`` verifies it (else None)."""
 
     def __init__(self, model: str | Path, *, split: bool, log_path: Path, extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, port: int | None = None, eager: bool | None = None) -> None:
+                 env: dict[str, str] | None = None, port: int | None = None, eager: bool | None = None,
+                 tls: TLSFiles | None = None) -> None:
         self.port = port or free_port()  # a given port: restart a server where its clients expect it
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.ssl_context = tls.client_context() if tls else None
         self.log_path = log_path
         launcher = [] if split else ["plain"]
+        tls_args = ["--ssl-certfile", str(tls.certfile), "--ssl-keyfile", str(tls.keyfile)] if tls else []
         cmd = [sys.executable, "-m", "vllm_split.serve", *launcher, "serve", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--dtype", "float32", "--max-model-len", "2048",
-               "--max-num-seqs", "16", *extra_args]
+               "--max-num-seqs", "16", *tls_args, *extra_args]
         # eager=None: each server's default: a plain reference runs eager (the kernels of the
         # eager split path: exact references), a split server runs vLLM's default compiled
         # mode (its split steps take the compiled layer bodies); True/False force the mode
@@ -109,7 +137,8 @@ class VLLMServer:
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        wait_healthy(self.url, self.proc, timeout=timeout, name="vLLM server", log_tail=self.log_tail)
+        wait_healthy(self.url, self.proc, timeout=timeout, name="vLLM server", log_tail=self.log_tail,
+                     ssl_context=self.ssl_context)
 
     def __enter__(self) -> "VLLMServer":
         """``with VLLMServer(...) as server``: ready on entry, stopped on exit (also on failure)."""

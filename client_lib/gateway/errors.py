@@ -61,6 +61,8 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 def from_server_error(code: str, message: str, retry_after_s: float | None = None) -> APIError:
     """The answer to a split server's ``Error`` (``code``, ``message``)."""
     status, param = _SERVER_CODES.get(code, (502, None))
+    if code == ErrorCode.TLS:  # raised by this gateway's own client: the TLS handshake failed
+        return APIError(502, f"cannot reach the split server over TLS: {message}")
     if status == 502:
         return APIError(502, f"the split server failed the session: {code}: {message}")
     return APIError(status, f"split server: {message} ({code})", param=param, retry_after_s=retry_after_s)

@@ -22,7 +22,7 @@ from client_lib.gateway.detokenize import IncrementalDetokenizer, StopStrings
 from client_lib.gateway.errors import APIError, from_server_error, unreachable
 from client_lib.gateway.responses import Outcome, Placement
 from client_lib.local_layers import LocalLayersError
-from client_lib.session import ServerError, SplitSession, TokenEvent
+from client_lib.session import ServerError, SplitSession, SSLOption, TokenEvent
 from client_lib.shared_layers import SharedLayers
 from vllm_split.wire import protocol as wire
 
@@ -36,6 +36,7 @@ class Upstream:
     profile: wire.ClientProfile | None  # this device's measured speed, sent when the server chooses k
     sla: wire.RequestSLA | None
     api_key: str | None = None  # the split server's --api-key
+    ssl: SSLOption = None  # an https:// server: how its certificate is verified (SplitSession.create's ssl)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ class SplitGeneration:
         view = up.layers.view()
         try:
             async with await SplitSession.create(up.url, view, sampling=self.sampling, api_key=up.api_key, sla=up.sla,
-                                                 profile=up.profile if view.auto else None,
+                                                 profile=up.profile if view.auto else None, ssl=up.ssl,
                                                  expected_output_tokens=self.sampling.max_tokens) as session:
                 async with aclosing(session.generate(self.prompt_ids)) as events:
                     async for event in events:

@@ -1,7 +1,8 @@
 """``vllm-split-client serve``: run the OpenAI-compatible gateway on this device.
 
     vllm-split-client serve --server http://SERVER:8000 --model DIR [--host 127.0.0.1 --port 8001] \\
-        [--split-layer auto|K] [--max-layers M] [--ttft S --tpot S] [--api-key KEY] [--threads N]
+        [--split-layer auto|K] [--max-layers M] [--ttft S --tpot S] [--api-key KEY] [--threads N] \\
+        [--server-ca-file PATH | --server-insecure]   # an https:// server: its certificate's CA
 
 Loads the model's first layers once (``LocalLayers``, shared by every request through
 ``SharedLayers``), measures this device's speed once when the server chooses the split layer
@@ -14,6 +15,7 @@ import argparse
 import logging
 import os
 
+from client_lib.cli import add_tls_options, tls_option
 from client_lib.gateway.app import Gateway, GatewayConfig, create_app
 from client_lib.gateway.generation import Upstream
 from client_lib.gateway.openai_requests import SamplingDefaults
@@ -29,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vllm-split-client serve", description=__doc__.splitlines()[0])
     p.add_argument("--server", default="http://localhost:8000", help="the vllm-split server URL")
     p.add_argument("--server-api-key", default=None, help="the split server's --api-key, if it has one")
+    add_tls_options(p, prefix="server-")
     p.add_argument("--model", required=True, help="local HF checkpoint folder (same weights as the server)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) requests may give (default: --model as given)")
@@ -77,7 +80,7 @@ def build_app(args: argparse.Namespace):
                            max_model_len=max_model_len, default_max_tokens=args.default_max_tokens,
                            api_key=args.api_key, sampling_defaults=SamplingDefaults.from_model_dir(args.model))
     upstream = Upstream(url=args.server, layers=SharedLayers(layers), profile=profile, sla=sla,
-                        api_key=args.server_api_key)
+                        api_key=args.server_api_key, ssl=tls_option(args.server_ca_file, args.server_insecure))
     gateway = Gateway(config, upstream, AutoTokenizer.from_pretrained(args.model))
     where = "chosen by the server per request" if layers.auto else str(layers.split_layer)
     logger.info("gateway for %s at http://%s:%d/v1 -> split server %s; split layer %s of %d",

@@ -13,9 +13,10 @@ PROMPTS = [
 ]
 
 
-def complete(url: str, model: str, prompt, **params) -> dict:
+def complete(url: str, model: str, prompt, *, ssl_context=None, **params) -> dict:
+    """``/v1/completions`` of ``prompt``: the first choice (``ssl_context``: an https:// server's)."""
     body = {"model": model, "prompt": prompt, "return_token_ids": True, **params}
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
+    with urllib.request.urlopen(req, timeout=300, context=ssl_context) as r:
         return json.load(r)["choices"][0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import aiohttp
 
 from client_lib import LocalLayers, SamplingOptions, SplitSession
+from client_lib.session import SSLOption
 from vllm_split.wire.contract import SESSION_PATH
 from vllm_split.wire import protocol as wire
 from harness.server_process import metrics  # noqa: F401 (the engine tests import it from here)
@@ -19,12 +20,13 @@ def local_layers(model_dir, k: int) -> LocalLayers:
 
 
 async def split_generate(url: str, layers: LocalLayers, prompt_ids: list[int], *, server_decode: bool = False,
-                         **sampling) -> tuple[list[int], SplitSession]:
+                         ssl: SSLOption = None, **sampling) -> tuple[list[int], SplitSession]:
     """A whole split session's tokens; at ``k = 0`` through activations unless ``server_decode``
-    (the tests exercise the split path; the library's default offers server decoding)."""
+    (the tests exercise the split path; the library's default offers server decoding);
+    ``ssl``: an https:// server's (``SplitSession.create``)."""
     tokens = []
     async with await SplitSession.create(url, layers, sampling=SamplingOptions(**sampling),
-                                         server_decode=server_decode) as session:
+                                         server_decode=server_decode, ssl=ssl) as session:
         async for event in session.generate(prompt_ids):
             tokens.append(event.token_id)
     return tokens, session

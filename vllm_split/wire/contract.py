@@ -53,6 +53,7 @@ class ErrorCode:
     # client-side only (never sent by the server)
     CLOSED = "closed"  # the connection closed before Finished
     ABORTED = "aborted"  # Finished(abort): the server aborted the request
+    TLS = "tls"  # the TLS handshake failed: certificate not verified, or not a TLS server
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,14 +80,15 @@ class FakeServer:
         return ws
 
 
-async def _serve(fake: FakeServer):
+async def _serve(fake: FakeServer, ssl_context=None):
+    """Serve ``fake`` on a free port (over TLS with ``ssl_context``): the runner and the URL."""
     app = web.Application()
     app.router.add_get(SESSION_PATH, fake.handle)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
+    return runner, f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
 
 
 async def _generate(fake: FakeServer, max_tokens: int = 12) -> tuple[list[int], list[int], ResumableGeneration]:
