@@ -63,7 +63,8 @@ def check_one(data: bytes) -> None:
 def worker(argv: list[str]) -> None:
     import atheris
 
-    with atheris.instrument_imports(include=["vllm_split.wire.protocol"]):
+    with atheris.instrument_imports(include=["vllm_split.wire.protocol", "vllm_split.wire.tensors",
+                                             "vllm_split.wire.errors", "vllm_split.wire.quant"]):
         from vllm_split.wire import protocol  # noqa: F401 (imported to be instrumented)
     atheris.instrument_func(check_one)
     atheris.Setup([sys.argv[0], *argv], check_one)

@@ -6,10 +6,19 @@ Every WebSocket message is one binary frame::
 
 ``meta`` is a UTF-8 JSON object with the message's fields; ``payload`` is raw bytes
 (``Activation``: a tensor whose dtype and shape are in ``meta``; ``PromptTokens``: int32
-token ids; ``ProbeReply``: filler). Decoding checks every field's type and range and raises :class:`ProtocolError` naming what was wrong, what was
-expected and what arrived. No pickle, no ``torch.load``: tensors are rebuilt from raw bytes
-with ``torch.frombuffer``. This module imports without vLLM (the client uses it); torch is
-imported only by the tensor helpers.
+token ids; ``ProbeReply``: filler). Decoding checks every field's type and range and raises
+:class:`ProtocolError` naming what was wrong, what was expected and what arrived. No pickle,
+no ``torch.load``: tensors are rebuilt from raw bytes with ``torch.frombuffer``. This module
+imports without vLLM (the client uses it); torch is imported only by the tensor helpers
+(:mod:`vllm_split.wire.tensors`).
+
+The tensor codec lives in :mod:`vllm_split.wire.tensors` (raw little-endian float tensors
+and the 8-bit formats of :mod:`vllm_split.wire.quant` on the wire: names, sizes,
+encode/decode); :class:`ProtocolError` and the scalar field checks in
+:mod:`vllm_split.wire.errors`. This module re-exports their public names
+(:func:`encode_tensor`, :func:`decode_tensor`, :func:`row_bytes`, :data:`TENSOR_DTYPES`,
+:data:`WIRE_DTYPES`, :class:`ProtocolError`), so ``wire.encode_tensor`` and the rest keep
+working.
 
 Wire dtypes (:data:`WIRE_DTYPES`): an activation travels as float32, float16 or bfloat16
 (raw values), or in one of the 8-bit formats of :mod:`vllm_split.wire.quant` (the payload is
@@ -21,12 +30,18 @@ format, as before the 8-bit formats). :func:`row_bytes` is what one row costs in
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from vllm_split.wire import quant
+# re-exported, so wire.ProtocolError, wire.encode_tensor, wire.decode_tensor, wire.row_bytes,
+# wire.TENSOR_DTYPES and wire.WIRE_DTYPES keep working for every caller
+from vllm_split.wire.errors import ProtocolError
+from vllm_split.wire.tensors import TENSOR_DTYPES, WIRE_DTYPES, decode_tensor, encode_tensor, row_bytes
+# used here only
+from vllm_split.wire.errors import _check_bool, _check_float, _check_int, _check_str, _list
+from vllm_split.wire.tensors import _cast, _check_wire_dtype, _quant_call
 
 if TYPE_CHECKING:
     import torch
@@ -37,16 +52,8 @@ _HEADER = struct.Struct("<4sBBI")
 HEADER_SIZE = _HEADER.size
 MAX_META_BYTES = 64 * 1024
 MAX_PROBE_BYTES = 1024 * 1024
-# dtype name -> bytes per element; the server casts whatever arrives to the model's dtype.
-TENSOR_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
-# every dtype an Activation may carry: the float formats, then the 8-bit ones (wire/quant.py)
-WIRE_DTYPES = (*TENSOR_DTYPES, *quant.FORMATS)
 MAX_WIRE_DTYPES_OFFERED = 16
 FINISH_REASONS = ("stop", "length", "abort", "error")
-
-
-class ProtocolError(ValueError):
-    """A frame that does not follow this protocol (the message says why)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,99 +483,10 @@ def _build(cls: type, meta: dict[str, Any], where: str):
         raise ProtocolError(f"{where}: {exc}") from exc
 
 
-# ---------------------------------------------------------------- tensor codec
-def encode_tensor(tensor: "torch.Tensor") -> tuple[str, tuple[int, int], bytes]:
-    """(dtype name, shape, raw little-endian bytes) of a 2-D float tensor."""
-    import torch
-
-    name = str(tensor.dtype).removeprefix("torch.")
-    if name not in TENSOR_DTYPES:
-        raise ProtocolError(f"tensor dtype {name} is not supported: expected one of {sorted(TENSOR_DTYPES)}")
-    if tensor.dim() != 2:
-        raise ProtocolError(f"tensor: expected 2 dimensions [rows, hidden], got shape {list(tensor.shape)}")
-    flat = tensor.detach().to("cpu").contiguous()
-    if flat.dtype == torch.bfloat16:
-        flat = flat.view(torch.int16)
-    return name, (int(tensor.shape[0]), int(tensor.shape[1])), flat.numpy().tobytes()
-
-
-def row_bytes(dtype: str, hidden_size: int) -> int:
-    """Bytes one row (one position's hidden state) costs on the wire in ``dtype``: a float
-    format's element size times ``hidden_size``; an 8-bit one's codes and scale
-    (:func:`quant.bytes_per_row`)."""
-    _check_wire_dtype("dtype", dtype)
-    _check_int("hidden_size", hidden_size, low=1)
-    if dtype in TENSOR_DTYPES:
-        return hidden_size * TENSOR_DTYPES[dtype]
-    return _quant_call(quant.bytes_per_row, dtype, hidden_size)
-
-
-def _cast(tensor: "torch.Tensor", dtype: str) -> "torch.Tensor":
-    """``tensor`` in the float ``dtype``; refuses finite values that the cast would overflow."""
-    import torch
-
-    out = tensor.to(getattr(torch, dtype))
-    if tensor.dtype != out.dtype and tensor.is_floating_point():
-        overflow = torch.isinf(out) & torch.isfinite(tensor)
-        if bool(overflow.any()):
-            raise ProtocolError(f"tensor: a value of magnitude {float(tensor[overflow].abs().max()):.6g} overflows "
-                                f"{dtype}; choose a wider wire dtype")
-    return out
-
-
-def _quant_call(fn, *args, **kwargs):
-    """``fn(...)`` of :mod:`quant`, its QuantFormatError raised as a ProtocolError."""
-    try:
-        return fn(*args, **kwargs)
-    except quant.QuantFormatError as exc:
-        raise ProtocolError(str(exc)) from None
-
-
-def decode_tensor(dtype: str, shape: tuple[int, int], data: bytes) -> "torch.Tensor":
-    """Rebuild a tensor from raw bytes (a copy: the frame buffer is not kept)."""
-    import torch
-
-    if dtype not in TENSOR_DTYPES:
-        raise ProtocolError(f"dtype: expected one of {sorted(TENSOR_DTYPES)}, got {dtype!r}")
-    if len(data) != math.prod(shape) * TENSOR_DTYPES[dtype]:
-        raise ProtocolError(f"payload: {len(data)} bytes do not match shape {list(shape)} in {dtype}")
-    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)
-
-
-# ---------------------------------------------------------------- field checks
-def _check_int(name: str, value: Any, *, low: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(f"{name}: expected an integer, got {value!r}")
-    if low is not None and value < low:
-        raise ProtocolError(f"{name}: expected >= {low}, got {value}")
-
-
-def _check_float(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ProtocolError(f"{name}: expected a finite number, got {value!r}")
-    if value < low or (low_open and value == low) or (high is not None and value > high):
-        bound = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
-        raise ProtocolError(f"{name}: expected a value in {bound}, got {value}")
-
-
+# ---------------------------------------------------------------- field checks (the scalar ones: wire/errors.py)
 def _check_reason(value: Any) -> None:
     if value not in FINISH_REASONS:
         raise ProtocolError(f"finish_reason: expected one of {list(FINISH_REASONS)}, got {value!r}")
-
-
-def _check_wire_dtype(name: str, value: Any) -> None:
-    if not isinstance(value, str) or value not in WIRE_DTYPES:
-        raise ProtocolError(f"{name}: expected one of {list(WIRE_DTYPES)}, got {value!r:.40}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ProtocolError(f"{name}: expected true or false, got {value!r}")
-
-
-def _check_str(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise ProtocolError(f"{name}: expected a non-empty string, got {value!r}")
 
 
 def _nested(msg: Any, name: str, cls: type, *, optional: bool) -> None:
@@ -580,9 +498,3 @@ def _nested(msg: Any, name: str, cls: type, *, optional: bool) -> None:
         object.__setattr__(msg, name, _build(cls, value, name))
     elif not isinstance(value, cls):
         raise ProtocolError(f"{name}: expected an object, got {type(value).__name__}")
-
-
-def _list(name: str, value: Any) -> list:
-    if not isinstance(value, (list, tuple)):
-        raise ProtocolError(f"{name}: expected a list, got {value!r}")
-    return list(value)
