@@ -14,14 +14,23 @@ indices continue where they stopped. For greedy decoding the result equals an
 uninterrupted run token for token (the server's KV for the replayed rows is recomputed
 from the same activations). Seeded sampling cannot resume exactly: the server would
 restart its random generator at the resumed position, so it is refused here.
+
+Several replicas: give a list of server URLs (``ResumableGeneration([url_a, url_b], ...)``).
+The first session opens on the first URL; after a drop, or a refused connection, the next
+try goes to the next URL in turn (round robin, starting after the one that failed), at once,
+and the backoff waits only after a whole round of URLs failed. A single URL, e.g. a router's
+that sends each new connection to a live replica, behaves as before. Every replica must
+serve the same weights: another model is refused (``fingerprint_mismatch``, not retried).
+``servers_used`` lists the URL of every session the generation opened, in order.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import aiohttp
 import torch
@@ -29,6 +38,8 @@ import torch
 from client_lib.session import DEFAULT_CHUNK_ROWS, ServerError, SplitSession, SSLOption, TokenEvent
 from vllm_split.wire import protocol as wire
 from vllm_split.wire.contract import ErrorCode
+
+logger = logging.getLogger(__name__)
 
 # Server error codes after which a new session can go on: the connection is gone, the
 # server is full, or its engine failed (e.g. shutting down for a restart).
@@ -74,7 +85,7 @@ class _KeptRows:
 class ResumableGeneration:
     """One generation over as many sessions as it takes (see module docstring)."""
 
-    def __init__(self, url: str, layers: Any, *, sampling: wire.SamplingOptions | None = None,
+    def __init__(self, url: str | Sequence[str], layers: Any, *, sampling: wire.SamplingOptions | None = None,
                  api_key: str | None = None, policy: ReconnectPolicy = ReconnectPolicy(),
                  chunk_rows: int = DEFAULT_CHUNK_ROWS, ssl: SSLOption = None) -> None:
         self.sampling = sampling or wire.SamplingOptions()
@@ -84,13 +95,27 @@ class ResumableGeneration:
         if getattr(layers, "auto", False):
             raise ResumeError("resume replays rows kept at one split layer: give LocalLayers a fixed split_layer, "
                               "not 'auto'")
-        self.url, self.api_key, self.policy, self.chunk_rows = url, api_key, policy, chunk_rows
+        self.urls = (url,) if isinstance(url, str) else tuple(url)
+        if not self.urls or not all(isinstance(u, str) and u for u in self.urls):
+            raise ValueError(f"url: give a server URL or a non-empty list of them, got {url!r}")
+        self._next = 0  # index in self.urls of the URL the next connection tries
+        self.servers_used: list[str] = []  # the URL of every session opened, in order
+        self.api_key, self.policy, self.chunk_rows = api_key, policy, chunk_rows
         self.ssl = ssl  # SplitSession.create's ssl: how a wss:// server's certificate is verified
         self.kept = _KeptRows(layers)
         self.num_reconnects = 0
         self.finish_reason: str | None = None
         self.events: list[TokenEvent] = []
         self._session: SplitSession | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL the next connection tries."""
+        return self.urls[self._next]
+
+    def _rotate(self) -> None:
+        """The next connection goes to the next URL (the same one when there is one)."""
+        self._next = (self._next + 1) % len(self.urls)
 
     async def disconnect(self) -> None:
         """Drop the current connection (fault injection: the generation reconnects)."""
@@ -132,6 +157,10 @@ class ResumableGeneration:
                 if self.num_reconnects > self.policy.max_reconnects:
                     raise ResumeError(f"connection dropped {self.num_reconnects} times, more than the "
                                       f"{self.policy.max_reconnects} allowed: {exc}") from exc
+                dropped = self.url
+                self._rotate()
+                logger.info("split session on %s dropped after %d tokens (%s); resuming on %s", dropped,
+                            len(self.events), exc, self.url)
                 self._catch_up(num_prompt)
 
     def _catch_up(self, num_prompt: int) -> None:
@@ -140,17 +169,30 @@ class ResumableGeneration:
             self.kept.forward([self.events[self.kept.num_rows() - num_prompt].token_id])
 
     async def _connect(self, sampling: wire.SamplingOptions) -> SplitSession:
+        """Open a session on the current URL, else on the next ones in turn; back off after
+        each round in which every URL failed."""
         delay = self.policy.initial_delay_s
         deadline = time.monotonic() + self.policy.give_up_after_s
+        failed = 0
         while True:
+            url = self.url
             try:
-                return await SplitSession.create(self.url, self.kept, sampling=sampling, api_key=self.api_key,
-                                                 server_decode=False, ssl=self.ssl)  # it replays kept rows
+                session = await SplitSession.create(url, self.kept, sampling=sampling, api_key=self.api_key,
+                                                    server_decode=False, ssl=self.ssl)  # it replays kept rows
+                self.servers_used.append(url)
+                return session
             except (ServerError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 if isinstance(exc, ServerError) and exc.code not in self.policy.retry_codes:
                     raise
-                if time.monotonic() + delay > deadline:
-                    raise ResumeError(f"could not reconnect to {self.url} within "
+                self._rotate()
+                failed += 1
+                round_failed = failed % len(self.urls) == 0
+                if time.monotonic() + (delay if round_failed else 0.0) > deadline:
+                    where = self.urls[0] if len(self.urls) == 1 else f"any of {', '.join(self.urls)}"
+                    raise ResumeError(f"could not reconnect to {where} within "
                                       f"{self.policy.give_up_after_s} s: {exc}") from exc
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(2 * delay, self.policy.max_delay_s)
+                if len(self.urls) > 1:
+                    logger.info("could not open a session on %s (%s); trying %s", url, exc, self.url)
+            if round_failed:
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(2 * delay, self.policy.max_delay_s)

@@ -39,6 +39,7 @@ class FakeServer:
         self.abort = abort  # at a drop, end with Finished(abort) (a server shutting down) first
         self.busy = busy_first  # refuse this many connections with too_many_sessions first
         self.opens: list[wire.Open] = []
+        self.prompts: list[list[int]] = []  # per session: the prompt rows received (a row's value is its token)
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -58,6 +59,7 @@ class FakeServer:
             context += act.to_tensor()[:, 0].tolist()
             if act.end_of_prompt:
                 break
+        self.prompts.append([int(v) for v in context])
         drop = self.drop_after.pop(0) if self.drop_after else None
         for index in range(msg.sampling.max_tokens):
             if index == drop:
@@ -91,13 +93,24 @@ async def _serve(fake: FakeServer, ssl_context=None):
     return runner, f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
 
 
-async def _generate(fake: FakeServer, max_tokens: int = 12) -> tuple[list[int], list[int], ResumableGeneration]:
-    runner, url = await _serve(fake)
+async def _generate(*servers: FakeServer | str, max_tokens: int = 12
+                    ) -> tuple[list[int], list[int], ResumableGeneration]:
+    """Generate from ``[5, 6, 7]`` over ``servers`` (fake servers, served here, or URLs), in order."""
+    runners, urls = [], []
     try:
-        gen = ResumableGeneration(url, FakeLayers(), sampling=SamplingOptions(max_tokens=max_tokens), policy=FAST)
+        for server in servers:
+            if isinstance(server, str):
+                urls.append(server)
+            else:
+                runner, url = await _serve(server)
+                runners.append(runner)
+                urls.append(url)
+        gen = ResumableGeneration(urls[0] if len(urls) == 1 else urls, FakeLayers(),
+                                  sampling=SamplingOptions(max_tokens=max_tokens), policy=FAST)
         events = [e async for e in gen.generate([5, 6, 7])]
     finally:
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()
     return [e.token_id for e in events], [e.index for e in events], gen
 
 
@@ -152,3 +165,46 @@ async def test_non_retryable_server_errors_are_raised():
     with pytest.raises(ServerError, match="fingerprint_mismatch: other weights"):
         await _generate(Refusing(drop_after=[]))
 
+
+
+async def test_a_replica_that_goes_away_mid_generation_is_replaced_by_the_next():
+    expected, _, _ = await _generate(FakeServer(drop_after=[]))
+    first, second = FakeServer(drop_after=[4]), FakeServer(drop_after=[])
+    tokens, indices, gen = await _generate(first, second)
+    assert tokens == expected and indices == list(range(12)) and gen.finish_reason == "length"
+    a, b = gen.urls
+    assert gen.servers_used == [a, b] and gen.num_reconnects == 1
+    assert [o.sampling.max_tokens for o in first.opens] == [12]
+    assert [o.sampling.max_tokens for o in second.opens] == [8]  # what is left
+    # the second replica was sent the kept rows: the prompt and the 4 tokens so far
+    assert first.prompts == [[5, 6, 7]] and second.prompts == [[5, 6, 7, *expected[:4]]]
+
+
+@pytest.mark.parametrize("failing", ["unreachable", "full"])
+async def test_a_url_that_keeps_failing_is_skipped_for_the_other(failing):
+    """Round robin from the URL after the one that failed: the client ends on the live one."""
+    expected, _, _ = await _generate(FakeServer(drop_after=[]))
+    full = FakeServer(drop_after=[], busy_first=100)  # refuses every session with too_many_sessions
+    bad = f"http://127.0.0.1:{free_port()}" if failing == "unreachable" else full
+    live = FakeServer(drop_after=[5])
+    tokens, indices, gen = await _generate(bad, live)
+    assert tokens == expected and indices == list(range(12))
+    # first try: the bad URL, then the live one; after the drop: the bad one again, then the live one
+    assert gen.servers_used == [gen.urls[1]] * 2 and gen.num_reconnects == 1
+    assert [o.sampling.max_tokens for o in live.opens] == [12, 7] and live.prompts[1] == [5, 6, 7, *expected[:5]]
+    assert full.busy == (100 if failing == "unreachable" else 98) and not full.opens
+
+
+async def test_every_url_unreachable_gives_up_naming_them_all():
+    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    gen = ResumableGeneration(urls, FakeLayers(), policy=ReconnectPolicy(initial_delay_s=0.05, give_up_after_s=0.3))
+    with pytest.raises(ResumeError, match=rf"could not reconnect to any of {urls[0]}, {urls[1]} within 0.3 s"):
+        async for _ in gen.generate([1, 2]):
+            pass
+    assert gen.servers_used == []
+
+
+@pytest.mark.parametrize("url", [[], [""], ("http://a", None)])
+def test_a_bad_url_list_is_refused(url):
+    with pytest.raises(ValueError, match="non-empty list"):
+        ResumableGeneration(url, FakeLayers())
