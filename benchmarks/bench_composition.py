@@ -208,7 +208,6 @@ def reanalyse(data: dict, log_dir: Path) -> dict:
             r["predicted"] = prediction(loads[name], mode, num_layers, context)
             r["predicted_fitted"] = prediction(loads[name], mode, num_layers, context, fit)
     data["step_model_fitted"] = fit
-    data["log_dir"] = str(log_dir)
     data["summary"] = summarize(data["results"], loads)
     return data
 
@@ -221,11 +220,13 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--reanalyse", action="store_true", help="recompute fits, predictions and summary of --out")
-    p.add_argument("--log-dir", type=Path, default=None, help="--reanalyse: the step logs (default: the report's)")
+    p.add_argument("--log-dir", type=Path, default=None, help="--reanalyse: the folder of the run's step logs "
+                   "(printed at its start)")
     args = report.parse_args(p, draw)
     if args.reanalyse:
-        data = json.loads(args.out.read_text())
-        data = reanalyse(data, args.log_dir or Path(data["log_dir"]))
+        if args.log_dir is None:
+            raise SystemExit("--reanalyse needs --log-dir: the folder of the run's step logs")
+        data = reanalyse(json.loads(args.out.read_text()), args.log_dir)
         report.write(args.out, data, draw=draw)
         print(json.dumps(data["summary"], indent=1))
         return
