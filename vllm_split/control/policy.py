@@ -308,14 +308,13 @@ class AdmissionPolicy:
         and is chosen when it alone meets the SLA."""
         client = self.client_costs(request)
         assert client is not None and request.network is not None  # place() checked
+        inputs, worst = self.graph_inputs(request), busy_fraction(load) * load.recent_step_s
         decoded = None
         if self.server_decodes(request, 0):
-            g = request_graph(self.graph_inputs(request), load, client, wait_s=busy_fraction(load) * load.recent_step_s,
-                              decode_wait=0.0, embed_on_server=True)
+            g = request_graph(inputs, load, client, wait_s=worst, decode_wait=0.0, embed_on_server=True)
             decoded = result_for(g, request.network, sla, placement_for(SERVER_DECODE_SPLIT, self.num_layers),
                                  method="server_decode")
         sla = calibrated(sla, load.tpot_error, load.ttft_error)  # round trips: plan with the model's measured error
-        inputs, worst = self.graph_inputs(request), busy_fraction(load) * load.recent_step_s
         graph = request_graph(inputs, load, client, wait_s=worst)
         # the placements whose activations the gather window waits for pay no decode wait:
         # a second graph, the client bounded to the split layers fast enough for it

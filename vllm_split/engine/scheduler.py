@@ -65,11 +65,15 @@ TURNAROUND_SAMPLES = 8  # per session: the composer's turnaround is their median
 GATHER_LOG = "vllm-split gather totals: holds=%d held_s=%.4f caught=%d late=%d probes=%d"
 
 
+def _split_args(request: Any) -> dict | None:
+    """The ``extra_args`` entry that marks a split request (None: an ordinary one)."""
+    params = getattr(request, "sampling_params", None)
+    return (getattr(params, "extra_args", None) or {}).get(EXTRA_ARGS_KEY)
+
+
 def split_request_info(request: Any) -> tuple[str, int] | None:
     """(session id, split layer) of a split request, None for an ordinary one."""
-    params = getattr(request, "sampling_params", None)
-    extra = getattr(params, "extra_args", None) or {}
-    info = extra.get(EXTRA_ARGS_KEY)
+    info = _split_args(request)
     if info is None:
         return None
     return str(info["session"]), int(info["split_layer"])
@@ -77,9 +81,7 @@ def split_request_info(request: Any) -> tuple[str, int] | None:
 
 def split_tpot_bound(request: Any) -> float | None:
     """The TPOT bound its session is held to (None: none, or an ordinary request)."""
-    params = getattr(request, "sampling_params", None)
-    info = (getattr(params, "extra_args", None) or {}).get(EXTRA_ARGS_KEY) or {}
-    bound = info.get("tpot_s")
+    bound = (_split_args(request) or {}).get("tpot_s")
     return float(bound) if isinstance(bound, (int, float)) and bound > 0 else None
 
 
