@@ -152,6 +152,7 @@ class AdmissionController:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-split-plan")
         self._tpot_ratios: deque[float] = deque(maxlen=ERROR_WINDOW)  # split sessions', not server-decoded
         self._ttft_ratios: deque[float] = deque(maxlen=ERROR_WINDOW)
+        self._decoded_tpot_ratios: deque[float] = deque(maxlen=ERROR_WINDOW)  # server-decoded sessions'
 
     def start(self) -> None:
         self.poller.start()
@@ -164,7 +165,8 @@ class AdmissionController:
         now = time.monotonic()  # InFlight.admitted_at's clock; the step records use wall time
         load = server_load(self.costs, admitted_ages_s=[now - s.admitted_at for s in self.inflight.values()],
                            num_layers=self.policy.num_layers, now=time.time())
-        return replace(load, tpot_error=model_error(self._tpot_ratios), ttft_error=model_error(self._ttft_ratios))
+        return replace(load, tpot_error=model_error(self._tpot_ratios), ttft_error=model_error(self._ttft_ratios),
+                       decoded_tpot_error=model_error(self._decoded_tpot_ratios))
 
     def retry_after_s(self) -> float:
         return retry_after_s(self.inflight.values(), time.monotonic())
@@ -259,8 +261,7 @@ class AdmissionController:
             if s.admission.predicted_tpot_s:
                 ratio = tpot_s / s.admission.predicted_tpot_s
                 m.tpot_ratio.observe(ratio)
-                if not s.admission.server_decode:
-                    self._tpot_ratios.append(ratio)
+                (self._decoded_tpot_ratios if s.admission.server_decode else self._tpot_ratios).append(ratio)
         sla = s.admission.sla
         if sla is not None and ttft_s is not None:
             met = sla.is_met(ttft_s, tpot_s or 0.0, 0.0)

@@ -31,10 +31,13 @@ server whose steps run every layer anyway an offload saves only the request's ro
 The model errs, and a placement at the SLA's edge misses by the model's error. So the
 placements with a round trip per token are planned against the TPOT and TTFT bounds
 divided by the measured errors of recent split sessions (``ServerLoad.tpot_error`` and
-``ttft_error``, :func:`model_error`: a high quantile of measured over predicted);
-predictions stay the model's own (the errors are measured against them), and server
-decoding, with no round trip and no client prefill, is planned against the bounds
-themselves.
+``ttft_error``, :func:`model_error`: a high quantile of measured over predicted), and
+server decoding against the TPOT bound divided by the error of recent server-decoded
+sessions (``decoded_tpot_error``: the model sees the step at admission, not the sessions
+that join after, so near saturation it is optimistic; calibrated, a newcomer waits in the
+queue instead of joining a batch in which everyone misses). Predictions stay the model's
+own (the errors are measured against them); the check that an admitted session keeps its
+bound multiplies its prediction by its kind's error.
 
 Decisions: :class:`Admission` (split layer, how it was chosen, predicted TTFT and TPOT,
 server work); :class:`Wait` (it could be admitted on a less loaded server, when a request
@@ -312,8 +315,8 @@ class AdmissionPolicy:
         decoded = None
         if self.server_decodes(request, 0):
             g = request_graph(inputs, load, client, wait_s=worst, decode_wait=0.0, embed_on_server=True)
-            decoded = result_for(g, request.network, sla, placement_for(SERVER_DECODE_SPLIT, self.num_layers),
-                                 method="server_decode")
+            decoded = result_for(g, request.network, calibrated(sla, load.decoded_tpot_error),
+                                 placement_for(SERVER_DECODE_SPLIT, self.num_layers), method="server_decode")
         sla = calibrated(sla, load.tpot_error, load.ttft_error)  # round trips: plan with the model's measured error
         graph = request_graph(inputs, load, client, wait_s=worst)
         # the placements whose activations the gather window waits for pay no decode wait:
@@ -390,9 +393,10 @@ class AdmissionPolicy:
                                 split_layer: int) -> InFlight | None:
         """The first admitted session that meets its TPOT bound at ``load`` and would miss it
         with a newcomer at ``split_layer`` in the batch: the recent step longer by
-        :meth:`added_step_s`, one more request per step. A session over its bound already is
-        not the newcomer's doing and does not hold it back (nor does one without an SLA or a
-        profile: nothing to predict)."""
+        :meth:`added_step_s`, one more request per step; both predictions times the measured
+        error of the session's kind (server-decoded or with round trips). A session over its
+        bound already is not the newcomer's doing and does not hold it back (nor does one
+        without an SLA or a profile: nothing to predict)."""
         joined = replace(load, occupancy=load.occupancy + 1.0,
                          recent_step_s=load.recent_step_s + self.added_step_s(load, split_layer))
         for s in inflight:
@@ -400,8 +404,9 @@ class AdmissionPolicy:
             if sla is None or sla.tpot_s is None or req.client is None or req.network is None:
                 continue
             decoded = s.admission.server_decode
-            if (self.predict(req, k, load, server_decode=decoded)[1] <= sla.tpot_s
-                    < self.predict(req, k, joined, server_decode=decoded)[1]):
+            error = max(1.0, load.decoded_tpot_error if decoded else load.tpot_error)
+            if (error * self.predict(req, k, load, server_decode=decoded)[1] <= sla.tpot_s
+                    < error * self.predict(req, k, joined, server_decode=decoded)[1]):
                 return s
         return None
 

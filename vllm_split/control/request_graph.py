@@ -81,6 +81,7 @@ class ServerLoad:
     min_split_layer: int = 0  # lowest split layer of the recent steps (0: ordinary requests ran, or idle)
     tpot_error: float = 1.0  # measured / predicted TPOT of recent split sessions (a high quantile, >= 1)
     ttft_error: float = 1.0  # the same for TTFT
+    decoded_tpot_error: float = 1.0  # the same for the TPOT of recent server-decoded sessions
 
 
 @dataclass(frozen=True, slots=True)

@@ -169,7 +169,7 @@ async def test_a_session_waits_for_a_request_slot_instead_of_the_engine_queue():
     assert (await c.admit("s3", open_request(FAST, tpot=1.0))).split_layer >= 0
 
 
-async def test_released_split_sessions_set_the_planning_margin_server_decoded_ones_do_not():
+async def test_released_sessions_set_the_planning_margin_of_their_kind():
     c = controller()
     load(c, 4, busy=0.95)
     assert c.load().tpot_error == 1.0
@@ -180,10 +180,12 @@ async def test_released_split_sessions_set_the_planning_margin_server_decoded_on
     assert c.load().ttft_error == 1.0  # their TTFTs came in under the predictions
     msg = wire.Open(model_fingerprint="fp", split_layer=0, server_decode=True, client=FAST,
                     sla=wire.RequestSLA(ttft_s=5.0, tpot_s=1.0), prompt_tokens=40)
-    for i in range(6):  # server-decoded sessions do not move it
+    assert c.load().decoded_tpot_error == 1.0
+    for i in range(6):  # server-decoded sessions set their own margin, not the round trips'
         a = await c.admit(f"d{i}", request_from_open(msg, LAN))
         assert a.server_decode
-        await c.release(f"d{i}", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=a.predicted_tpot_s * 3)
+        await c.release(f"d{i}", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=a.predicted_tpot_s * 2)
     assert c.load().tpot_error == pytest.approx(1.4)
+    assert c.load().decoded_tpot_error == pytest.approx(2.0)
     declined = request_from_open(msg, LAN, server_decode_allowed=False)  # the server's option off
     assert not (await c.admit("x", declined)).server_decode

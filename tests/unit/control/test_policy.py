@@ -18,6 +18,7 @@ LAN = NetworkSpec(uplink_bps=1e9, downlink_bps=1e9, rtt_s=0.002)
 COST = StepCost(fixed_s=0.012, layer_s=0.0018, row_s=6e-5)
 N = SMOLLM2_135M.num_hidden_layers
 FAST = ClientCosts(prefill_s_per_token=2e-5, decode_s=4e-4)
+SLOW = ClientCosts(prefill_s_per_token=0.01, decode_s=1.0)  # too slow for any round trip
 IDLE = ServerLoad(cost=COST, occupancy=0.0, recent_step_s=0.0, utilization=0.0)
 
 
@@ -299,8 +300,35 @@ def test_a_measured_error_plans_round_trips_with_a_margin_and_leaves_server_deco
     erring = replace(load, tpot_error=1.3)  # the model was 30% optimistic lately
     assert isinstance(decide(p, req, erring), Wait)  # no placement with round trips meets bound / 1.3
     decoded = decide(p, replace(req, server_decode=True), erring)
-    assert isinstance(decoded, Admission) and decoded.server_decode  # no round trip: the bound itself
+    assert isinstance(decoded, Admission) and decoded.server_decode  # no round trip: its own error (none)
     assert decoded.predicted_tpot_s <= bound
+
+
+def test_the_server_decoded_error_makes_a_newcomer_wait_at_saturation():
+    p, load = policy(), busy(4)
+    decoded = decide(p, request(server_decode=True, tpot=1.0, client=SLOW), load)
+    assert isinstance(decoded, Admission) and decoded.server_decode
+    bound = decoded.predicted_tpot_s * 1.2  # met by 20% on the model
+    req = request(server_decode=True, tpot=bound, client=ClientCosts(prefill_s_per_token=0.01, decode_s=1.0))
+    assert isinstance(decide(p, req, load), Admission)
+    assert isinstance(decide(p, req, replace(load, tpot_error=1.5)), Admission)  # the round trips' error: not its
+    saturated = replace(load, decoded_tpot_error=1.5)  # server-decoded sessions ran 50% slower than predicted
+    assert isinstance(decide(p, req, saturated), Wait)
+    assert isinstance(decide(p, req, replace(load, decoded_tpot_error=1.1)), Admission)
+
+
+def test_an_admitted_session_is_protected_on_its_calibrated_prediction():
+    p, load = policy(), busy(4)
+    admitted = decide(p, request(server_decode=True, tpot=1.0, client=SLOW), load)
+    assert admitted.server_decode
+    inflight = InFlight(request(server_decode=True, tpot=1.0, client=SLOW), admitted, 0.0)
+    tpot = admitted.predicted_tpot_s
+    joined = p.predict(inflight.request, 0, replace(load, occupancy=load.occupancy + 1.0,
+                       recent_step_s=load.recent_step_s + p.added_step_s(load, 0)), server_decode=True)[1]
+    edge = replace(admitted, sla=SLA(ttft_s=10.0, tpot_s=(tpot + joined) / 2 * 1.5))  # met only on the model x 1.5
+    guarded = InFlight(inflight.request, edge, 0.0)
+    assert p.first_pushed_past_bound(load, [guarded], split_layer=0) is None  # on the model: far from its bound
+    assert p.first_pushed_past_bound(replace(load, decoded_tpot_error=1.5), [guarded], split_layer=0) is guarded
 
 
 def test_a_measured_ttft_error_tightens_the_ttft_bound_of_round_trip_placements():
