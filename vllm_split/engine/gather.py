@@ -39,12 +39,15 @@ again for a client that made it wait in vain.
 
 **Probes.** Two groups of requests that alternate steps only ever see each other's
 activations arrive during a step: all censored, no estimate, no hold, the groups never
-merge. So a request whose activations came back without a recorded turnaround, or
-whose last recorded one is a miss's upper bound beyond the bound (it may have been a
-one-off), is waited for until the bound once (a probe): caught, it gets a measured
-turnaround; missed, it is probed again on its ``PROBE_EVERY``-th next token, the interval
-doubling with every miss (a slow client costs a few bounded holds over its whole session).
-A request whose measured turnaround is beyond the bound is not probed.
+merge. And the turnarounds that are recorded while groups alternate can be long ones (a
+client whose answer waited in the host's queue, a miss's upper bound): an estimate beyond
+the bound then stops the window from ever waiting for that request again, and the groups
+stay apart (measured: the third round of ``bench_gather`` never held). So a request whose
+activations came back without a recorded turnaround, or whose estimate lies beyond the
+bound, is waited for until the bound (a probe): caught, it gets a measured turnaround
+(and is probed again on its next token while its median stays beyond the bound); missed,
+it is probed again on its ``PROBE_EVERY``-th next token, the interval doubling with every
+miss, so a client that is really slow costs a few bounded holds over its whole session.
 """
 from __future__ import annotations
 
@@ -197,7 +200,7 @@ class GatherWindow:
         if est is not None and client.sent_at + est.typical_s <= end:
             deadline = client.sent_at + est.typical_s + est.tolerance_s
             return (min(deadline, end), False) if now <= deadline else None  # late: never waited for
-        if client.probe_in == 0 and (est is None or client.last_was_miss):
+        if client.probe_in == 0:  # no estimate, or one beyond the bound: probe (see the module docstring)
             return end, True
         return None
 
