@@ -157,12 +157,22 @@ class Bench:
         self.samples.setdefault(system + key, {})[f"{rate:.4g}@{scale:g}"] = got
         return p
 
+    def screen_rates(self) -> tuple[list[float], float]:
+        """The workload's screening rates scaled to this machine's measured speed, and the scale:
+        they were set around the knee at ``screen_reference_decode_s`` per layer, and the knee
+        moves with the per-layer time (this machine's varies by 1.3-1.7x between runs)."""
+        assert self.server_layer is not None
+        ref = self.w.get("screen_reference_decode_s")
+        scale = ref / self.server_layer["decode_s"] if ref else 1.0
+        return [round(float(r) * scale, 2) for r in self.w["screen_rates"]], scale
+
     def screen(self, system: str, sweep: tuple) -> dict:
         """Each knob setting at the screening rates, one trace each; the most requests met wins."""
-        rates = [float(r) for r in self.w["screen_rates"]]
-        rows = []
+        rows, rates, scale = [], None, None
         for j, knobs in enumerate(sweep):
             server = self.server(system, knobs)
+            if rates is None:  # the first server measured the layer times
+                rates, scale = self.screen_rates()
             try:
                 pts = [self.point(server, system, r, 1, f"[screen {system} {j + 1}/{len(sweep)}]", key="_screen")
                        for r in rates]
@@ -171,7 +181,7 @@ class Bench:
             rows.append({"knobs": list(knobs), "met": sum(p["met"] for p in pts), "requests": sum(p["requests"] for p in pts),
                          "points": pts})
         best = max(range(len(rows)), key=lambda j: (rows[j]["met"], -j))
-        return {"rates": rates, "settings": rows, "chosen": rows[best]["knobs"]}
+        return {"rates": rates, "rate_scale": scale, "settings": rows, "chosen": rows[best]["knobs"]}
 
     def full(self, system: str, knobs: tuple[str, ...], rates: list[float], traces: int, refine: int,
              extra_rates: tuple[float, ...] = ()) -> tuple[list[dict], object]:
