@@ -1,6 +1,7 @@
 """Start and stop a real vLLM API server subprocess (tests, demo, benchmarks; one at a time)."""
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -8,14 +9,39 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 STARTUP_TIMEOUT_S = 420
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Servers run in their own process group (so that stop() reaches the engine processes), so
+# they outlive a benchmark killed with SIGTERM unless it stops them: at exit every live one
+# is stopped, and SIGTERM (default action: die without cleaning up) exits through that.
+_LIVE: "weakref.WeakSet[VLLMServer]" = weakref.WeakSet()
+
+
+def _stop_live_servers() -> None:
+    for server in list(_LIVE):
+        server.stop()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop_servers_on_exit() -> None:
+    if getattr(_stop_servers_on_exit, "done", False):
+        return
+    _stop_servers_on_exit.done = True  # type: ignore[attr-defined]
+    atexit.register(_stop_live_servers)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 def kv_capacity_tokens(server_log: Path) -> int | None:
@@ -135,6 +161,8 @@ class VLLMServer:
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
                                      start_new_session=True)
+        _stop_servers_on_exit()
+        _LIVE.add(self)
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         wait_healthy(self.url, self.proc, timeout=timeout, name="vLLM server", log_tail=self.log_tail,
@@ -161,6 +189,7 @@ class VLLMServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def stop(self) -> None:
+        _LIVE.discard(self)
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)  # the server and the engine processes it started
             try:

@@ -13,8 +13,9 @@ one-thread executor, waits are asyncio waits. The decisions themselves are the p
   request the policy makes wait is re-planned on events, not on a tick: whenever a session
   ends and whenever the poller reports a changed load; at most ``QueueLimits.wait_s``, then
   refused with ``server_busy`` and a ``retry_after_s``), the planning executor, the
-  measured errors of the latency model (the last ``ERROR_WINDOW`` split sessions'
-  measured / predicted TPOT and TTFT, the policy's planning margins) and the metrics on vLLM's
+  measured errors of the latency model (:class:`ErrorWindow`: the last ``ERROR_WINDOW``
+  split sessions' measured / predicted TPOT and TTFT that ended within ``ERROR_MAX_AGE_S``,
+  the policy's planning margins) and the metrics on vLLM's
   ``/metrics`` (:mod:`vllm_split.api.metrics`).
 """
 from __future__ import annotations
@@ -36,6 +37,25 @@ from vllm_split.wire.contract import ErrorCode, StepRecord
 
 POLL_S = 0.5
 ERROR_WINDOW = 64  # recent split sessions whose measured / predicted TPOT and TTFT set the planning margins
+ERROR_MAX_AGE_S = 30.0  # older measurements no longer count (a few sessions' lifetimes)
+
+
+class ErrorWindow:
+    """Measured / predicted ratios of one kind of session (a latency and a placement kind):
+    the margin is :func:`model_error` over the last ``ERROR_WINDOW`` that ended within
+    ``ERROR_MAX_AGE_S``. The age limit keeps the controller live: a margin learnt in an
+    overload makes newcomers wait and be refused, so no session ends and nothing new is
+    measured; kept for good, it would refuse every newcomer for good (seen: 0 of 49 met at
+    a rate the server had met 99% of). With no fresh evidence the margin returns to 1."""
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, float]] = deque(maxlen=ERROR_WINDOW)  # (ended at, ratio)
+
+    def add(self, ratio: float, now: float) -> None:
+        self._samples.append((now, ratio))
+
+    def error(self, now: float) -> float:
+        return model_error([r for t, r in self._samples if now - t <= ERROR_MAX_AGE_S])
 
 
 class AdmissionRefused(Exception):
@@ -150,9 +170,9 @@ class AdmissionController:
         self._changed = asyncio.Condition()  # notified on each event that may admit a waiting session
         self._num_events = 0  # sessions ended and load changes so far (a waiter re-plans when it moved)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-split-plan")
-        self._tpot_ratios: deque[float] = deque(maxlen=ERROR_WINDOW)  # split sessions', not server-decoded
-        self._ttft_ratios: deque[float] = deque(maxlen=ERROR_WINDOW)
-        self._decoded_tpot_ratios: deque[float] = deque(maxlen=ERROR_WINDOW)  # server-decoded sessions'
+        self._tpot_ratios = ErrorWindow()  # split sessions' with round trips
+        self._ttft_ratios = ErrorWindow()
+        self._decoded_tpot_ratios = ErrorWindow()  # server-decoded sessions'
 
     def start(self) -> None:
         self.poller.start()
@@ -165,8 +185,8 @@ class AdmissionController:
         now = time.monotonic()  # InFlight.admitted_at's clock; the step records use wall time
         load = server_load(self.costs, admitted_ages_s=[now - s.admitted_at for s in self.inflight.values()],
                            num_layers=self.policy.num_layers, now=time.time())
-        return replace(load, tpot_error=model_error(self._tpot_ratios), ttft_error=model_error(self._ttft_ratios),
-                       decoded_tpot_error=model_error(self._decoded_tpot_ratios))
+        return replace(load, tpot_error=self._tpot_ratios.error(now), ttft_error=self._ttft_ratios.error(now),
+                       decoded_tpot_error=self._decoded_tpot_ratios.error(now))
 
     def retry_after_s(self) -> float:
         return retry_after_s(self.inflight.values(), time.monotonic())
@@ -255,13 +275,14 @@ class AdmissionController:
         if ttft_s is not None:
             m.measured_ttft.observe(ttft_s)
             if s.admission.predicted_ttft_s and not s.admission.server_decode:
-                self._ttft_ratios.append(ttft_s / s.admission.predicted_ttft_s)
+                self._ttft_ratios.add(ttft_s / s.admission.predicted_ttft_s, time.monotonic())
         if tpot_s is not None:
             m.measured_tpot.observe(tpot_s)
             if s.admission.predicted_tpot_s:
                 ratio = tpot_s / s.admission.predicted_tpot_s
                 m.tpot_ratio.observe(ratio)
-                (self._decoded_tpot_ratios if s.admission.server_decode else self._tpot_ratios).append(ratio)
+                (self._decoded_tpot_ratios if s.admission.server_decode else self._tpot_ratios).add(
+                    ratio, time.monotonic())
         sla = s.admission.sla
         if sla is not None and ttft_s is not None:
             met = sla.is_met(ttft_s, tpot_s or 0.0, 0.0)

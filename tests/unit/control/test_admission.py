@@ -189,3 +189,21 @@ async def test_released_sessions_set_the_planning_margin_of_their_kind():
     assert c.load().decoded_tpot_error == pytest.approx(2.0)
     declined = request_from_open(msg, LAN, server_decode_allowed=False)  # the server's option off
     assert not (await c.admit("x", declined)).server_decode
+
+
+def test_a_margin_learnt_in_an_overload_expires_without_fresh_measurements():
+    """Else a high margin refuses every newcomer, nothing ends, nothing is measured: for good."""
+    from vllm_split.api.admission import ERROR_MAX_AGE_S, ERROR_WINDOW, ErrorWindow
+
+    window = ErrorWindow()
+    for i in range(10):
+        window.add(2.5, now=100.0 + i)
+    assert window.error(now=110.0) == pytest.approx(2.5)
+    assert window.error(now=105.0 + ERROR_MAX_AGE_S) == pytest.approx(2.5)  # the newest five still count
+    assert window.error(now=110.0 + ERROR_MAX_AGE_S) == 1.0  # too few recent ones to say
+    for i in range(5):  # fresh measurements in a calmer load set it again
+        window.add(1.2, now=200.0 + i)
+    assert window.error(now=205.0) == pytest.approx(1.2)
+    for i in range(2 * ERROR_WINDOW):
+        window.add(1.0, now=300.0)
+    assert window.error(now=300.0) == 1.0  # only the last ERROR_WINDOW are kept
