@@ -78,8 +78,9 @@ class SplitRunnerMixin:
         graphs = compiled_graphs()
         seconds = compiled.warm_up(dtype=self.model_config.dtype, device=self.device, max_rows=max_rows)
         logger.info("vllm-split: compiled the split layer bodies in %.1f s (%d graphs for all %d layers and up to "
-                    "%d rows; guards %s)", seconds, compiled_graphs() - graphs, len(layers), max_rows,
-                    "skipped" if compiled.skip_guards else "kept")
+                    "%d rows; guards %s; %s)", seconds, compiled_graphs() - graphs, len(layers), max_rows,
+                    "skipped" if compiled.skip_guards else "kept",
+                    "called directly" if compiled.direct else f"called through dynamo: {compiled.direct_why}")
         return compiled
 
     def _split_compact_ok(self) -> bool:

@@ -105,6 +105,8 @@ def test_compiled_bodies_equal_the_layer_and_never_recompile(skip_guards):
     inner = Inner()
     compiled = CompiledLayers(inner, skip_guards=skip_guards)
     compiled.warm_up(dtype=torch.float32, device=torch.device("cpu"), max_rows=64)
+    # without guards the captured bytecode is called directly (no dynamo frame evaluation)
+    assert (compiled.direct, compiled.direct_why) == ((True, None) if skip_guards else (False, "guards kept"))
     graphs = compiled_graphs()
     for rows in (1, 2, 7, 40):
         positions, h0, res0 = torch.arange(rows), torch.randn(rows, H), torch.randn(rows, H)  # client rows: not
