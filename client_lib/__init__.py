@@ -3,8 +3,8 @@
 Installs and imports without vLLM (``pip install vllm-split[client]``).
 """
 from client_lib.local_layers import LocalLayers, LocalLayersError
-from client_lib.session import GenerationStats, ServerError, SplitSession, TokenEvent
+from client_lib.session import GenerationStats, PrivacyFloorError, ServerError, SplitSession, TokenEvent
 from vllm_split.wire.protocol import SamplingOptions
 
-__all__ = ["LocalLayers", "LocalLayersError", "SplitSession", "ServerError", "TokenEvent",
+__all__ = ["LocalLayers", "LocalLayersError", "SplitSession", "ServerError", "PrivacyFloorError", "TokenEvent",
            "GenerationStats", "SamplingOptions"]

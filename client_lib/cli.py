@@ -2,7 +2,7 @@
 
     vllm-split-client --server http://localhost:8000 --model DIR [--split-layer auto|K] \\
         [--max-layers M] [--ttft 2.0 --tpot 0.2] --prompt "What is the capital of France?" --max-tokens 64 \\
-        [--wire-dtype auto|float16|int8_mixed|...] [--chat] [--timings]
+        [--privacy-floor F] [--wire-dtype auto|float16|int8_mixed|...] [--chat] [--timings]
     vllm-split-client serve --server http://localhost:8000 --model DIR [--port 8001]   # OpenAI gateway
 
 ``serve`` runs the OpenAI-compatible gateway (``client_lib/gateway``, docs/gateway.md). An
@@ -19,7 +19,7 @@ import statistics
 import sys
 
 from client_lib.local_layers import LocalLayers
-from client_lib.session import ServerError, SplitSession
+from client_lib.session import PrivacyFloorError, ServerError, SplitSession
 from client_lib.wire_policy import DEFAULT_MIN_AGREEMENT
 from vllm_split.wire.contract import ErrorCode
 from vllm_split.wire.protocol import WIRE_DTYPES
@@ -43,6 +43,13 @@ def add_tls_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
                        help="https:// server: do not verify its certificate (for testing only)")
 
 
+def add_privacy_floor_option(p: argparse.ArgumentParser) -> None:
+    """``--privacy-floor F``: ``SplitSession.create``'s ``privacy_floor``."""
+    p.add_argument("--privacy-floor", type=int, default=0, metavar="F",
+                   help="send the server no activation shallower than layer F (the split layer is >= F, never "
+                        "server decoding): shallow hidden states can be inverted back to the tokens; default 0")
+
+
 def tls_option(ca_file: str | None, insecure: bool) -> str | bool | None:
     """``SplitSession.create``'s ``ssl`` from :func:`add_tls_options`' values."""
     return False if insecure else ca_file
@@ -57,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-layers", type=int, default=None,
                    help="most decoder layers this client holds in memory (auto loads only these; the server "
                         "chooses no k above it); default: no bound")
+    add_privacy_floor_option(p)
     p.add_argument("--wire-dtype", default=None, choices=["auto", *WIRE_DTYPES],
                    help="format of the activations on the wire; 'auto': the smallest whose measured agreement with "
                         "float32 on this model reaches --min-agreement (float32 for a model not measured); default: "
@@ -109,7 +117,8 @@ async def run(args: argparse.Namespace) -> dict:
     async with await SplitSession.create(args.server, layers, sampling=sampling, api_key=args.api_key,
                                          sla=sla, expected_output_tokens=args.max_tokens,
                                          wire_dtype=args.wire_dtype, min_agreement=args.min_agreement,
-                                         ssl=tls_option(args.ca_file, args.insecure)) as session:
+                                         ssl=tls_option(args.ca_file, args.insecure),
+                                         privacy_floor=args.privacy_floor) as session:
         async for event in session.generate(prompt_ids):
             tokens.append(event.token_id)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -164,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(run(args))
     except ServerError as exc:
         sys.exit(f"{'connection' if exc.code == ErrorCode.TLS else 'server'} error: {exc}")
+    except PrivacyFloorError as exc:
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

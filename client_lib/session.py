@@ -20,6 +20,15 @@ session is decoded on the server by default (``server_decode=True``): the client
 prompt's token ids once and receives the tokens, with no round trip per token. Errors from
 the server raise :class:`ServerError` with the server's message.
 
+Privacy floor (``privacy_floor=F``): the hidden state at a shallow layer can be inverted back
+to the tokens (at ``k = 0`` it is the token embedding), so a client may refuse to send any
+shallower than layer ``F``. The floor goes in ``Open.privacy_floor``; the client then offers
+no server decoding (its token ids would go), and it checks the server's answer: an
+``Opened`` below the floor (a misbehaving or older server) closes the session with a
+:class:`ServerError` of code ``privacy_floor`` before any activation or token id is sent. A
+fixed split layer, or an ``auto`` client's memory bound (``max_layers``), below the floor
+raises :class:`PrivacyFloorError` before connecting.
+
 The rows' wire dtype (``wire_dtype``): None (default) sends the tensor's own dtype (float32,
 exact); a name offers that format alone; ``"auto"`` offers the smallest formats whose
 measured agreement with float32 on this model reaches ``min_agreement``
@@ -56,11 +65,16 @@ DEFAULT_CHUNK_ROWS = 512
 SSLOption = ssl_lib.SSLContext | str | os.PathLike | bool | None
 
 
+class PrivacyFloorError(ValueError):
+    """A privacy floor this client cannot keep with its own options (a fixed split layer or a
+    memory bound below it), or not an int >= 0; raised before connecting."""
+
+
 class ServerError(RuntimeError):
     """The server rejected a frame or the session (``code`` is machine-readable;
     ``retry_after_s``: when the server said retrying later may succeed, how much later).
     The client raises it too, with the client-side codes of ``ErrorCode`` (``closed``,
-    ``aborted``, ``tls``)."""
+    ``aborted``, ``tls``, ``privacy_floor``)."""
 
     def __init__(self, code: str, message: str, fatal: bool, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
@@ -97,7 +111,7 @@ class SplitSession:
     def __init__(self, *, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, layers: Any,
                  sampling: wire.SamplingOptions, sla: wire.RequestSLA | None, profile: wire.ClientProfile | None,
                  expected_output_tokens: int | None, link: Any = None, server_decode: bool = True,
-                 wire_dtypes: tuple[str, ...] = ()) -> None:
+                 wire_dtypes: tuple[str, ...] = (), privacy_floor: int = 0) -> None:
         self._http = http
         self._ws = ws
         self.layers = layers
@@ -108,6 +122,7 @@ class SplitSession:
         self.link = link  # harness.emulation.EmulatedLink: delays as on a slower network
         self.server_decode = server_decode  # offered at Open: at k = 0 the server may decode alone
         self.wire_dtypes = wire_dtypes  # offered at Open, preferred first; () : the tensor's own dtype
+        self.privacy_floor = privacy_floor  # sent at Open: no split layer below it is accepted from the server
         self.opened: wire.Opened | None = None
         self.stats = GenerationStats()
         self._closed = False
@@ -118,7 +133,8 @@ class SplitSession:
                      sla: wire.RequestSLA | None = None, profile: wire.ClientProfile | None = None,
                      expected_output_tokens: int | None = None, link: Any = None,
                      server_decode: bool = True, wire_dtype: str | None = None,
-                     min_agreement: float = DEFAULT_MIN_AGREEMENT, ssl: SSLOption = None) -> "SplitSession":
+                     min_agreement: float = DEFAULT_MIN_AGREEMENT, ssl: SSLOption = None,
+                     privacy_floor: int = 0) -> "SplitSession":
         """Connect; open the session now at a fixed ``layers.split_layer``, or, for
         ``split_layer="auto"``, in :meth:`generate` (planning needs the prompt length).
         ``profile`` defaults to this device's measured one when the server chooses; a
@@ -126,7 +142,11 @@ class SplitSession:
         ``server_decode``: offer the server to decode alone when the session is at ``k = 0``
         (False: send activations even then, e.g. to replay kept rows). ``wire_dtype`` (None,
         ``"auto"`` or a name) and ``min_agreement``: the rows' wire dtype (module docstring).
-        ``ssl``: how a ``wss://`` server's certificate is verified (module docstring)."""
+        ``ssl``: how a ``wss://`` server's certificate is verified (module docstring).
+        ``privacy_floor``: no split layer below it; above 0 no server decoding is offered
+        (module docstring; :func:`check_privacy_floor` runs first)."""
+        check_privacy_floor(layers, privacy_floor)
+        server_decode = server_decode and privacy_floor == 0
         ws_url = url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + SESSION_PATH
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         ssl_context = client_ssl(ssl)
@@ -145,7 +165,7 @@ class SplitSession:
                 raise tls_error(ws_url, exc) from exc
             session = cls(http=http, ws=ws, layers=layers, sampling=sampling or wire.SamplingOptions(), sla=sla,
                           profile=profile, expected_output_tokens=expected_output_tokens, link=link,
-                          server_decode=server_decode, wire_dtypes=wire_dtypes)
+                          server_decode=server_decode, wire_dtypes=wire_dtypes, privacy_floor=privacy_floor)
             if not auto:
                 await session._open(prompt_tokens=None)
         except BaseException:
@@ -159,7 +179,7 @@ class SplitSession:
             model_fingerprint=self.layers.fingerprint, split_layer=None if auto else self.layers.split_layer,
             sampling=self.sampling, sla=self.sla, client=self.profile,
             expected_output_tokens=self.expected_output_tokens, prompt_tokens=prompt_tokens,
-            server_decode=self.server_decode, wire_dtypes=self.wire_dtypes))
+            server_decode=self.server_decode, wire_dtypes=self.wire_dtypes, privacy_floor=self.privacy_floor))
         while True:  # answer the server's network probes until it decides
             msg = await self._recv()
             if isinstance(msg, wire.Probe):
@@ -171,6 +191,13 @@ class SplitSession:
         if msg.wire_dtype not in (self.wire_dtypes or (None,)):
             offered = f"not one of the offered {list(self.wire_dtypes)}" if self.wire_dtypes else "none was offered"
             raise ServerError("protocol", f"the server chose wire dtype {msg.wire_dtype!r}, {offered}", True)
+        if self.privacy_floor and (msg.split_layer < self.privacy_floor or msg.server_decode):
+            await self.close()  # before any activation or token id leaves
+            how = f"split layer {msg.split_layer}" + (", decoded on the server" if msg.server_decode else "")
+            raise ServerError(ErrorCode.PRIVACY_FLOOR, f"the server placed this session at {how}, below this client's "
+                                                       f"privacy floor {self.privacy_floor} (expected split_layer >= "
+                                                       f"{self.privacy_floor}, no server decoding); the session is "
+                                                       f"closed before any activation or token id was sent", True)
         if auto:
             self.layers.use_split_layer(msg.split_layer)
         self.opened = msg
@@ -282,6 +309,27 @@ class SplitSession:
                 sent_at = time.perf_counter()
             else:
                 sent_at = now  # server decoded: the next token's wait starts now
+
+
+def check_privacy_floor(layers: Any, privacy_floor: int) -> None:
+    """Before connecting: ``privacy_floor`` is an int >= 0 that ``layers`` can keep (a fixed
+    split layer at or above it; for ``auto``, a memory bound ``max_layers`` at or above it).
+    Raises :class:`PrivacyFloorError` otherwise."""
+    if isinstance(privacy_floor, bool) or not isinstance(privacy_floor, int) or privacy_floor < 0:
+        raise PrivacyFloorError(f"privacy_floor: expected an int >= 0, got {privacy_floor!r}")
+    if privacy_floor == 0:
+        return
+    if privacy_floor > layers.num_layers:
+        raise PrivacyFloorError(f"privacy_floor {privacy_floor} is above the model's {layers.num_layers} decoder "
+                                f"layers: no split layer can keep it")
+    bound = getattr(layers, "max_layers", None)
+    if getattr(layers, "auto", False) and bound is not None and bound < privacy_floor:
+        raise PrivacyFloorError(f"privacy_floor {privacy_floor} is above this client's memory bound: it holds at most "
+                                f"{bound} decoder layers (max_layers), so no split layer at or above the floor fits; "
+                                f"hold at least {privacy_floor} layers or lower the floor")
+    if not getattr(layers, "auto", False) and layers.split_layer < privacy_floor:
+        raise PrivacyFloorError(f"split_layer {layers.split_layer} is below privacy_floor {privacy_floor}: expected "
+                                f"split_layer >= {privacy_floor} or 'auto'")
 
 
 def client_ssl(option: SSLOption) -> ssl_lib.SSLContext | bool:

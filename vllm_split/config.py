@@ -84,6 +84,13 @@ class SplitConfig:
     # ones it can send (Open.wire_dtypes) and gets the first of its offer listed here. A
     # client that offers none sends float32, float16 or bfloat16 as before.
     wire_dtypes: str = "int8_mixed,int8_row,fp8_e4m3,float16,bfloat16,float32"
+    # Privacy floor: the lowest split layer a session may be placed at (the hidden state at a
+    # shallow layer can be inverted back to the tokens; at 0 it is the token embedding). The
+    # server then takes no activation shallower than it and decodes no session itself (a
+    # client's Open.privacy_floor may raise it per session). Unlike min_layer it is policy
+    # only: the server holds every layer and serves ordinary requests. At most the model's
+    # number of decoder layers (checked at start-up). 0: off.
+    privacy_floor: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -102,9 +109,15 @@ class SplitConfig:
                 continue
             low = 0 if f.name in ("batch_wait_ms", "min_layer", "idle_timeout_s", "session_lifetime_s",
                                   "admission_queue", "admission_wait_ms", "warmup", "offload_above_pct",
-                                  "server_decode", "min_offload_saving_pct") else 1
+                                  "server_decode", "min_offload_saving_pct", "privacy_floor") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected an integer >= {low}, got {value!r}")
+
+    def check_model(self, *, num_layers: int) -> None:
+        """Start-up: the options bounded by the served model's depth (``num_layers`` decoder layers)."""
+        if self.privacy_floor > num_layers:
+            raise SplitConfigError(f"{CONFIG_KEY}.privacy_floor: expected at most the model's {num_layers} decoder "
+                                   f"layers, got {self.privacy_floor}")
 
     @property
     def accepted_wire_dtypes(self) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ class Upstream:
     sla: wire.RequestSLA | None
     api_key: str | None = None  # the split server's --api-key
     ssl: SSLOption = None  # an https:// server: how its certificate is verified (SplitSession.create's ssl)
+    privacy_floor: int = 0  # no split layer below it, no server decoding (SplitSession.create's privacy_floor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,8 @@ class SplitGeneration:
         try:
             async with await SplitSession.create(up.url, view, sampling=self.sampling, api_key=up.api_key, sla=up.sla,
                                                  profile=up.profile if view.auto else None, ssl=up.ssl,
-                                                 expected_output_tokens=self.sampling.max_tokens) as session:
+                                                 expected_output_tokens=self.sampling.max_tokens,
+                                                 privacy_floor=up.privacy_floor) as session:
                 async with aclosing(session.generate(self.prompt_ids)) as events:
                     async for event in events:
                         delta = self._take(event, session)

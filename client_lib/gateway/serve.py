@@ -2,7 +2,7 @@
 
     vllm-split-client serve --server http://SERVER:8000 --model DIR [--host 127.0.0.1 --port 8001] \\
         [--split-layer auto|K] [--max-layers M] [--ttft S --tpot S] [--api-key KEY] [--threads N] \\
-        [--server-ca-file PATH | --server-insecure]   # an https:// server: its certificate's CA
+        [--privacy-floor F] [--server-ca-file PATH | --server-insecure]   # https:// server: its certificate's CA
 
 Loads the model's first layers once (``LocalLayers``, shared by every request through
 ``SharedLayers``), measures this device's speed once when the server chooses the split layer
@@ -15,7 +15,7 @@ import argparse
 import logging
 import os
 
-from client_lib.cli import add_tls_options, tls_option
+from client_lib.cli import add_privacy_floor_option, add_tls_options, tls_option
 from client_lib.gateway.app import Gateway, GatewayConfig, create_app
 from client_lib.gateway.generation import Upstream
 from client_lib.gateway.openai_requests import SamplingDefaults
@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run layers [0, k) on this device; 'auto' (default): the server chooses k per request")
     p.add_argument("--max-layers", type=int, default=None,
                    help="most decoder layers held in memory (auto loads only these); default: no bound")
+    add_privacy_floor_option(p)
     p.add_argument("--ttft", type=float, default=None, help="SLA sent with every session: time to first token (s)")
     p.add_argument("--tpot", type=float, default=None, help="SLA sent with every session: time per output token (s)")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -62,6 +63,7 @@ def build_app(args: argparse.Namespace):
 
     from client_lib.client_profile import client_profile
     from client_lib.local_layers import LocalLayers
+    from client_lib.session import check_privacy_floor
     from client_lib.shared_layers import SharedLayers
 
     if args.threads:
@@ -70,6 +72,7 @@ def build_app(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     split_layer = args.split_layer if args.split_layer == "auto" else int(args.split_layer)
     layers = LocalLayers(args.model, split_layer=split_layer, device=args.device, max_layers=args.max_layers)
+    check_privacy_floor(layers, args.privacy_floor)  # at start-up, not on every request
     profile = None
     if layers.auto:
         logger.info("measuring this device's layer speed (once per device and model, then cached)")
@@ -80,7 +83,8 @@ def build_app(args: argparse.Namespace):
                            max_model_len=max_model_len, default_max_tokens=args.default_max_tokens,
                            api_key=args.api_key, sampling_defaults=SamplingDefaults.from_model_dir(args.model))
     upstream = Upstream(url=args.server, layers=SharedLayers(layers), profile=profile, sla=sla,
-                        api_key=args.server_api_key, ssl=tls_option(args.server_ca_file, args.server_insecure))
+                        api_key=args.server_api_key, ssl=tls_option(args.server_ca_file, args.server_insecure),
+                        privacy_floor=args.privacy_floor)
     gateway = Gateway(config, upstream, AutoTokenizer.from_pretrained(args.model))
     where = "chosen by the server per request" if layers.auto else str(layers.split_layer)
     logger.info("gateway for %s at http://%s:%d/v1 -> split server %s; split layer %s of %d",

@@ -8,7 +8,7 @@ import time
 import aiohttp
 import pytest
 
-from client_lib import ServerError
+from client_lib import ServerError, SplitSession
 from vllm_split.wire.contract import SESSION_PATH
 from vllm_split.wire import protocol as wire
 from harness.server_process import split_metrics
@@ -50,6 +50,41 @@ def test_auto_sessions_are_token_exact_and_report_their_placement(admission_serv
         assert tokens == script.expected[:24] and layers.mismatch is None
         assert session.opened.placement in ("dp", "least_offload", "server_only")
         assert session.opened.predicted_tpot_s > 0 and session.opened.predicted_ttft_s > 0
+
+
+def test_a_privacy_floor_lifts_an_idle_servers_placement_to_it(admission_server, script):
+    """Idle, this client is decoded on the server (k = 0: its token ids go); with
+    privacy_floor=12 it is placed at k >= 12, sends activations from there and never its token
+    ids, and gets the same tokens."""
+    floor, n = 12, 24
+
+    async def run(privacy_floor: int):
+        await asyncio.sleep(2.5)  # the measured load's window (2 s) empties: an idle server
+        layers = script.layers(FAST)
+        sent: list[wire.Message] = []
+        async with await SplitSession.create(admission_server.url, layers, sla=SLA, profile=FAST, link=LAN,
+                                             sampling=wire.SamplingOptions(max_tokens=n, ignore_eos=True),
+                                             privacy_floor=privacy_floor) as session:
+            send = session._send
+
+            async def recording(msg):
+                sent.append(msg)
+                await send(msg)
+
+            session._send = recording  # split_layer auto: the Open goes in generate, recorded too
+            tokens = [e.token_id async for e in session.generate(script.prompt_ids)]
+        return session.opened, tokens, layers, sent
+
+    opened, tokens, layers, sent = asyncio.run(run(floor))
+    free, free_tokens, _, _ = asyncio.run(run(0))  # last: it leaves the steps of an ordinary request behind
+    print({"with_floor": opened, "without": free})
+    assert (free.split_layer, free.server_decode) == (0, True) and free_tokens == script.expected[:n]
+    assert opened.split_layer >= floor and not opened.server_decode and layers.split_layer == opened.split_layer
+    assert tokens == script.expected[:n] and layers.mismatch is None
+    [open_] = [m for m in sent if isinstance(m, wire.Open)]
+    assert (open_.privacy_floor, open_.server_decode) == (floor, False)
+    kinds = {type(m).__name__ for m in sent}
+    assert "PromptTokens" not in kinds and "Activation" in kinds
 
 
 def test_slower_client_gets_smaller_k_and_loaded_server_gives_larger_k(admission_server, script):

@@ -148,3 +148,17 @@ def test_gather_options_on_the_command_line(no_plugins_env):
     assert json.loads(cmd[i + 1]) == {"vllm_split": {"gather": "off", "gather_max_ms": 10}}
     cfg = SplitConfig.from_additional_config(json.loads(cmd[i + 1]))
     assert (cfg.gather, cfg.gather_max_ms) == ("off", 10)
+
+
+def test_the_privacy_floor_is_a_serve_option_checked_against_the_models_depth(no_plugins_env):
+    assert SplitConfig().privacy_floor == 0
+    cmd, _ = build_command(["serve", "m", "--split-privacy-floor", "12"])
+    i = cmd.index("--additional-config")
+    cfg = SplitConfig.from_additional_config(json.loads(cmd[i + 1]))
+    assert cfg.privacy_floor == 12 and cfg.min_layer == 0  # policy only: the server still holds every layer
+    cfg.check_model(num_layers=12)
+    with pytest.raises(SplitConfigError, match=r"vllm_split\.privacy_floor: expected at most the model's 11 decoder "
+                                               r"layers, got 12"):
+        cfg.check_model(num_layers=11)
+    with pytest.raises(SplitConfigError, match=r"vllm_split\.privacy_floor: expected an integer >= 0, got -1"):
+        SplitConfig(privacy_floor=-1)

@@ -82,8 +82,9 @@ def request_from_open(msg: wire.Open, network: NetworkSpec | None, *, server_dec
                       wire_dtype: str | None = None, hidden_size: int | None = None) -> AdmissionRequest:
     """The policy's description of the request ``msg`` opens (``network``: as measured on
     its connection, None when it was not probed). The client's memory bound
-    (``ClientProfile.max_layers``) goes with its speed; its offer of server decoding counts
-    where the server allows it (``SplitConfig.server_decode``). ``wire_dtype``: the one the
+    (``ClientProfile.max_layers``) goes with its speed, its privacy floor
+    (``Open.privacy_floor``) as it is; its offer of server decoding counts where the server
+    allows it (``SplitConfig.server_decode``). ``wire_dtype``: the one the
     server accepted from the client's offer (None: none negotiated, the policy's default row
     size); with the model's ``hidden_size`` it sets the bytes one row costs on the wire."""
     if wire_dtype is not None and hidden_size is None:
@@ -103,7 +104,8 @@ def request_from_open(msg: wire.Open, network: NetworkSpec | None, *, server_dec
         sla=SLA(ttft_s=msg.sla.ttft_s, tpot_s=msg.sla.tpot_s) if msg.sla is not None else None,
         client=client, network=network, split_layer=msg.split_layer,
         server_decode=msg.server_decode and server_decode_allowed,
-        row_bytes=None if wire_dtype is None else wire.row_bytes(wire_dtype, hidden_size))
+        row_bytes=None if wire_dtype is None else wire.row_bytes(wire_dtype, hidden_size),
+        privacy_floor=msg.privacy_floor)
 
 
 class StepPoller:

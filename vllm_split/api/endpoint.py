@@ -130,6 +130,7 @@ class SplitEndpointPlugin:
                 f"--worker-cls vllm_split.engine.worker.SplitWorker"
             )
         config = SplitConfig.from_additional_config(vllm_config.additional_config)
+        config.check_model(num_layers=model_config.hf_config.num_hidden_layers)
         model_dir = _local_model_dir(model_config.model)
         fingerprint = await asyncio.to_thread(model_fingerprint, model_dir)
         model = ModelInfo(
@@ -165,7 +166,7 @@ def _controller(engine_client: Any, model: ModelInfo, config: SplitConfig) -> Ad
         hidden_bytes=model.hidden_size * dtype_bytes, min_layer=config.min_layer,
         max_num_seqs=engine_client.vllm_config.scheduler_config.max_num_seqs,
         offload_above=config.offload_above_pct / 100, placement=config.placement, gather_max_s=config.gather_max_s,
-        min_offload_saving=config.min_offload_saving_pct / 100,
+        min_offload_saving=config.min_offload_saving_pct / 100, privacy_floor=config.privacy_floor,
         default_sla=SLA(ttft_s=config.default_ttft_ms / 1000, tpot_s=config.default_tpot_ms / 1000))
 
     async def step_stats(since: int) -> dict | None:

@@ -7,6 +7,9 @@ at position ``prompt_len + index``) until the token that carries a ``finish_reas
 ``Finished``. A session placed at ``k = 0`` whose client offered it is *server decoded*
 (``Opened.server_decode``): its prompt comes as token ids (one ``PromptTokens`` frame) and it
 runs in the engine as an ordinary request, tokens streamed without an activation per token.
+A privacy floor (the server's ``privacy_floor`` option, the client's ``Open.privacy_floor``;
+:mod:`vllm_split.control.privacy_floor`) refuses a fixed split layer below it at Open and
+rules server decoding out.
 The activations' wire dtype is negotiated at Open (:meth:`ServerSession._choose_wire_dtype`):
 the first of the client's ``Open.wire_dtypes`` that this server accepts; 8-bit rows are
 decoded into the model's dtype, and a row in another dtype than the negotiated one is refused.
@@ -33,6 +36,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm_split.wire import protocol as wire
 from vllm_split.api.admission import AdmissionController, AdmissionRefused, request_from_open
 from vllm_split.config import SplitConfig
+from vllm_split.control.privacy_floor import effective_floor, floor_violation
 from vllm_split.api.net_probe import ProbeFailed, measure_network
 from vllm_split.api.session_phase import SessionPhase
 from vllm_split.wire.contract import EXTRA_ARGS_KEY, UTILITY_DELIVER, UTILITY_RELEASE, ErrorCode
@@ -150,10 +154,8 @@ class ServerSession:
             raise SessionError(ErrorCode.PROTOCOL_VERSION, f"client speaks protocol {msg.protocol_version}, server speaks {wire.PROTOCOL_VERSION}", fatal=True)
         if msg.model_fingerprint != self.model.fingerprint:
             raise SessionError(ErrorCode.FINGERPRINT_MISMATCH, f"client model fingerprint {msg.model_fingerprint} does not match the server's {self.model.fingerprint}: both sides must hold the same weights", fatal=True)
-        low = self.config.min_layer
-        if msg.split_layer is not None and not low <= msg.split_layer <= self.model.num_layers:
-            why = f" (this server holds no layers below {low})" if low else ""
-            raise SessionError(ErrorCode.SPLIT_LAYER, f"split_layer {msg.split_layer} out of range: expected {low} <= split_layer <= {self.model.num_layers}{why}", fatal=True)
+        if msg.split_layer is not None:
+            self._check_split_layer(msg.split_layer, client_floor=msg.privacy_floor)
         cap = self.config.max_tokens_per_session
         if msg.sampling.max_tokens > cap:
             raise SessionError(ErrorCode.MAX_TOKENS, f"max_tokens {msg.sampling.max_tokens} exceeds this server's limit of {cap} tokens per session", fatal=True)
@@ -171,8 +173,11 @@ class ServerSession:
         self.split_layer = msg.split_layer if admission is None else admission.split_layer
         sla = admission.sla if admission is not None else None
         self.tpot_bound_s = sla.tpot_s if sla is not None else msg.sla.tpot_s if msg.sla is not None else None
-        self.server_decode = (admission.server_decode if admission is not None else
-                              msg.server_decode and msg.split_layer == 0 and bool(self.config.server_decode))
+        floor = effective_floor(min_layer=self.config.min_layer, server_floor=self.config.privacy_floor,
+                                client_floor=msg.privacy_floor)
+        self.server_decode = floor == 0 and (  # the token ids go to the server only without a floor
+            admission.server_decode if admission is not None else
+            msg.server_decode and msg.split_layer == 0 and bool(self.config.server_decode))
         self._enter(SessionPhase.PROMPTING)
         await self.send(wire.Opened(
             session_id=self.session_id, split_layer=self.split_layer, num_layers=self.model.num_layers,
@@ -184,6 +189,17 @@ class ServerSession:
             server_decode=self.server_decode, wire_dtype=self.wire_dtype,
         ))
         self._opened_at = time.perf_counter()
+
+    def _check_split_layer(self, split_layer: int, *, client_floor: int) -> None:
+        """A fixed split layer is one this server holds and at or above both privacy floors
+        (checked before the probe and admission: no activation shallower than a floor)."""
+        low, n = self.config.min_layer, self.model.num_layers
+        if not low <= split_layer <= n:
+            why = f" (this server holds no layers below {low})" if low else ""
+            raise SessionError(ErrorCode.SPLIT_LAYER, f"split_layer {split_layer} out of range: expected {low} <= split_layer <= {n}{why}", fatal=True)
+        below = floor_violation(split_layer, server_floor=self.config.privacy_floor, client_floor=client_floor)
+        if below is not None:
+            raise SessionError(ErrorCode.SPLIT_LAYER, below, fatal=True)
 
     async def _admit(self, msg: wire.Open, network: NetworkSpec | None) -> Admission | None:
         """The admission controller's placement (None: no controller, the client's split_layer).

@@ -27,6 +27,9 @@ wherever that is chosen, is taken when nothing else meets the SLA, and is prefer
 offload that saves the server less than ``min_offload_saving`` of the request's work: on a
 server whose steps run every layer anyway an offload saves only the request's rows
 (a few percent), and a round trip per token is a risk to the SLA not worth that.
+Every rule above starts at the request's floor (:meth:`AdmissionPolicy.floor`): the
+server's ``min_layer`` and the server's and the client's privacy floors
+(:mod:`vllm_split.control.privacy_floor`); above 0 it rules out server decoding.
 
 The model errs, and a placement at the SLA's edge misses by the model's error. So the
 placements with a round trip per token are planned against the TPOT and TTFT bounds
@@ -56,6 +59,7 @@ from vllm_split.control.live_cost import LiveCostModel
 from vllm_split.control.request_graph import (TOKEN_BYTES, ClientCosts, RequestGraphInputs, ServerLoad, busy_fraction,
                                               SERVER_DECODE_SPLIT, check_max_layers, decode_wait_s,
                                               is_server_decoded, placement_for, request_graph, split_layer_of)
+from vllm_split.control.privacy_floor import describe_floor, effective_floor, floor_violation
 from vllm_split.engine.gather import FRACTION as GATHER_FRACTION  # pure: the window's longest hold, of a step
 from vllm_split.planner import SLA, NetworkSpec, PlanResult, evaluate, greedy, plan, result_for
 from vllm_split.planner.model_configs import ModelConfig
@@ -97,6 +101,7 @@ class AdmissionRequest:
     split_layer: int | None = None  # fixed by the client; None: the server chooses
     server_decode: bool = False  # at k = 0 the server may decode it (the client offered, the server allows)
     row_bytes: int | None = None  # one row on the wire in its negotiated wire dtype; None: the policy's hidden_bytes
+    privacy_floor: int = 0  # the client's: no split layer below it, no server decoding when > 0
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "expected_output_tokens"):
@@ -109,6 +114,9 @@ class AdmissionRequest:
         b = self.row_bytes
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise AdmissionInputError(f"AdmissionRequest.row_bytes: expected None or an int >= 1, got {b!r}")
+        f = self.privacy_floor
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise AdmissionInputError(f"AdmissionRequest.privacy_floor: expected an int >= 0, got {f!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,15 +171,18 @@ class AdmissionPolicy:
     placement: str = "dp"  # or "greedy": the planner's baseline rule instead of the DP (for comparisons)
     gather_max_s: float = 0.0  # the engine's gather window cap (0: off; config gather / gather_max_ms)
     min_offload_saving: float = 0.1  # an offload must save this share of the request's server work (vs server decoding)
+    privacy_floor: int = 0  # the server's: no split layer below it (it still holds them), no server decoding when > 0
 
     def __post_init__(self) -> None:
         n = self.model.num_hidden_layers
         if self.placement not in PLACEMENTS:
             raise AdmissionInputError(f"AdmissionPolicy.placement: expected one of {list(PLACEMENTS)}, "
                                       f"got {self.placement!r}")
-        if isinstance(self.min_layer, bool) or not isinstance(self.min_layer, int) or not 0 <= self.min_layer <= n:
-            raise AdmissionInputError(f"AdmissionPolicy.min_layer: expected an int in [0, {n}] (the model has {n} "
-                                      f"decoder layers), got {self.min_layer!r}")
+        for name in ("min_layer", "privacy_floor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n:
+                raise AdmissionInputError(f"AdmissionPolicy.{name}: expected an int in [0, {n}] (the model has {n} "
+                                          f"decoder layers), got {value!r}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise AdmissionInputError(f"AdmissionPolicy.max_num_seqs: expected None or >= 1, got {self.max_num_seqs!r}")
         if not isinstance(self.gather_max_s, (int, float)) or not 0 <= self.gather_max_s < 60:
@@ -186,6 +197,16 @@ class AdmissionPolicy:
     @property
     def num_layers(self) -> int:
         return self.model.num_hidden_layers
+
+    def floor(self, request: AdmissionRequest) -> int:
+        """The lowest split layer ``request`` may run at: the server's ``min_layer`` and both
+        privacy floors (:mod:`vllm_split.control.privacy_floor`)."""
+        return effective_floor(min_layer=self.min_layer, server_floor=self.privacy_floor,
+                               client_floor=request.privacy_floor)
+
+    def _privacy(self, request: AdmissionRequest) -> str:
+        """The binding privacy floor and who set it, for messages."""
+        return describe_floor(server_floor=self.privacy_floor, client_floor=request.privacy_floor)
 
     def sla_for(self, request: AdmissionRequest) -> SLA:
         return request.sla if request.sla is not None else self.default_sla
@@ -202,7 +223,7 @@ class AdmissionPolicy:
         return self.hidden_bytes if request.row_bytes is None else request.row_bytes
 
     def graph_inputs(self, request: AdmissionRequest) -> RequestGraphInputs:
-        return RequestGraphInputs(num_layers=self.num_layers, min_layer=self.min_layer,
+        return RequestGraphInputs(num_layers=self.num_layers, min_layer=self.floor(request),
                                   hidden_bytes=self.row_bytes(request),
                                   prompt_len=request.prompt_tokens, output_len=request.expected_output_tokens)
 
@@ -238,16 +259,20 @@ class AdmissionPolicy:
 
     def server_decodes(self, request: AdmissionRequest, split_layer: int) -> bool:
         """Whether a session at ``split_layer`` runs decoded on the server: at ``k = 0``, when
-        its client offered it (``AdmissionRequest.server_decode``)."""
-        return split_layer == 0 and request.server_decode and self.min_layer == 0
+        its client offered it (``AdmissionRequest.server_decode``) and its floor is 0."""
+        return split_layer == 0 and request.server_decode and self.floor(request) == 0
 
     def fixed(self, request: AdmissionRequest, load: ServerLoad) -> Admission | Refusal:
         """A client that fixed its split layer is admitted there, with predictions when it
         sent its profile and the network was measured; held to the SLA it stated, if any.
-        Refused (``bad_request``) when ``k`` is above the client's own memory bound."""
+        Refused when ``k`` is above the client's own memory bound (``bad_request``) or below a
+        privacy floor (``split_layer``: the code a ``k`` below ``min_layer`` gets at Open)."""
         k = request.split_layer
         if k is None:
             raise AdmissionInputError("fixed: expected a request with a split_layer, got split_layer=None")
+        below = floor_violation(k, server_floor=self.privacy_floor, client_floor=request.privacy_floor)
+        if below is not None:
+            return Refusal(ErrorCode.SPLIT_LAYER, below)
         bound = request.client.max_layers if request.client is not None else None
         if bound is not None and k > bound:
             return Refusal(ErrorCode.BAD_REQUEST, f"split_layer {k} is above this client's memory bound: it holds at "
@@ -269,11 +294,15 @@ class AdmissionPolicy:
         if request.client is None or request.network is None:
             return Refusal(ErrorCode.BAD_REQUEST, "split_layer auto needs the client's profile (client) and a "
                                                   "measured network")
-        bound = request.client.max_layers
-        if bound is not None and bound < self.min_layer:
-            return Refusal(ErrorCode.BAD_REQUEST, (
-                f"no split layer fits: this client holds at most {bound} decoder layers (client.max_layers) and this "
-                f"server holds no layers below {self.min_layer}"))
+        floor, bound = self.floor(request), request.client.max_layers
+        if floor > self.num_layers:  # only the client's floor can be: the server's options are checked
+            return Refusal(ErrorCode.BAD_REQUEST, f"no split layer fits: {self._privacy(request)} is above this "
+                                                  f"model's {self.num_layers} decoder layers")
+        if bound is not None and bound < floor:
+            why = (f"this server holds no layers below {floor}" if floor == self.min_layer else
+                   f"{self._privacy(request)} keeps every split layer at or above {floor}")
+            return Refusal(ErrorCode.BAD_REQUEST, f"no split layer fits: this client holds at most {bound} decoder "
+                                                  f"layers (client.max_layers) and {why}")
         sla = self.sla_for(request)
         result = self._plan(request, sla, load, spare=load.utilization < self.offload_above)
         if result.feasible:
@@ -282,8 +311,9 @@ class AdmissionPolicy:
         best = self._plan(request, sla, idle, spare=False)
         if best.feasible:
             return result  # met on a less loaded server: decide() makes it wait
+        at = f" at or above {self._privacy(request)}" if floor > self.min_layer else ""
         return Refusal(ErrorCode.SLA_UNREACHABLE, (
-            f"no split layer meets the SLA (TTFT <= {sla.ttft_s} s, TPOT <= {sla.tpot_s} s) even on an "
+            f"no split layer{at} meets the SLA (TTFT <= {sla.ttft_s} s, TPOT <= {sla.tpot_s} s) even on an "
             f"idle server: the best this client can get is TTFT {best.ttft_s:.3f} s and TPOT "
             f"{best.tpot_s:.3f} s (split layer {split_layer_of(best.placement)}); "
             f"{self._what_limits(request, sla, idle)}"))
@@ -303,12 +333,12 @@ class AdmissionPolicy:
 
     def _plan(self, request: AdmissionRequest, sla: SLA, load: ServerLoad, *, spare: bool) -> PlanResult:
         """With ``spare`` (the server has compute to spare) the least offloaded placement
-        meeting the SLA from ``k = max(min_layer, load.min_split_layer)`` up (it adds no layer
-        call to the running steps), if there is one; otherwise the DP's least-server-work
-        placement, or the planner's greedy prefix rule from ``k = min_layer``. Server
-        decoding (when the client offered it) stands for ``k = 0``: the same server work
-        without a round trip per token, so it replaces ``k = 0`` wherever that is chosen,
-        and is chosen when it alone meets the SLA."""
+        meeting the SLA from ``k = max(floor, load.min_split_layer)`` up (it adds no layer
+        call to the running steps; ``floor``: :meth:`floor`), if there is one; otherwise the
+        DP's least-server-work placement, or the planner's greedy prefix rule from
+        ``k = floor``. Server decoding (when the client offered it) stands for ``k = 0``: the
+        same server work without a round trip per token, so it replaces ``k = 0`` wherever
+        that is chosen, and is chosen when it alone meets the SLA."""
         client = self.client_costs(request)
         assert client is not None and request.network is not None  # place() checked
         inputs, worst = self.graph_inputs(request), busy_fraction(load) * load.recent_step_s
@@ -329,12 +359,13 @@ class AdmissionPolicy:
         if spare:
             if decoded is not None and decoded.feasible and load.min_split_layer == 0:
                 return replace(decoded, method="least_offload")
-            for k in range(max(self.min_layer, load.min_split_layer), self.num_layers + 1):
+            for k in range(max(inputs.min_layer, load.min_split_layer), self.num_layers + 1):
                 g = gathered if gathered is not None and k <= k_gather else graph
                 result = result_for(g, request.network, sla, placement_for(k, self.num_layers), method="scan")
                 if result.feasible:
                     return replace(result, method="least_offload")
-        results = [self._plan_graph(g, request.network, sla) for g in (graph, gathered) if g is not None]
+        results = [self._plan_graph(g, request.network, sla, floor=inputs.min_layer)
+                   for g in (graph, gathered) if g is not None]
         feasible = [r for r in results if r.feasible]
         best = min(feasible, key=lambda r: r.server_work) if feasible else None
         if decoded is not None and decoded.feasible and (
@@ -343,9 +374,9 @@ class AdmissionPolicy:
             return decoded
         return best if best is not None else results[0]
 
-    def _plan_graph(self, graph, network: NetworkSpec, sla: SLA) -> PlanResult:
-        if self.placement == "greedy":  # the embedding and layers [0, min_layer) stay on the client
-            return greedy(graph, network, sla, client_prefix=self.min_layer + 1)
+    def _plan_graph(self, graph, network: NetworkSpec, sla: SLA, *, floor: int) -> PlanResult:
+        if self.placement == "greedy":  # the embedding and layers [0, floor) stay on the client
+            return greedy(graph, network, sla, client_prefix=floor + 1)
         return plan(graph, network, sla)
 
     def _gathered_split_layer(self, request: AdmissionRequest, client: ClientCosts, load: ServerLoad) -> int | None:
@@ -354,7 +385,7 @@ class AdmissionPolicy:
         gather = self.gather_s(load)
         if gather <= 0 or busy_fraction(load) <= 0:
             return None
-        k = self.min_layer
+        k = self.floor(request)
         if self.turnaround_s(request, client, k) > gather:
             return None
         top = self.num_layers if client.max_layers is None else min(self.num_layers, client.max_layers)

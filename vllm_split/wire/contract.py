@@ -54,6 +54,7 @@ class ErrorCode:
     CLOSED = "closed"  # the connection closed before Finished
     ABORTED = "aborted"  # Finished(abort): the server aborted the request
     TLS = "tls"  # the TLS handshake failed: certificate not verified, or not a TLS server
+    PRIVACY_FLOOR = "privacy_floor"  # the server placed the session below the client's privacy floor
 
 
 @dataclass(frozen=True, slots=True)

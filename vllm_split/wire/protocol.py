@@ -144,10 +144,17 @@ class Open:
     (:class:`PromptTokens`) and the server decodes without a round trip per token
     (``Opened.server_decode``). At ``k = 0`` the activations are the token embeddings, which
     identify the tokens exactly, so the server learns nothing it would not otherwise.
+
+    ``privacy_floor``: the lowest split layer the client accepts (the hidden state at a
+    shallow layer can be inverted back to the tokens): the server places the session at
+    ``split_layer >= privacy_floor`` and, above 0, never decodes it, or refuses it. Left out
+    of the frame at 0, so older servers take the frame; one that does not know the field
+    refuses a frame carrying it (an unknown field), as a privacy request should be.
     """
 
     KIND: ClassVar[int] = 1
-    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("server_decode", "wire_dtypes")  # not sent unless used: older servers take the frame
+    # not sent unless used: older servers take the frame
+    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("server_decode", "wire_dtypes", "privacy_floor")
     model_fingerprint: str
     split_layer: int | None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
@@ -160,10 +167,12 @@ class Open:
     # wire dtypes the client can send activations in, preferred first (names this side does
     # not know are skipped by the server); empty: float32, float16 or bfloat16 as it likes
     wire_dtypes: tuple[str, ...] = ()
+    privacy_floor: int = 0  # the lowest split layer the client accepts (0: none); above 0 no server decoding
 
     def __post_init__(self) -> None:
         _check_str("model_fingerprint", self.model_fingerprint)
         _check_bool("server_decode", self.server_decode)
+        _check_int("privacy_floor", self.privacy_floor, low=0)
         offered = tuple(_list("wire_dtypes", self.wire_dtypes))
         if len(offered) > MAX_WIRE_DTYPES_OFFERED:
             raise ProtocolError(f"wire_dtypes: expected at most {MAX_WIRE_DTYPES_OFFERED} names, got {len(offered)}")

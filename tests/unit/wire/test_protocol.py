@@ -222,8 +222,8 @@ MALFORMED = [
     ("JSON string", _frame(7, b'"x"'), r"metadata: expected a JSON object, got str"),
     ("unknown field", _frame(1, _open_meta(colour="red")),
      r"Open: unknown field\(s\) \['colour'\]; expected a subset of "
-     r"\['client', 'expected_output_tokens', 'model_fingerprint', 'prompt_tokens', 'protocol_version', "
-     r"'sampling', 'server_decode', 'sla', 'split_layer', 'wire_dtypes'\]"),
+     r"\['client', 'expected_output_tokens', 'model_fingerprint', 'privacy_floor', 'prompt_tokens', "
+     r"'protocol_version', 'sampling', 'server_decode', 'sla', 'split_layer', 'wire_dtypes'\]"),
     ("unknown sampling field", _frame(1, _open_meta(sampling={"temp": 1})),
      r"sampling: unknown field\(s\) \['temp'\]"),
     ("missing field", _frame(1, {"model_fingerprint": "fp"}),

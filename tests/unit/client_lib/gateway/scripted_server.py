@@ -16,7 +16,7 @@ class Recorded:
     open: wire.Open
     prompt_rows: list[torch.Tensor] = field(default_factory=list)
     decode_rows: list[torch.Tensor] = field(default_factory=list)
-    closed_early: bool = False  # the client closed before the last token (a stop string)
+    closed_early: bool = False  # the client closed before the last token (a stop string, a refused Opened)
 
 
 class ScriptedServer:
@@ -47,7 +47,11 @@ class ScriptedServer:
             placement="dp" if auto else "fixed", predicted_ttft_s=0.25 if auto else None,
             predicted_tpot_s=0.05 if auto else None)))
         while True:
-            act = wire.decode((await ws.receive()).data)
+            msg = await ws.receive()
+            if msg.type != aiohttp.WSMsgType.BINARY:  # the client left before its prompt (it refused the Opened)
+                rec.closed_early = True
+                return ws
+            act = wire.decode(msg.data)
             rec.prompt_rows.append(act.to_tensor())
             if act.end_of_prompt:
                 break

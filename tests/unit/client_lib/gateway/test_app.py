@@ -36,11 +36,13 @@ def script(tiny_tokenizer) -> list[int]:
 
 
 @asynccontextmanager
-async def gateway(model_dir, tokenizer, tokens, *, api_key=None, server_url=None, split_layer="auto", **server):
+async def gateway(model_dir, tokenizer, tokens, *, api_key=None, server_url=None, split_layer="auto", privacy_floor=0,
+                  **server):
     fake = ScriptedServer(tokens, num_layers=NUM_LAYERS, hidden=HIDDEN, **server)
     server_runner, url = await _serve(fake)
     layers = LocalLayers(model_dir, split_layer=split_layer)
-    upstream = Upstream(url=server_url or url, layers=SharedLayers(layers), profile=PROFILE, sla=None)
+    upstream = Upstream(url=server_url or url, layers=SharedLayers(layers), profile=PROFILE, sla=None,
+                        privacy_floor=privacy_floor)
     config = GatewayConfig(model_names=("tiny",), model_root=str(model_dir), max_model_len=64, default_max_tokens=60,
                            api_key=api_key)
     runner = web.AppRunner(create_app(Gateway(config, upstream, tokenizer)))
@@ -216,6 +218,19 @@ async def test_server_refusals_become_http_errors(tiny_chat_model, tiny_tokenize
             assert r.status == status and r.headers.get("Retry-After") == retry_after
             body = await r.json()
     assert body["error"]["message"] == f"split server: refused for a test ({code})"
+
+
+async def test_the_privacy_floor_goes_with_every_session_and_a_placement_below_it_is_a_bad_gateway(
+        tiny_chat_model, tiny_tokenizer, script):
+    async with gateway(tiny_chat_model, tiny_tokenizer, script, privacy_floor=2) as (http, url, fake):
+        async with http.post(url + "/v1/chat/completions", json=CHAT) as r:  # the server places it at k = 2
+            assert r.status == 200
+    assert (fake.sessions[0].open.privacy_floor, fake.sessions[0].open.server_decode) == (2, False)
+    async with gateway(tiny_chat_model, tiny_tokenizer, script, privacy_floor=3) as (http, url, fake):
+        async with http.post(url + "/v1/chat/completions", json=CHAT) as r:
+            body = await r.json()
+    assert r.status == 502 and "below this client's privacy floor 3" in body["error"]["message"]
+    assert fake.sessions[0].prompt_rows == [] and fake.sessions[0].closed_early
 
 
 async def test_an_unreachable_server_is_502_and_a_failure_mid_stream_is_an_error_event(tiny_chat_model,
