@@ -446,10 +446,11 @@ def draw(data: dict):
         ax1.errorbar(ks, [r[metric] for r in rs], yerr=err, fmt=style, capsize=3, label=f"{label} {metric}")
     freq = next(r for r in res if r["attack"] == "frequency")
     ax1.axhline(freq["top1"], color="grey", linestyle="--", label="frequency baseline top1")
-    wire = sorted((r for r in res if r["attack"] == "nearest_neighbour"), key=lambda r: r["layer"])
-    key = next(k for k in wire[0] if k.endswith("_wire"))
-    ax1.plot([r["layer"] for r in wire], [r[key] for r in wire], "x", color="C2", markersize=9,
-             label=f"nearest neighbour, {key.removeprefix('top1_').removesuffix('_wire')} wire top1")
+    nn = sorted((r for r in res if r["attack"] == "nearest_neighbour"), key=lambda r: r["layer"])
+    key = next(k for k in nn[0] if k.endswith("_wire"))
+    wire_name = key.removeprefix("top1_").removesuffix("_wire")
+    ax1.plot([r["layer"] for r in nn], [r[key] for r in nn], "x", color="C2", markersize=9,
+             label=f"nearest neighbour, {wire_name} wire top1")
     ax1.axhline(data["text"]["held_out_in_training_vocabulary"], color="grey", linestyle=":",
                 label="probe ceiling (held-out tokens in training text)")
     train, test = data["text"]["train"], data["text"]["held_out"]
@@ -457,8 +458,6 @@ def draw(data: dict):
             ylim=(0, 1.02), title=f"{data['model']['name']}: trained on {train['tokens']} tokens, "
                                   f"{test['tokens']} held out")
     ax1.legend(fontsize=7, loc="lower left")
-    nn = sorted((r for r in res if r["attack"] == "nearest_neighbour"), key=lambda r: r["layer"])
-    wire_name = key.removeprefix("top1_").removesuffix("_wire")
     for key, label in (("nearest_other_distance_rel_median", "nearest other candidate (median)"),
                        (f"{wire_name}_rounding_rel_median", f"{wire_name} rounding of the observed state (median)"),
                        ("true_distance_rel_max", "true token (max)")):
