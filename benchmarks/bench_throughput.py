@@ -106,6 +106,7 @@ class Bench:
         self.scripts: dict = {}
         self.server_layer: dict | None = None
         self.samples: dict = {}
+        self.rate_grid: dict = {"rates": None, "scale": None}
         self.n_server = 0
 
     def profiles(self, scale: float = 1.0) -> dict:
@@ -157,14 +158,28 @@ class Bench:
         self.samples.setdefault(system + key, {})[f"{rate:.4g}@{scale:g}"] = got
         return p
 
-    def screen_rates(self) -> tuple[list[float], float]:
-        """The workload's screening rates scaled to this machine's measured speed, and the scale:
-        they were set around the knee at ``screen_reference_decode_s`` per layer, and the knee
-        moves with the per-layer time (this machine's varies by 1.3-1.7x between runs)."""
+    def rate_scale(self) -> float:
+        """This machine's measured speed against the workload's reference: its rates were set
+        around the knee at ``screen_reference_decode_s`` per layer, and the knee moves with the
+        per-layer time (this machine's varies by 1.3-1.7x between runs)."""
         assert self.server_layer is not None
         ref = self.w.get("screen_reference_decode_s")
-        scale = ref / self.server_layer["decode_s"] if ref else 1.0
+        return ref / self.server_layer["decode_s"] if ref else 1.0
+
+    def screen_rates(self) -> tuple[list[float], float]:
+        """The workload's screening rates scaled to this machine's measured speed, and the scale."""
+        scale = self.rate_scale()
         return [round(float(r) * scale, 2) for r in self.w["screen_rates"]], scale
+
+    def grid(self, rates: list[float] | None) -> list[float]:
+        """The full runs' starting rates: ``--rates`` as given, else the workload's scaled like
+        the screens' (recorded in the report's ``rate_grid``)."""
+        scale = None
+        if rates is None:
+            scale = self.rate_scale()
+            rates = [round(float(r) * scale, 2) for r in self.w["rates"]]
+        self.rate_grid = {"rates": rates, "scale": scale}
+        return rates
 
     def screen(self, system: str, sweep: tuple) -> dict:
         """Each knob setting at the screening rates, one trace each; the most requests met wins."""
@@ -183,13 +198,13 @@ class Bench:
         best = max(range(len(rows)), key=lambda j: (rows[j]["met"], -j))
         return {"rates": rates, "rate_scale": scale, "settings": rows, "chosen": rows[best]["knobs"]}
 
-    def full(self, system: str, knobs: tuple[str, ...], rates: list[float], traces: int, refine: int,
+    def full(self, system: str, knobs: tuple[str, ...], rates: list[float] | None, traces: int, refine: int,
              extra_rates: tuple[float, ...] = ()) -> tuple[list[dict], object]:
         """The system's points on the grid, refined around its crossing; the server is
         returned running (the caller stops it)."""
         server = self.server(system, knobs)
         label = f"[{system}]"
-        points = [self.point(server, system, r, traces, label) for r in rates]
+        points = [self.point(server, system, r, traces, label) for r in self.grid(rates)]
         for _ in range(refine):
             r = next_rate(points)
             if r is None:
@@ -248,7 +263,7 @@ def main() -> None:
     p.add_argument("--workload", type=Path, default=report.ROOT / "benchmarks" / "workloads" / "default.json")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--eager", action="store_true", help="run every server with --enforce-eager (labelled eager)")
-    p.add_argument("--rates", default=None, help="comma-separated starting rates instead of the workload's")
+    p.add_argument("--rates", default=None, help="comma-separated starting rates instead of the workload's (which are scaled by the measured speed)")
     p.add_argument("--traces", type=int, default=3, help="arrival traces (seeds) per rate (default: %(default)s)")
     p.add_argument("--refine", type=int, default=3, help="rates added around each crossing (default: %(default)s)")
     p.add_argument("--no-sweep", action="store_true", help="skip the knob sweeps: the first setting of each")
@@ -271,8 +286,11 @@ def main() -> None:
     if "plain" not in systems:
         systems = ["plain", *systems]  # the references and the server's layer times come from plain
     systems.sort(key=RUN_ORDER.index)
-    rates = [float(r) for r in args.rates.split(",")] if args.rates else [float(r) for r in w["rates"]]
+    # Without --rates the full runs' grid is the workload's, scaled by the measured speed once
+    # the first server has measured it (Bench.grid).
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else None
     if args.quick:  # a smoke run: eager servers start in half the time (labelled in the arguments)
+        rates = rates or [float(r) for r in w["rates"]]
         rates, args.traces, args.refine, args.no_sweep, args.no_crossover = rates[:1], 1, 0, True, True
         args.eager = True
     bench = Bench(args, w)
@@ -295,13 +313,13 @@ def main() -> None:
         knobs = chosen["plain"] if system == "plain" else split_knobs
         if args.quick:
             server = bench.server(system, knobs)
-            points = [bench.point(server, system, rates[0], 1, f"[{system}]", duration=duration)]
+            points = [bench.point(server, system, bench.grid(rates)[0], 1, f"[{system}]", duration=duration)]
         else:
             points, server = bench.full(system, knobs, rates, args.traces, args.refine)
         try:
             interval, by_request = intervals(points)
             if system == "plain" and not args.no_crossover:  # the crossover's rate: where plain misses its SLA
-                crossover["rate"] = round(1.25 * (interval["rate"] or rates[0]), 3)
+                crossover["rate"] = round(1.25 * (interval["rate"] or bench.rate_grid["rates"][0]), 3)
                 crossover["plain"] = bench.point(server, system, crossover["rate"], 2, "[crossover plain]")
             if system == "split_dp" and crossover["rate"]:
                 for scale in CROSSOVER_SCALES:
@@ -316,6 +334,7 @@ def main() -> None:
         data = {"arguments": report.arguments(args),
                 "environment": report.environment(num_layers=bench.num_layers, wall_s=time.perf_counter() - t_all),
                 "workload": w, "server_layer_times": bench.server_layer, "client_profiles": bench.profiles(),
+                "rate_grid": bench.rate_grid,
                 "sweeps": screens, "systems": results, "crossover": crossover,
                 "k_by_device": {s: k_by_device(bench.samples, s) for s in ("split_dp", "split_greedy") if s in results},
                 "summary": summary(results, crossover), "complete": system == systems[-1]}
