@@ -46,6 +46,24 @@ def reference(model_dir, tokenizer, tmp_path_factory) -> Reference:
 # gathered default and grouped, which defers requests below a split layer every other
 # step); VLLM_SPLIT_TEST_COMPOSITIONS=gathered,mixed,grouped,auto runs them all.
 COMPOSITIONS = os.environ.get("VLLM_SPLIT_TEST_COMPOSITIONS", "gathered,grouped").split(",")
+# Modules whose tests do not depend on how a step is composed (refusals of bad input, the
+# wire's 8-bit codec): they run on the first composition only, unless
+# VLLM_SPLIT_TEST_ALL_MODULES=1 (CI's time: about 5 of its minutes).
+FIRST_COMPOSITION_ONLY = ("test_bad_input.py", "test_wire_8bit.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("VLLM_SPLIT_TEST_ALL_MODULES") == "1" or len(COMPOSITIONS) < 2:
+        return
+    keep, drop = [], []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        composition = spec.params.get("split_server") if spec else None
+        later = composition is not None and composition != COMPOSITIONS[0]
+        (drop if later and item.path.name in FIRST_COMPOSITION_ONLY else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="package", params=COMPOSITIONS)
