@@ -47,14 +47,37 @@ def test_profile_costs_quick(tmp_path):
 @pytest.mark.engine
 def test_bench_server_step_quick(tmp_path):
     out = tmp_path / "step.json"
-    run("bench_server_step", "--quick", "--out", str(out), timeout=1200)
-    data = json.loads(out.read_text())
-    assert data["token_mismatches"] == 0  # replayed split sessions produced the plain engine's tokens
+    run("bench_server_step", "--quick", "--out", str(out), timeout=1200)  # interleaved: one split server
+    data = report.load(out, rows=True)
+    assert data["token_mismatches"] == 0  # replayed split sessions produced the ordinary requests' tokens
+    assert data["design"] == "interleaved pairs on one split server"
     systems = {(r["kind"], r["system"]) for r in data["summary"]}
     assert {("decode", "0"), ("decode", "15"), ("decode", "mixed"), ("prefill", "15")} <= systems
-    assert all(r["steps"] > 0 for r in data["summary"])
-    assert data["kv_capacity_tokens"]["plain"] and data["kv_capacity_tokens"]["split"]
-    assert out.with_suffix(".png").exists()
+    for r in data["summary"]:
+        assert r["steps"] > 0 and r["plain_steps"] > 0 and r["baseline"] == "ordinary"
+        assert r["pairs"] == 2 and len(r["pair_step_ratios"]) == 2  # --quick: two repeats, each a pair
+        lo, hi = r["step_ratio_ci95"]
+        assert lo <= r["step_ratio_median"] <= hi
+    assert {p["order"] for p in data["pairs"]} == {"ordinary-split", "split-ordinary"}
+    assert all(not s["split_layers"] for p in data["pairs"] for s in p["ordinary"])  # the whole-model graph's steps
+    assert data["recompiles_while_serving"]["compiled"] == {"split": 0}
+    assert data["kv_capacity_tokens"]["split"] and out.with_suffix(".png").exists()
+
+
+@pytest.mark.engine
+def test_profile_split_step_quick(tmp_path):
+    out = tmp_path / "profile.json"
+    run("profile_split_step", "--quick", "--out", str(out), timeout=900)
+    data = report.load(out, rows=True)
+    assert data["token_mismatches"] == 0 and data["kernel_names_seen"]  # inductor's kernels by name
+    assert [r["system"] for r in data["scenarios"]] == ["ordinary", "k=0", "k=15"]
+    for r in data["scenarios"]:
+        prof = r["profiled"]
+        assert prof["steps"] > 0 and r["unprofiled"]["steps"] > 0
+        assert prof["per_layer_ms"]["linear"] > 0 and prof["per_layer_ms"]["attention"] > 0
+        assert sum(prof["forward_ms"].values()) == pytest.approx(prof["model_ms"], rel=0.02)
+    assert {c["system"] for c in data["comparison"]} == {"k=0", "k=15"}
+    assert all(data["steps"].values()) and out.with_suffix(".png").exists()
 
 
 @pytest.mark.engine

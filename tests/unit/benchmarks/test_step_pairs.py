@@ -1,0 +1,120 @@
+"""Pure parts of bench_server_step's interleaved mode: pairs, their ratios and intervals, the
+steps a scenario keeps, the summary and the plot from the JSON."""
+import argparse
+import statistics
+
+import pytest
+
+from benchmarks import report
+from benchmarks.bench_server_step import draw, pooled_samples, summarize
+from benchmarks.server_step_runs import decode_tokens, layer_fraction, pick, systems
+from benchmarks.step_pairs import compare, median_interval, pair_ratios, quantile, summarize_pairs
+
+
+def step(step_s, model_s, *, reqs=4, tokens=4, split_layers=()):
+    return {"step_s": step_s, "model_s": model_s, "num_reqs": reqs, "num_tokens": tokens,
+            "split_layers": list(split_layers)}
+
+
+def test_compare_gives_median_ratios_and_the_limit_from_the_baselines_split():
+    base = [step(0.100, 0.080), step(0.110, 0.090), step(0.300, 0.280)]  # medians 0.110 / 0.090
+    got = [step(0.070, 0.050), step(0.066, 0.046)]  # medians 0.068 / 0.048
+    c = compare(base, got, layer_fraction=0.5)
+    assert c["step_ratio"] == pytest.approx(0.068 / 0.110) and c["layers_ratio"] == pytest.approx(0.048 / 0.090)
+    assert c["plain_fixed_s"] == pytest.approx(0.020)
+    assert c["step_limit_ratio"] == pytest.approx((0.020 + 0.5 * 0.090) / 0.110)
+    assert c["steps"] == 2 and c["plain_steps"] == 3
+    with pytest.raises(ValueError, match="no steps"):
+        compare([], got, layer_fraction=1.0)
+
+
+def test_a_pair_without_steps_of_either_side_gives_no_ratio():
+    pair = {"repeat": 0, "order": "ordinary-split", "ordinary": [step(0.1, 0.08)], "split": []}
+    assert pair_ratios(pair, layer_fraction=1.0) is None
+    pair["split"] = [step(0.12, 0.1)]
+    r = pair_ratios(pair, layer_fraction=1.0)
+    assert r["step_ratio"] == pytest.approx(1.2) and r["layers_ratio"] == pytest.approx(1.25)
+    assert r["steps"] == (1, 1) and r["step_minus_limit"] == pytest.approx(0.2)
+
+
+def test_quantile_interpolates_between_order_statistics():
+    assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert quantile([1.0, 2.0], 0.25) == pytest.approx(1.25)
+    assert quantile([5.0], 0.975) == 5.0
+    with pytest.raises(ValueError, match=r"quantile 1.5: expected a fraction in \[0, 1\]"):
+        quantile([1.0], 1.5)
+
+
+def test_median_interval_brackets_the_median_within_the_values_range():
+    values = [1.10, 1.25, 1.18, 1.31, 1.22, 1.15, 1.27]
+    lo, hi = median_interval(values, seed=3)
+    assert min(values) <= lo <= statistics.median(values) <= hi <= max(values)
+    assert median_interval(values, seed=3) == [lo, hi]  # seeded: reproducible
+    assert median_interval([0.7], seed=0) == [0.7, 0.7]  # one pair: no spread
+    assert median_interval([2.0] * 5, seed=0) == [2.0, 2.0]
+
+
+def test_summary_of_pairs_pools_and_pairs_each_scenario_and_system():
+    def pair(system, repeat, ordinary, split):
+        return {"mode": "compiled", "kind": "decode", "batch": 4, "context": 64, "system": system, "repeat": repeat,
+                "order": "ordinary-split" if repeat % 2 == 0 else "split-ordinary",
+                "ordinary": [step(o, o - 0.02) for o in ordinary], "split": [step(s, s - 0.02) for s in split]}
+
+    # the machine drifts 1.5x between repeats; each pair's ratio does not
+    pairs = [pair("15", 0, [0.10, 0.10], [0.06, 0.06]), pair("15", 1, [0.15, 0.15], [0.09, 0.09]),
+             pair("15", 2, [0.12], [0.072]), pair("mixed", 0, [0.10], [0.09]), pair("mixed", 1, [0.10], [])]
+    rows = summarize_pairs(pairs, layer_fraction=lambda system, batch: layer_fraction(system, [0, 15], batch, 30))
+    by_system = {r["system"]: r for r in rows}
+    r15 = by_system["15"]
+    assert r15["pairs"] == 3 and r15["pair_step_ratios"] == pytest.approx([0.6, 0.6, 0.6])
+    assert r15["step_ratio_median"] == pytest.approx(0.6) and r15["step_ratio_ci95"] == pytest.approx([0.6, 0.6])
+    assert r15["layer_fraction"] == 0.5 and r15["baseline"] == "ordinary" and r15["steps"] == 5
+    assert by_system["mixed"]["pairs"] == 1 and by_system["mixed"]["layer_fraction"] == pytest.approx(0.75)
+
+
+def args(**kw):
+    base = dict(batches=[1, 4], contexts=[64], prefills=[64], ks=[0, 15], mixed=True, decode_tokens=6,
+                modes=["compiled"])
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_systems_fractions_and_decode_tokens():
+    a = args()
+    assert systems(a, {"kind": "decode"}) == ["0", "15", "mixed"]
+    assert systems(a, {"kind": "prefill"}) == ["0", "15"]
+    assert systems(args(mixed=False), {"kind": "decode"}) == ["0", "15"]
+    assert layer_fraction("mixed", [0, 15], 1, 30) == 1.0  # one request: the first split layer
+    assert decode_tokens(args(decode_tokens=10), {"kind": "decode", "batch": 16, "context": 1024}) == 14
+    assert decode_tokens(a, {"kind": "prefill", "batch": 1, "context": 64}) == 1
+
+
+def test_pick_keeps_the_scenarios_shape_and_kind_of_requests():
+    steps = [step(0.1, 0.1), step(0.1, 0.1, split_layers=[15] * 4), step(0.1, 0.1, split_layers=[15, 15]),
+             step(0.5, 0.5, reqs=4, tokens=260), step(0.1, 0.1, reqs=3, tokens=3)]
+    sc = {"kind": "decode", "batch": 4, "context": 64}
+    assert len(pick(steps, sc)) == 3
+    assert pick(steps, sc, split=False) == [steps[0]]
+    assert pick(steps, sc, split=True) == [steps[1]]  # a batch half split is neither
+    assert pick([step(0.5, 0.5, reqs=1, tokens=64)], {"kind": "prefill", "batch": 1, "context": 64}, split=False)
+
+
+def test_interleaved_report_and_plot_from_the_json(tmp_path):
+    a = args(batches=[4], prefills=[])
+    pairs = [{"mode": "compiled", "kind": "decode", "batch": 4, "context": 64, "system": s, "repeat": r,
+              "order": "ordinary-split", "ordinary": [step(0.1 * (1 + r), 0.08 * (1 + r))],
+              "split": [step(0.07 * (1 + r), 0.05 * (1 + r), split_layers=[int(s)] * 4)]}
+             for s in ("0", "15") for r in range(2)]
+    samples = pooled_samples(pairs)
+    assert set(samples) == {"compiled|ordinary|decode|B=4|C=64", "compiled|0|decode|B=4|C=64",
+                            "compiled|15|decode|B=4|C=64"}
+    assert len(samples["compiled|ordinary|decode|B=4|C=64"]) == 4  # one ordinary batch per pair
+    rows = summarize_pairs(pairs, layer_fraction=lambda s, b: layer_fraction(s, a.ks, b, 30))
+    plain = {"compiled|plain|decode|B=4|C=64": [step(0.09, 0.07)], **samples}
+    (ref,) = summarize(plain, a, 30, compared=["ordinary"])  # --plain-reference
+    assert ref["baseline"] == "plain" and ref["layer_fraction"] == 1.0
+    out = tmp_path / "bss.json"
+    report.write(out, {"environment": {"vllm": "0.32.0"}, "summary": rows}, draw=draw)
+    assert out.with_suffix(".png").stat().st_size > 0
+    two_phase = summarize({"compiled|plain|decode|B=4|C=64": [step(0.1, 0.08)], **samples}, a, 30)
+    assert {r["system"] for r in two_phase} == {"0", "15"} and all("pairs" not in r for r in two_phase)
+    report.write(out, {"environment": {"vllm": "0.32.0"}, "summary": two_phase}, draw=draw)
