@@ -92,6 +92,7 @@ def test_slower_client_gets_smaller_k_and_loaded_server_gives_larger_k(admission
     sla = wire.RequestSLA(ttft_s=3.0, tpot_s=0.2)
 
     async def idle_medium():
+        await asyncio.sleep(2.5)  # the measured load's window (2 s) empties: the last test's steps leave it
         session, tokens, _ = await emulated(url, script, profile=MEDIUM, link=LAN, sla=sla, max_tokens=8)
         return session.opened
 
