@@ -2,10 +2,12 @@
 
     vllm-split-client --server http://localhost:8000 --model DIR [--split-layer auto|K] \\
         [--max-layers M] [--ttft 2.0 --tpot 0.2] --prompt "What is the capital of France?" --max-tokens 64 \\
-        [--privacy-floor F] [--wire-dtype auto|float16|int8_mixed|...] [--chat] [--timings]
+        [--privacy-floor F] [--wire-dtype auto|float16|int8_mixed|...] [--return-layer auto|M] [--chat] [--timings]
     vllm-split-client serve --server http://localhost:8000 --model DIR [--port 8001]   # OpenAI gateway
 
-``serve`` runs the OpenAI-compatible gateway (``client_lib/gateway``, docs/gateway.md). An
+``--return-layer M`` (or ``auto`` with ``--split-layer auto``) makes the session U-shaped
+(``client_lib/ushape.py``): the client also runs layers ``[M, L)``, the LM head and sampling,
+and no token id goes to the server. ``serve`` runs the OpenAI-compatible gateway (``client_lib/gateway``, docs/gateway.md). An
 ``https://`` server is reached over ``wss://`` and its certificate verified against the
 system's CAs, or against ``--ca-file PATH`` (``--insecure``: no verification, testing only).
 """
@@ -65,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="most decoder layers this client holds in memory (auto loads only these; the server "
                         "chooses no k above it); default: no bound")
     add_privacy_floor_option(p)
+    p.add_argument("--return-layer", default=None, metavar="auto|M",
+                   help="U-shaped session: the server runs layers [split_layer, M) and returns the hidden state at "
+                        "layer M; the client runs [M, L), the LM head and sampling (no token id leaves the device); "
+                        "'auto' (with --split-layer auto): the server chooses both")
     p.add_argument("--wire-dtype", default=None, choices=["auto", *WIRE_DTYPES],
                    help="format of the activations on the wire; 'auto': the smallest whose measured agreement with "
                         "float32 on this model reaches --min-agreement (float32 for a model not measured); default: "
@@ -108,6 +114,12 @@ async def run(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     split_layer = args.split_layer if args.split_layer == "auto" else int(args.split_layer)
     layers = LocalLayers(args.model, split_layer=split_layer, device=args.device, max_layers=args.max_layers)
+    tail = None
+    if args.return_layer is not None:
+        from client_lib.tail_layers import TailLayers
+
+        m = args.return_layer if args.return_layer == "auto" else int(args.return_layer)
+        tail = TailLayers(args.model, return_layer=m, device=args.device)
     sla = RequestSLA(ttft_s=args.ttft, tpot_s=args.tpot) if (args.ttft or args.tpot) else None
     prompt_ids = _prompt_ids(tokenizer, args.prompt, args.chat)
     sampling = SamplingOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -118,7 +130,7 @@ async def run(args: argparse.Namespace) -> dict:
                                          sla=sla, expected_output_tokens=args.max_tokens,
                                          wire_dtype=args.wire_dtype, min_agreement=args.min_agreement,
                                          ssl=tls_option(args.ca_file, args.insecure),
-                                         privacy_floor=args.privacy_floor) as session:
+                                         privacy_floor=args.privacy_floor, tail=tail) as session:
         async for event in session.generate(prompt_ids):
             tokens.append(event.token_id)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -134,7 +146,7 @@ async def run(args: argparse.Namespace) -> dict:
     rtts = [e.round_trip_seconds for e in stats.events[1:]]
     locals_ = [e.local_seconds for e in stats.events[1:]]
     summary = {
-        "split_layer": opened.split_layer, "placement": opened.placement, "num_layers": layers.num_layers,
+        "split_layer": opened.split_layer, "return_layer": opened.return_layer, "placement": opened.placement, "num_layers": layers.num_layers,
         "wire_dtype": opened.wire_dtype,
         "predicted_ttft_s": opened.predicted_ttft_s, "predicted_tpot_s": opened.predicted_tpot_s,
         "tpot_s": stats.time_per_output_token,

@@ -80,14 +80,8 @@ class LocalLayers:
 
     def _load_weights(self, model: torch.nn.Module) -> None:
         wanted = {name for name in model.state_dict()}
-        index = self.model_dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({self.model_dir / f for f in weight_map.values()})
-        else:
-            files = sorted(self.model_dir.glob("*.safetensors"))
         state: dict[str, torch.Tensor] = {}
-        for path in files:
+        for path in checkpoint_files(self.model_dir):
             with safe_open(str(path), framework="pt") as fh:
                 for key in fh.keys():
                     name = key.removeprefix("model.")
@@ -130,3 +124,11 @@ class LocalLayers:
         self.num_positions += len(token_ids)
         self.timings.append(StepTiming(rows=len(token_ids), seconds=time.perf_counter() - t0))
         return hidden[0].to("cpu")
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files (those its index names, else every one in the folder)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return sorted(model_dir.glob("*.safetensors"))

@@ -111,7 +111,7 @@ class SplitSession:
     def __init__(self, *, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, layers: Any,
                  sampling: wire.SamplingOptions, sla: wire.RequestSLA | None, profile: wire.ClientProfile | None,
                  expected_output_tokens: int | None, link: Any = None, server_decode: bool = True,
-                 wire_dtypes: tuple[str, ...] = (), privacy_floor: int = 0) -> None:
+                 wire_dtypes: tuple[str, ...] = (), privacy_floor: int = 0, tail: Any = None) -> None:
         self._http = http
         self._ws = ws
         self.layers = layers
@@ -123,6 +123,7 @@ class SplitSession:
         self.server_decode = server_decode  # offered at Open: at k = 0 the server may decode alone
         self.wire_dtypes = wire_dtypes  # offered at Open, preferred first; () : the tensor's own dtype
         self.privacy_floor = privacy_floor  # sent at Open: no split layer below it is accepted from the server
+        self.tail = tail  # U-shaped (client_lib/ushape.py): the client's layers [m, L), norm and LM head
         self.opened: wire.Opened | None = None
         self.stats = GenerationStats()
         self._closed = False
@@ -134,7 +135,7 @@ class SplitSession:
                      expected_output_tokens: int | None = None, link: Any = None,
                      server_decode: bool = True, wire_dtype: str | None = None,
                      min_agreement: float = DEFAULT_MIN_AGREEMENT, ssl: SSLOption = None,
-                     privacy_floor: int = 0) -> "SplitSession":
+                     privacy_floor: int = 0, tail: Any = None) -> "SplitSession":
         """Connect; open the session now at a fixed ``layers.split_layer``, or, for
         ``split_layer="auto"``, in :meth:`generate` (planning needs the prompt length).
         ``profile`` defaults to this device's measured one when the server chooses; a
@@ -144,9 +145,15 @@ class SplitSession:
         ``"auto"`` or a name) and ``min_agreement``: the rows' wire dtype (module docstring).
         ``ssl``: how a ``wss://`` server's certificate is verified (module docstring).
         ``privacy_floor``: no split layer below it; above 0 no server decoding is offered
-        (module docstring; :func:`check_privacy_floor` runs first)."""
+        (module docstring; :func:`check_privacy_floor` runs first). ``tail``: a U-shaped
+        session (:mod:`client_lib.ushape`): the client also runs the tail's layers
+        ``[m, L)``, the norm, the LM head and sampling, and no token id goes to the server."""
         check_privacy_floor(layers, privacy_floor)
-        server_decode = server_decode and privacy_floor == 0
+        if tail is not None:
+            from client_lib.ushape import check_u_layers
+
+            check_u_layers(layers, tail)
+        server_decode = server_decode and privacy_floor == 0 and tail is None
         ws_url = url.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + SESSION_PATH
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         ssl_context = client_ssl(ssl)
@@ -165,7 +172,7 @@ class SplitSession:
                 raise tls_error(ws_url, exc) from exc
             session = cls(http=http, ws=ws, layers=layers, sampling=sampling or wire.SamplingOptions(), sla=sla,
                           profile=profile, expected_output_tokens=expected_output_tokens, link=link,
-                          server_decode=server_decode, wire_dtypes=wire_dtypes, privacy_floor=privacy_floor)
+                          server_decode=server_decode, wire_dtypes=wire_dtypes, privacy_floor=privacy_floor, tail=tail)
             if not auto:
                 await session._open(prompt_tokens=None)
         except BaseException:
@@ -175,11 +182,15 @@ class SplitSession:
 
     async def _open(self, prompt_tokens: int | None) -> wire.Opened:
         auto = getattr(self.layers, "auto", False)
+        u_shape = self.tail is not None
         await self._send(wire.Open(
             model_fingerprint=self.layers.fingerprint, split_layer=None if auto else self.layers.split_layer,
-            sampling=self.sampling, sla=self.sla, client=self.profile,
+            # a U session samples on the client: only the server's limit leaves (no stop token ids)
+            sampling=wire.SamplingOptions(max_tokens=self.sampling.max_tokens) if u_shape else self.sampling,
+            sla=self.sla, client=self.profile,
             expected_output_tokens=self.expected_output_tokens, prompt_tokens=prompt_tokens,
-            server_decode=self.server_decode, wire_dtypes=self.wire_dtypes, privacy_floor=self.privacy_floor))
+            server_decode=self.server_decode, wire_dtypes=self.wire_dtypes, privacy_floor=self.privacy_floor,
+            u_shape=u_shape, return_layer=None if auto or not u_shape else self.tail.return_layer))
         while True:  # answer the server's network probes until it decides
             msg = await self._recv()
             if isinstance(msg, wire.Probe):
@@ -198,6 +209,10 @@ class SplitSession:
                                                        f"privacy floor {self.privacy_floor} (expected split_layer >= "
                                                        f"{self.privacy_floor}, no server decoding); the session is "
                                                        f"closed before any activation or token id was sent", True)
+        if u_shape:
+            from client_lib.ushape import accept_u_opened
+
+            await accept_u_opened(self, msg)
         if auto:
             self.layers.use_split_layer(msg.split_layer)
         self.opened = msg
@@ -246,6 +261,12 @@ class SplitSession:
             raise ValueError("prompt_ids is empty: at least one token is needed")
         if self.opened is None:
             await self._open(prompt_tokens=len(prompt_ids))
+        if self.tail is not None:
+            from client_lib.ushape import u_generate
+
+            async for event in u_generate(self, list(prompt_ids), chunk_rows=chunk_rows):
+                yield event
+            return
         if self.opened.server_decode:  # k = 0, decoded on the server: the ids go, tokens come
             t_start = time.perf_counter()
             await self._send(wire.PromptTokens.from_ids(prompt_ids))
@@ -269,6 +290,12 @@ class SplitSession:
                              "token ids (generate), not rows; open it with server_decode=False to send rows")
         t_start = time.perf_counter() if t_start is None else t_start
         local = time.perf_counter() - t_start
+        await self._send_prompt(hidden, chunk_rows=chunk_rows)
+        async for event in self._tokens(hidden.shape[0], t_start=t_start, local=local, decode_locally=True):
+            yield event
+
+    async def _send_prompt(self, hidden: "torch.Tensor", *, chunk_rows: int) -> None:
+        """The prompt's rows in chunks that fit the server's frame limit, in the session's wire dtype."""
         n, fmt = hidden.shape[0], self.opened.wire_dtype
         row_bytes = hidden.shape[1] * hidden.element_size() if fmt is None else wire.row_bytes(fmt, hidden.shape[1])
         chunk_rows = max(1, min(chunk_rows, (self.opened.max_frame_bytes - 4096) // row_bytes))
@@ -276,8 +303,6 @@ class SplitSession:
             end = min(begin + chunk_rows, n)
             await self._send(wire.Activation.from_tensor(hidden[begin:end], start=begin, end_of_prompt=end == n,
                                                          wire_dtype=fmt))
-        async for event in self._tokens(n, t_start=t_start, local=local, decode_locally=True):
-            yield event
 
     async def _tokens(self, n: int, *, t_start: float, local: float, decode_locally: bool) -> AsyncIterator[TokenEvent]:
         """The tokens after a prompt of ``n`` positions went; with ``decode_locally`` each

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import aiohttp
 
-from client_lib import LocalLayers, SamplingOptions, SplitSession
+from client_lib import LocalLayers, SamplingOptions, SplitSession, TailLayers
 from client_lib.session import SSLOption
 from vllm_split.wire.contract import SESSION_PATH
 from vllm_split.wire import protocol as wire
 from harness.server_process import metrics  # noqa: F401 (the engine tests import it from here)
 
 _layers_cache: dict[tuple[str, int], LocalLayers] = {}
+_tails_cache: dict[tuple[str, int], TailLayers] = {}
 
 
 def local_layers(model_dir, k: int) -> LocalLayers:
@@ -17,6 +18,26 @@ def local_layers(model_dir, k: int) -> LocalLayers:
     if key not in _layers_cache:
         _layers_cache[key] = LocalLayers(model_dir, split_layer=k)
     return _layers_cache[key]
+
+
+def tail_layers(model_dir, m: int) -> TailLayers:
+    """A fresh-cache TailLayers at return layer ``m`` (weights loaded once per m)."""
+    key = (str(model_dir), m)
+    if key not in _tails_cache:
+        _tails_cache[key] = TailLayers(model_dir, return_layer=m)
+    return _tails_cache[key]
+
+
+async def u_generate(url: str, model_dir, k: int, m: int, prompt_ids: list[int],
+                     **sampling) -> tuple[list[int], SplitSession]:
+    """A whole U-shaped session's tokens: the client runs [0, k) and [m, L) (own KV caches;
+    one session per (k) and (m) at a time: the caches live on the cached layers)."""
+    tokens = []
+    async with await SplitSession.create(url, local_layers(model_dir, k), tail=tail_layers(model_dir, m),
+                                         sampling=SamplingOptions(**sampling)) as session:
+        async for event in session.generate(prompt_ids):
+            tokens.append(event.token_id)
+    return tokens, session
 
 
 async def split_generate(url: str, layers: LocalLayers, prompt_ids: list[int], *, server_decode: bool = False,

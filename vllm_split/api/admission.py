@@ -105,7 +105,7 @@ def request_from_open(msg: wire.Open, network: NetworkSpec | None, *, server_dec
         client=client, network=network, split_layer=msg.split_layer,
         server_decode=msg.server_decode and server_decode_allowed,
         row_bytes=None if wire_dtype is None else wire.row_bytes(wire_dtype, hidden_size),
-        privacy_floor=msg.privacy_floor)
+        privacy_floor=msg.privacy_floor, u_shape=msg.u_shape, return_layer=msg.return_layer)
 
 
 class StepPoller:
@@ -256,7 +256,8 @@ class AdmissionController:
         m.split_layer.observe(k)
         if admission.server_decode:
             m.server_decoded.inc()
-        m.offloaded_fraction.observe(k / self.policy.num_layers)
+        top = self.policy.num_layers if admission.return_layer is None else admission.return_layer
+        m.offloaded_fraction.observe(1 - (top - k) / self.policy.num_layers)
         if admission.predicted_ttft_s is not None:
             m.predicted_ttft.observe(admission.predicted_ttft_s)
             m.predicted_tpot.observe(admission.predicted_tpot_s)
@@ -270,10 +271,11 @@ class AdmissionController:
             return
         m = self.metrics
         m.sessions_open.dec()
-        k = s.admission.split_layer
+        k, n = s.admission.split_layer, self.policy.num_layers
+        top = n if s.admission.return_layer is None else s.admission.return_layer  # U: the server ran [k, m)
         rows = prompt_tokens + max(output_tokens - 1, 0)
-        m.work_done.inc(rows * (self.policy.num_layers - k))
-        m.work_saved.inc(rows * k)
+        m.work_done.inc(rows * (top - k))
+        m.work_saved.inc(rows * (n - top + k))
         if ttft_s is not None:
             m.measured_ttft.observe(ttft_s)
             if s.admission.predicted_ttft_s and not s.admission.server_decode:

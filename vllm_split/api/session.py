@@ -39,6 +39,7 @@ from vllm_split.config import SplitConfig
 from vllm_split.control.privacy_floor import effective_floor, floor_violation
 from vllm_split.api.net_probe import ProbeFailed, measure_network
 from vllm_split.api.session_phase import SessionPhase
+from vllm_split.api.ushape import check_fixed_u, hidden_frames, stop_ids_problem, u_sampling_params
 from vllm_split.wire.contract import EXTRA_ARGS_KEY, UTILITY_DELIVER, UTILITY_RELEASE, ErrorCode
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class ServerSession:
         self._phase = SessionPhase.OPENING
         self.open: wire.Open | None = None
         self.split_layer = 0
+        self.return_layer: int | None = None  # U-shaped (api/ushape.py): the server runs [split_layer, return_layer)
         self.tpot_bound_s: float | None = None  # the TPOT the session is held to (the scheduler composes steps by it)
         self.server_decode = False  # k = 0 and decoded on the server: token ids in, no activations
         self.wire_dtype: str | None = None  # negotiated at Open; None: any float format
@@ -156,6 +158,11 @@ class ServerSession:
             raise SessionError(ErrorCode.FINGERPRINT_MISMATCH, f"client model fingerprint {msg.model_fingerprint} does not match the server's {self.model.fingerprint}: both sides must hold the same weights", fatal=True)
         if msg.split_layer is not None:
             self._check_split_layer(msg.split_layer, client_floor=msg.privacy_floor)
+        if msg.u_shape:
+            problem = (stop_ids_problem(msg) if msg.return_layer is None else
+                       check_fixed_u(msg, num_layers=self.model.num_layers, min_layer=self.config.min_layer))
+            if problem is not None:
+                raise SessionError(ErrorCode.SPLIT_LAYER, problem, fatal=True)
         cap = self.config.max_tokens_per_session
         if msg.sampling.max_tokens > cap:
             raise SessionError(ErrorCode.MAX_TOKENS, f"max_tokens {msg.sampling.max_tokens} exceeds this server's limit of {cap} tokens per session", fatal=True)
@@ -171,11 +178,12 @@ class ServerSession:
                 raise SessionError(ErrorCode.PROBE, f"network probe failed: {exc}", fatal=True) from None
         admission = await self._admit(msg, network)
         self.split_layer = msg.split_layer if admission is None else admission.split_layer
+        self.return_layer = msg.return_layer if admission is None else admission.return_layer
         sla = admission.sla if admission is not None else None
         self.tpot_bound_s = sla.tpot_s if sla is not None else msg.sla.tpot_s if msg.sla is not None else None
         floor = effective_floor(min_layer=self.config.min_layer, server_floor=self.config.privacy_floor,
                                 client_floor=msg.privacy_floor)
-        self.server_decode = floor == 0 and (  # the token ids go to the server only without a floor
+        self.server_decode = floor == 0 and self.return_layer is None and (  # the token ids go to the server only without a floor
             admission.server_decode if admission is not None else
             msg.server_decode and msg.split_layer == 0 and bool(self.config.server_decode))
         self._enter(SessionPhase.PROMPTING)
@@ -186,7 +194,7 @@ class ServerSession:
             placement=admission.placement if admission else "fixed",
             predicted_ttft_s=admission.predicted_ttft_s if admission else None,
             predicted_tpot_s=admission.predicted_tpot_s if admission else None,
-            server_decode=self.server_decode, wire_dtype=self.wire_dtype,
+            server_decode=self.server_decode, wire_dtype=self.wire_dtype, return_layer=self.return_layer,
         ))
         self._opened_at = time.perf_counter()
 
@@ -328,6 +336,10 @@ class ServerSession:
     # ---------------------------------------------------------------- generation
     def sampling_params(self) -> SamplingParams:
         s = self.open.sampling
+        if self.open.u_shape:  # the client samples; the engine computes placeholder tokens
+            return u_sampling_params(max_tokens=s.max_tokens, extra_args={EXTRA_ARGS_KEY: {
+                "session": self.session_id, "split_layer": self.split_layer, "tpot_s": self.tpot_bound_s,
+                "return_layer": self.return_layer}})
         return SamplingParams(
             n=1, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k if s.top_k > 0 else 0, seed=s.seed, stop_token_ids=list(s.stop_token_ids),
@@ -362,13 +374,26 @@ class ServerSession:
                 self.num_output_tokens += 1
                 if reason is None and not self.server_decode:
                     self.expected_start = n + index
-                await self.send(wire.Token(index=index, token_id=int(token_id), finish_reason=reason))
+                if self.return_layer is None:
+                    await self.send(wire.Token(index=index, token_id=int(token_id), finish_reason=reason))
+                else:
+                    await self._send_hidden(out, index=index, end=n + index, finish_reason=reason)
                 self._token_times.append(time.perf_counter())
             if out.finished:
                 break
         self.finish()
         await self.send(wire.Finished(finish_reason=reason or "abort", num_prompt_tokens=n,
                                       num_output_tokens=self.num_output_tokens))
+
+    async def _send_hidden(self, out: Any, *, index: int, end: int, finish_reason: str | None) -> None:
+        """A U-shaped session's answer for output ``index``: its layer-m rows, never the token."""
+        try:
+            frames = hidden_frames(out, index=index, end=end, finish_reason=finish_reason, wire_dtype=self.wire_dtype,
+                                   max_frame_bytes=self.config.max_frame_bytes)
+        except ValueError as exc:
+            raise SessionError(ErrorCode.INTERNAL, f"U-shaped session: {exc}", fatal=True) from None
+        for frame in frames:
+            await self.send(frame)
 
     def measured_latencies(self) -> tuple[float | None, float | None]:
         """(TTFT, TPOT) as the client sees them: from Opened (the client starts its prefill

@@ -60,6 +60,7 @@ from vllm_split.control.request_graph import (TOKEN_BYTES, ClientCosts, RequestG
                                               SERVER_DECODE_SPLIT, check_max_layers, decode_wait_s,
                                               is_server_decoded, placement_for, request_graph, split_layer_of)
 from vllm_split.control.privacy_floor import describe_floor, effective_floor, floor_violation
+from vllm_split.control.ushape_policy import decide_u, fixed_u, place_u_request
 from vllm_split.engine.gather import FRACTION as GATHER_FRACTION  # pure: the window's longest hold, of a step
 from vllm_split.planner import SLA, NetworkSpec, PlanResult, evaluate, greedy, plan, result_for
 from vllm_split.planner.model_configs import ModelConfig
@@ -102,8 +103,14 @@ class AdmissionRequest:
     server_decode: bool = False  # at k = 0 the server may decode it (the client offered, the server allows)
     row_bytes: int | None = None  # one row on the wire in its negotiated wire dtype; None: the policy's hidden_bytes
     privacy_floor: int = 0  # the client's: no split layer below it, no server decoding when > 0
+    u_shape: bool = False  # the client also runs [m, L) and the head (control/ushape_policy.py)
+    return_layer: int | None = None  # a U request's m, fixed with split_layer; None: the server chooses
 
     def __post_init__(self) -> None:
+        if self.return_layer is not None and (not self.u_shape or self.split_layer is None
+                                              or not self.split_layer < self.return_layer):
+            raise AdmissionInputError(f"AdmissionRequest.return_layer {self.return_layer!r}: expected a U request "
+                                      f"(u_shape) with a split_layer below it, got split_layer {self.split_layer!r}")
         for name in ("prompt_tokens", "expected_output_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -130,6 +137,7 @@ class Admission:
     server_work: float | None = None  # engine seconds the request is predicted to cost
     sla: SLA | None = None  # the bounds the session is held to (None: it stated none at a fixed k)
     server_decode: bool = False  # k = 0, decoded on the server: no activation, no round trip per token
+    return_layer: int | None = None  # U-shaped: the server runs [split_layer, return_layer) only
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +281,8 @@ class AdmissionPolicy:
         below = floor_violation(k, server_floor=self.privacy_floor, client_floor=request.privacy_floor)
         if below is not None:
             return Refusal(ErrorCode.SPLIT_LAYER, below)
+        if request.u_shape:
+            return fixed_u(self, request, load)
         bound = request.client.max_layers if request.client is not None else None
         if bound is not None and k > bound:
             return Refusal(ErrorCode.BAD_REQUEST, f"split_layer {k} is above this client's memory bound: it holds at "
@@ -303,6 +313,8 @@ class AdmissionPolicy:
                    f"{self._privacy(request)} keeps every split layer at or above {floor}")
             return Refusal(ErrorCode.BAD_REQUEST, f"no split layer fits: this client holds at most {bound} decoder "
                                                   f"layers (client.max_layers) and {why}")
+        if request.u_shape:
+            return place_u_request(self, request, load)
         sla = self.sla_for(request)
         result = self._plan(request, sla, load, spare=load.utilization < self.offload_above)
         if result.feasible:
@@ -399,18 +411,28 @@ class AdmissionPolicy:
         """Admit ``placed`` now, or wait: when its SLA is not met at this load, when the
         request slots are taken, or when what it adds to each step would push an admitted
         session past its TPOT bound (:meth:`first_pushed_past_bound`)."""
-        if isinstance(placed, Refusal):
-            return placed
-        if not placed.feasible:
-            return Wait("the SLA cannot be met at the current load")
-        if self.max_num_seqs is not None and len(inflight) >= self.max_num_seqs:
-            return Wait(f"all {self.max_num_seqs} request slots of the engine are taken")
+        if request.u_shape:
+            return decide_u(self, request, placed, load=load, inflight=inflight)
+        held = self.held(placed, inflight)
+        if held is not None:
+            return held
         k, decoded = split_layer_of(placed.placement), is_server_decoded(placed.placement)
         if self.first_pushed_past_bound(load, inflight, split_layer=k) is not None:
             return Wait("admitting it would push an admitted session past its TPOT bound")
         ttft, tpot, work = self.predict(request, k, load, server_decode=decoded)
         return Admission(k, "server_only" if k == 0 else placed.method, ttft, tpot, server_work=work,
                          sla=self.sla_for(request), server_decode=decoded)
+
+    def held(self, placed: PlanResult | Refusal, inflight: Collection[InFlight]) -> Wait | Refusal | None:
+        """What stops ``placed`` before the admitted sessions' bounds are weighed: its refusal,
+        an SLA not met at this load, or no free request slot (None: nothing)."""
+        if isinstance(placed, Refusal):
+            return placed
+        if not placed.feasible:
+            return Wait("the SLA cannot be met at the current load")
+        if self.max_num_seqs is not None and len(inflight) >= self.max_num_seqs:
+            return Wait(f"all {self.max_num_seqs} request slots of the engine are taken")
+        return None
 
     def added_step_s(self, load: ServerLoad, split_layer: int) -> float:
         """What a newcomer at ``split_layer`` adds to each step at ``load``: its decode row

@@ -22,6 +22,8 @@ class SplitInput:
 
     split_layer: int  # the layer the rows enter at
     hidden: torch.Tensor  # [num_scheduled_tokens, hidden_size], model dtype
+    start: int = 0  # position of the first row
+    return_layer: int | None = None  # U-shaped: the rows leave at this layer and go back; None: not U
 
 
 class ActivationStore:

@@ -17,12 +17,14 @@ import torch
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """Rows ``[begin, end)`` of the sorted batch enter at ``split_layer`` with ``hidden``."""
+    """Rows ``[begin, end)`` of the sorted batch enter at ``split_layer`` with ``hidden``
+    (and, U-shaped, leave after layer ``return_layer - 1``: :mod:`vllm_split.engine.ushape_forward`)."""
 
     split_layer: int
     begin: int
     end: int
     hidden: torch.Tensor | None  # None: ordinary rows, embedded from their token ids (k = 0)
+    return_layer: int | None = None  # U-shaped: the layer whose input goes back to the client; None: not U
 
 
 def compact_forward(
@@ -51,17 +53,7 @@ def compact_forward(
         nonlocal h, residual
         for e in by_layer.get(layer, ()):
             assert h is None or e.begin == h.shape[0], f"rows must be sorted by split layer: {e}"
-            if e.hidden is None:
-                rows = (inputs_embeds[e.begin : e.end] if inputs_embeds is not None
-                        else inner.embed_input_ids(input_ids[e.begin : e.end]))
-            else:
-                rows = e.hidden
-            if h is None:
-                h = rows
-            else:
-                h = torch.cat([h, rows.to(h.dtype)])
-                if residual is not None:
-                    residual = torch.cat([residual, residual.new_zeros(rows.shape)])
+            h, residual = append_rows(h, residual, entry_rows(inner, e, input_ids, inputs_embeds))
 
     for idx in range(num_layers):
         enter(idx)
@@ -78,3 +70,22 @@ def compact_forward(
         return inner.norm(h)
     out, _ = inner.norm(h, residual)
     return out
+
+
+def entry_rows(inner: torch.nn.Module, e: Entry, input_ids: torch.Tensor | None,
+               inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``e`` enters with: the client's, or (ordinary rows) their embeddings."""
+    if e.hidden is not None:
+        return e.hidden
+    if inputs_embeds is not None:
+        return inputs_embeds[e.begin : e.end]
+    return inner.embed_input_ids(input_ids[e.begin : e.end])
+
+
+def append_rows(h: torch.Tensor | None, residual: torch.Tensor | None,
+                rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(h, residual)`` with ``rows`` entering after the active ones (``h = x``, ``residual = 0``)."""
+    if h is None:
+        return rows, residual
+    h = torch.cat([h, rows.to(h.dtype)])
+    return h, None if residual is None else torch.cat([residual, residual.new_zeros(rows.shape)])

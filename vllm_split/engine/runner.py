@@ -16,7 +16,6 @@ but non-saving ``exact_forward`` runs instead.
 from __future__ import annotations
 
 import bisect
-import re
 from typing import Any
 
 import torch
@@ -33,12 +32,13 @@ from vllm_split.engine.compact_forward import Entry, compact_forward
 from vllm_split.engine.compiled_layers import (GUARDED_ABOVE_ROWS, CompiledLayers, compiled_graphs,
                                                 unsupported_reason)
 from vllm_split.engine.exact_forward import SplitRows, check_supported, exact_forward
+from vllm_split.engine.subset_metadata import install_per_layer
+from vllm_split.engine.ushape_runner import UShapeRunnerMixin
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-class SplitRunnerMixin:
+class SplitRunnerMixin(UShapeRunnerMixin):
     _split_inputs: dict[str, SplitInput] = {}
     # split layer per request in batch order, and {num_active_requests: (num_tokens, metadata)}
     _split_prefix_md: tuple[list[int], dict[int, tuple[int, dict]]] | None = None
@@ -58,6 +58,7 @@ class SplitRunnerMixin:
                            "row and saves no server compute (%s); see docs/server_savings.md, 'GPU plan'",
                            self._split_compact_why())
         self._split_layers = self._split_compiled_layers(inner)
+        self._split_u_wrap_logits()
         logger.info("vllm-split: resuming %s at per-request split layers (%d layers; this server holds "
                     "layers [%d, %d))", type(inner).__name__, len(inner.layers), inner.start_layer, inner.end_layer)
 
@@ -98,12 +99,12 @@ class SplitRunnerMixin:
 
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any):
         self._split_inputs = getattr(scheduler_output, "split_inputs", None) or {}
-        self._split_prefix_md = None
+        self._split_prefix_md = self._split_u_md = self._split_u_logit_rows = None
         try:
             return super().execute_model(scheduler_output, *args, **kwargs)
         finally:
             self._split_inputs = {}
-            self._split_prefix_md = None
+            self._split_prefix_md = self._split_u_md = None
 
     # ---------------------------------------------------------------- batch order
     def _split_layers_in_batch(self) -> list[int]:
@@ -131,6 +132,9 @@ class SplitRunnerMixin:
         ks = self._split_layers_in_batch()
         if ks != sorted(ks):
             return result
+        if self._split_has_u():
+            self._split_u_build_metadata(self._split_entries(self.device), kwargs["slot_mappings"])
+            return result
         num_reqs = len(ks)
         starts = self.query_start_loc.np
         slot_mappings = kwargs["slot_mappings"]
@@ -151,22 +155,12 @@ class SplitRunnerMixin:
 
     def _install_prefix_metadata(self) -> tuple[Any, Any]:
         ks, prefixes = self._split_prefix_md
-        fc = get_forward_context()
-        saved = (fc.attn_metadata, fc.slot_mapping)
-        attn, slots = dict(fc.attn_metadata), dict(fc.slot_mapping)
-        for name in fc.attn_metadata:
-            m = _LAYER_INDEX.search(name)
-            if m is None:
-                continue
-            num_active = bisect.bisect_right(ks, int(m.group(1)))
-            prefix = prefixes.get(num_active)
-            if prefix is not None:
-                num_tokens, md = prefix
-                attn[name] = md[name]
-                if name in slots:
-                    slots[name] = slots[name][:num_tokens]
-        fc.attn_metadata, fc.slot_mapping = attn, slots
-        return saved
+
+        def pick(layer: int):
+            prefix = prefixes.get(bisect.bisect_right(ks, layer))
+            return None if prefix is None else (prefix[1], slice(None, prefix[0]))
+
+        return install_per_layer(pick)
 
     # ---------------------------------------------------------------- forward
     def _split_entries(self, device: torch.device) -> list[Entry]:
@@ -179,7 +173,8 @@ class SplitRunnerMixin:
                 entries.append(Entry(split_layer=0, begin=begin, end=end, hidden=None))
             else:
                 assert end - begin == item.hidden.shape[0], f"{req_id}: {end - begin} tokens, {item.hidden.shape[0]} rows"
-                entries.append(Entry(split_layer=item.split_layer, begin=begin, end=end, hidden=item.hidden.to(device)))
+                entries.append(Entry(split_layer=item.split_layer, begin=begin, end=end, hidden=item.hidden.to(device),
+                                     return_layer=item.return_layer))
         return entries
 
     def _split_groups(self, device: torch.device) -> list[SplitRows]:
@@ -201,6 +196,14 @@ class SplitRunnerMixin:
             return super()._model_forward(input_ids=input_ids, positions=positions,
                                           intermediate_tensors=intermediate_tensors,
                                           inputs_embeds=inputs_embeds, **model_kwargs)
+        if self._split_u_md is not None:
+            out = self._split_u_forward(self._split_entries(positions.device),
+                                        input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds)
+            pad = positions.shape[-1] - out.shape[0]
+            return out if pad == 0 else torch.cat([out, out.new_zeros((pad, out.shape[1]))])
+        if self._split_has_u():
+            raise RuntimeError("vllm-split: U-shaped split requests need the compact forward (single-stage CPU "
+                               f"path); here: {self._split_compact_why() or 'unsorted batch'}")
         if self._split_prefix_md is not None:
             saved = self._install_prefix_metadata()
             try:

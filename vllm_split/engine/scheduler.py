@@ -49,6 +49,7 @@ from vllm_split.engine.activations import ActivationStore, DeliveryError, SplitI
 from vllm_split.control.live_cost import StepCost, fit_step_cost
 from vllm_split.engine.composition import Choice, RooflineCost, Row, choose
 from vllm_split.engine.gather import GatherWindow
+from vllm_split.engine.returns import ReturnBuffer
 from vllm_split.engine.step_records import StepRecorder, step_shape
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
@@ -77,6 +78,12 @@ def split_request_info(request: Any) -> tuple[str, int] | None:
     if info is None:
         return None
     return str(info["session"]), int(info["split_layer"])
+
+
+def split_return_layer(request: Any) -> int | None:
+    """A U-shaped request's return layer ``m`` (None: not U-shaped, or an ordinary request)."""
+    m = (_split_args(request) or {}).get("return_layer")
+    return int(m) if m is not None else None
 
 
 def split_tpot_bound(request: Any) -> float | None:
@@ -120,6 +127,8 @@ class SplitSchedulerMixin:
         self._split_choice_age = 0
         self._split_high_next = True  # grouped: the next step may be a high one
         self.split_composition_steps: dict[str, int] = {}  # steps run per composition
+        self._split_return_layers: dict[str, int] = {}  # request id -> m, U-shaped requests
+        self.split_returns = ReturnBuffer()  # their layer-m rows until an output carries them
 
     # ---------------------------------------------------------------- deliveries
     def split_deliver(self, session_id: str, start: int, num_rows: int, data: bytes,
@@ -161,6 +170,8 @@ class SplitSchedulerMixin:
             self.split_requests[request.request_id] = info
             self._split_session_reqs[info[0]] = request.request_id
             self._split_bounds[request.request_id] = split_tpot_bound(request)
+            if (m := split_return_layer(request)) is not None:
+                self._split_return_layers[request.request_id] = m
         super().add_request(request)
 
     def _split_gathering(self, held_running: list) -> list:
@@ -286,13 +297,23 @@ class SplitSchedulerMixin:
             label = choice.mode if choice.threshold is None else f"grouped@{choice.threshold}"
             self.split_composition_steps[label] = self.split_composition_steps.get(label, 0) + 1
         self.split_steps.scheduled(id(output), step_shape(self.split_num_layers, (
-            (count, self.split_requests.get(req_id, ("", 0))[1])
+            (count, self.split_requests.get(req_id, ("", 0))[1], self._split_return_layers.get(req_id))
             for req_id, count in output.num_scheduled_tokens.items())))
         return output
 
     def update_from_output(self, scheduler_output: Any, *args: Any, **kwargs: Any):
         self.split_steps.finished(id(scheduler_output))
+        returned = getattr(args[0] if args else kwargs.get("model_runner_output"), "split_returned", None)
+        for req_id, (start, rows) in (returned or {}).items():
+            if req_id in self._split_return_layers:
+                try:
+                    self.split_returns.add(req_id, start, rows)
+                except ValueError as exc:  # the session sees the gap and fails alone, the engine goes on
+                    logger.warning("vllm-split: %s", exc)
         outputs = super().update_from_output(scheduler_output, *args, **kwargs)
+        if self.split_returns:
+            for engine_outputs in outputs.values():
+                self.split_returns.attach(engine_outputs.outputs)
         if self.split_gather is not None and scheduler_output.total_num_scheduled_tokens > 0:
             now = time.monotonic()
             self.split_gather.step_ended(now)
@@ -326,6 +347,7 @@ class SplitSchedulerMixin:
             inputs[req_id] = SplitInput(
                 split_layer=info[1],
                 hidden=self.split_store.rows(info[0], start=start, count=count),
+                start=start, return_layer=self._split_return_layers.get(req_id),
             )
         return inputs
 
@@ -343,6 +365,8 @@ class SplitSchedulerMixin:
             self._split_session_reqs.pop(info[0], None)
             self._split_bounds.pop(request.request_id, None)
             self._split_turnarounds.pop(info[0], None)
+            self._split_return_layers.pop(request.request_id, None)
+            self.split_returns.retire(request.request_id)  # its final output is made after this
             if self.split_gather is not None:
                 self.split_gather.forget(request.request_id)
                 if not self.split_requests:

@@ -74,17 +74,19 @@ class StepClock:
         return info, self.clock() - t0
 
 
-def step_shape(num_layers: int, scheduled: Iterable[tuple[int, int]]) -> tuple[int, int, int, int]:
-    """(layer_calls, layer_rows, num_reqs, num_tokens) of a step from (tokens, split_layer)
-    per scheduled request (split_layer 0 for ordinary requests)."""
+def step_shape(num_layers: int, scheduled: Iterable[tuple]) -> tuple[int, int, int, int]:
+    """(layer_calls, layer_rows, num_reqs, num_tokens) of a step from (tokens, split_layer
+    [, return_layer]) per scheduled request (split_layer 0 for ordinary requests; a U-shaped
+    one's rows run layers [split_layer, return_layer) only; None or left out: up to the top)."""
     layer_rows = num_reqs = num_tokens = 0
-    lowest = num_layers
-    for tokens, split_layer in scheduled:
-        layer_rows += tokens * (num_layers - split_layer)
+    lowest, highest = num_layers, 0
+    for tokens, split_layer, *rest in scheduled:
+        end = rest[0] if rest and rest[0] is not None else num_layers
+        layer_rows += tokens * (end - split_layer)
         num_reqs += 1
         num_tokens += tokens
-        lowest = min(lowest, split_layer)
-    return num_layers - lowest, layer_rows, num_reqs, num_tokens
+        lowest, highest = min(lowest, split_layer), max(highest, end)
+    return max(0, highest - lowest), layer_rows, num_reqs, num_tokens
 
 
 class StepRecorder:

@@ -19,6 +19,11 @@ SESSION_PATH = "/v1/split/session"
 # bound or None} marks a split request for the scheduler (the bound: its session's TPOT SLA).
 EXTRA_ARGS_KEY = "vllm_split"
 
+# A U-shaped request's extra_args entry also has "return_layer": m. Its layer-m rows come back
+# on the step's RequestOutput.kv_transfer_params[RETURN_KEY] = {"start", "rows", "dtype",
+# "data"} (raw little-endian bytes in the model's dtype; engine/returns.py).
+RETURN_KEY = "vllm_split_returned"
+
 # EngineCore utility methods (call_utility_async names) the plugin adds.
 # (session_id, start, num_rows, data, turnaround_s) -> error or None; turnaround_s: for a
 # decode row, seconds from its session's token leaving the API server to this row arriving

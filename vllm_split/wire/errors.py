@@ -1,7 +1,8 @@
 """ProtocolError, and the checks of one field's type and range that raise it.
 
-Shared by :mod:`vllm_split.wire.protocol` (the frames) and :mod:`vllm_split.wire.tensors`
-(the tensor codec), which both import it; it imports neither. :mod:`protocol` re-exports
+Shared by :mod:`vllm_split.wire.protocol` (the frames), :mod:`vllm_split.wire.ushape` (the
+U-shaped session's frame) and :mod:`vllm_split.wire.tensors` (the tensor codec), which all
+import it; it imports none of them. :mod:`protocol` re-exports
 :class:`ProtocolError`, so callers keep catching ``wire.ProtocolError``.
 """
 from __future__ import annotations
@@ -12,6 +13,14 @@ from typing import Any
 
 class ProtocolError(ValueError):
     """A frame that does not follow this protocol (the message says why)."""
+
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+def _check_reason(value: Any) -> None:
+    if value not in FINISH_REASONS:
+        raise ProtocolError(f"finish_reason: expected one of {list(FINISH_REASONS)}, got {value!r}")
 
 
 def _check_int(name: str, value: Any, *, low: int | None = None) -> None:

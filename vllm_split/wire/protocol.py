@@ -40,8 +40,9 @@ from vllm_split.wire import quant
 from vllm_split.wire.errors import ProtocolError
 from vllm_split.wire.tensors import TENSOR_DTYPES, WIRE_DTYPES, decode_tensor, encode_tensor, row_bytes
 # used here only
-from vllm_split.wire.errors import _check_bool, _check_float, _check_int, _check_str, _list
-from vllm_split.wire.tensors import _cast, _check_wire_dtype, _quant_call
+from vllm_split.wire.errors import FINISH_REASONS, _check_reason, _check_bool, _check_float, _check_int, _check_str, _list
+from vllm_split.wire.tensors import _check_wire_dtype, check_rows, rows_payload, rows_quantized, rows_to_tensor
+from vllm_split.wire.ushape import Hidden, check_u_open
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +54,6 @@ HEADER_SIZE = _HEADER.size
 MAX_META_BYTES = 64 * 1024
 MAX_PROBE_BYTES = 1024 * 1024
 MAX_WIRE_DTYPES_OFFERED = 16
-FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +154,8 @@ class Open:
 
     KIND: ClassVar[int] = 1
     # not sent unless used: older servers take the frame
-    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("server_decode", "wire_dtypes", "privacy_floor")
+    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("server_decode", "wire_dtypes", "privacy_floor", "u_shape",
+                                               "return_layer")
     model_fingerprint: str
     split_layer: int | None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
@@ -168,9 +169,14 @@ class Open:
     # not know are skipped by the server); empty: float32, float16 or bfloat16 as it likes
     wire_dtypes: tuple[str, ...] = ()
     privacy_floor: int = 0  # the lowest split layer the client accepts (0: none); above 0 no server decoding
+    # U shape (:mod:`vllm_split.wire.ushape`): the client also runs [return_layer, L), the
+    # final norm, the LM head and sampling; the server returns the layer-m rows (Hidden)
+    u_shape: bool = False
+    return_layer: int | None = None  # m; None with u_shape and split_layer None: the server chooses
 
     def __post_init__(self) -> None:
         _check_str("model_fingerprint", self.model_fingerprint)
+        check_u_open(self)
         _check_bool("server_decode", self.server_decode)
         _check_int("privacy_floor", self.privacy_floor, low=0)
         offered = tuple(_list("wire_dtypes", self.wire_dtypes))
@@ -211,26 +217,8 @@ class Activation:
 
     def __post_init__(self) -> None:
         _check_int("start", self.start, low=0)
-        _check_wire_dtype("dtype", self.dtype)
-        shape = tuple(_list("shape", self.shape))
-        if len(shape) != 2:
-            raise ProtocolError(f"shape: expected [rows, hidden_size], got {list(shape)}")
-        for dim in shape:
-            _check_int("shape[]", dim, low=1)
-        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "shape", check_rows(self.dtype, _list("shape", self.shape), self.data))
         _check_bool("end_of_prompt", self.end_of_prompt)
-        if self.dtype in TENSOR_DTYPES:
-            expected, what = shape[0] * shape[1] * TENSOR_DTYPES[self.dtype], ""
-        else:
-            codes, scales = _quant_call(quant.frame_sizes, self.dtype, *shape)
-            expected, what = codes + scales, f" ({codes} of 8-bit payload + {scales} of float32 scales, one per row)"
-        if len(self.data) != expected:
-            raise ProtocolError(
-                f"payload: shape {list(shape)} in {self.dtype} needs {expected} bytes{what}, "
-                f"got {len(self.data)}"
-            )
-        if what:
-            self.quantized()  # checks the scales
 
     @property
     def rows(self) -> int:
@@ -240,30 +228,18 @@ class Activation:
     def from_tensor(cls, tensor: "torch.Tensor", *, start: int, end_of_prompt: bool = False,
                     wire_dtype: str | None = None) -> "Activation":
         """The rows of a 2-D float tensor, sent in ``wire_dtype`` (None: the tensor's own dtype)."""
-        if wire_dtype is not None and wire_dtype not in TENSOR_DTYPES:
-            _check_wire_dtype("wire_dtype", wire_dtype)
-            q = _quant_call(quant.encode, tensor, wire_dtype)
-            dtype, shape, data = wire_dtype, q.shape, q.payload + q.scales
-        else:
-            dtype, shape, data = encode_tensor(tensor if wire_dtype is None else _cast(tensor, wire_dtype))
+        dtype, shape, data = rows_payload(tensor, wire_dtype)
         return cls(start=start, dtype=dtype, shape=shape, data=data, end_of_prompt=end_of_prompt)
 
     def quantized(self) -> quant.QuantizedTensor:
         """An 8-bit activation's codes and scales (views of ``data``, not copies); a float
         one raises ProtocolError."""
-        if self.dtype in TENSOR_DTYPES:
-            raise ProtocolError(f"dtype: {self.dtype} is not an 8-bit format (expected one of {list(quant.FORMATS)})")
-        codes, _ = quant.frame_sizes(self.dtype, *self.shape)
-        view = memoryview(self.data)
-        return _quant_call(quant.QuantizedTensor, self.dtype, self.shape, view[:codes], view[codes:])
+        return rows_quantized(self.dtype, self.shape, self.data)
 
     def to_tensor(self, *, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
         """The rows as a tensor in ``dtype`` (None: the wire dtype, float32 for an 8-bit one);
         an 8-bit frame whose contents do not decode raises ProtocolError."""
-        if self.dtype in TENSOR_DTYPES:
-            out = decode_tensor(self.dtype, self.shape, self.data)
-            return out if dtype is None else out.to(dtype)
-        return _quant_call(quant.decode, self.quantized(), dtype=dtype)
+        return rows_to_tensor(self.dtype, self.shape, self.data, dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +299,8 @@ class Opened:
     """The server accepted the session."""
 
     KIND: ClassVar[int] = 2
-    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("server_decode", "wire_dtype")  # not sent unless used: older clients take the frame
+    # not sent unless used: older clients take the frame
+    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("server_decode", "wire_dtype", "return_layer")
     session_id: str
     split_layer: int
     num_layers: int
@@ -339,9 +316,14 @@ class Opened:
     # the wire dtype the server takes activations in, one of Open.wire_dtypes; None: the
     # client offered none and sends float32, float16 or bfloat16
     wire_dtype: str | None = None
+    # a U-shaped session's m: the server runs [split_layer, return_layer) and answers Hidden
+    # frames instead of Token frames; None: not U-shaped
+    return_layer: int | None = None
 
     def __post_init__(self) -> None:
         _check_str("session_id", self.session_id)
+        if self.return_layer is not None:
+            _check_int("return_layer", self.return_layer, low=1)
         _check_bool("server_decode", self.server_decode)
         if self.wire_dtype is not None:
             _check_wire_dtype("wire_dtype", self.wire_dtype)
@@ -419,10 +401,10 @@ class Error:
             _check_float("retry_after_s", self.retry_after_s, low=0.0)
 
 
-Message = Union[Open, Activation, PromptTokens, ProbeReply, Close, Opened, Probe, Token, Finished, Error]
+Message = Union[Open, Activation, PromptTokens, ProbeReply, Close, Opened, Probe, Token, Finished, Error, Hidden]
 _KINDS: dict[int, type] = {cls.KIND: cls for cls in (Open, Activation, PromptTokens, ProbeReply, Close, Opened,
-                                                     Probe, Token, Finished, Error)}
-_PAYLOAD_KINDS = (Activation, PromptTokens, ProbeReply)  # messages whose ``data`` field is the raw payload
+                                                     Probe, Token, Finished, Error, Hidden)}
+_PAYLOAD_KINDS = (Activation, PromptTokens, ProbeReply, Hidden)  # messages whose ``data`` field is the raw payload
 _DEFAULTS = {(cls, f.name): f.default for cls in (Open, Opened) for f in fields(cls) if f.name in cls.OMIT_DEFAULT}
 
 
@@ -493,11 +475,6 @@ def _build(cls: type, meta: dict[str, Any], where: str):
 
 
 # ---------------------------------------------------------------- field checks (the scalar ones: wire/errors.py)
-def _check_reason(value: Any) -> None:
-    if value not in FINISH_REASONS:
-        raise ProtocolError(f"finish_reason: expected one of {list(FINISH_REASONS)}, got {value!r}")
-
-
 def _nested(msg: Any, name: str, cls: type, *, optional: bool) -> None:
     """Turn a nested JSON object into ``cls`` (in place on a frozen dataclass)."""
     value = getattr(msg, name)

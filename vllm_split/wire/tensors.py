@@ -88,3 +88,53 @@ def decode_tensor(dtype: str, shape: tuple[int, int], data: bytes) -> "torch.Ten
 def _check_wire_dtype(name: str, value: Any) -> None:
     if not isinstance(value, str) or value not in WIRE_DTYPES:
         raise ProtocolError(f"{name}: expected one of {list(WIRE_DTYPES)}, got {value!r:.40}")
+
+
+# ---------------------------------------------------------------- frames of rows (Activation, Hidden)
+def check_rows(dtype: Any, shape: Any, data: bytes) -> tuple[int, int]:
+    """A rows frame's ``dtype``, ``shape`` ([rows, hidden]) and payload agree; returns the
+    shape as a tuple. An 8-bit payload's scales are checked too."""
+    _check_wire_dtype("dtype", dtype)
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (list, tuple)):
+        raise ProtocolError(f"shape: expected a list, got {type(shape).__name__}")
+    shape = tuple(shape)
+    if len(shape) != 2:
+        raise ProtocolError(f"shape: expected [rows, hidden_size], got {list(shape)}")
+    for dim in shape:
+        _check_int("shape[]", dim, low=1)
+    if dtype in TENSOR_DTYPES:
+        expected, what = shape[0] * shape[1] * TENSOR_DTYPES[dtype], ""
+    else:
+        codes, scales = _quant_call(quant.frame_sizes, dtype, *shape)
+        expected, what = codes + scales, f" ({codes} of 8-bit payload + {scales} of float32 scales, one per row)"
+    if len(data) != expected:
+        raise ProtocolError(f"payload: shape {list(shape)} in {dtype} needs {expected} bytes{what}, got {len(data)}")
+    if what:
+        rows_quantized(dtype, shape, data)  # checks the scales
+    return shape
+
+
+def rows_quantized(dtype: str, shape: tuple[int, int], data: bytes) -> quant.QuantizedTensor:
+    """An 8-bit rows payload's codes and scales (views of ``data``, not copies)."""
+    if dtype in TENSOR_DTYPES:
+        raise ProtocolError(f"dtype: {dtype} is not an 8-bit format (expected one of {list(quant.FORMATS)})")
+    codes, _ = quant.frame_sizes(dtype, *shape)
+    view = memoryview(data)
+    return _quant_call(quant.QuantizedTensor, dtype, shape, view[:codes], view[codes:])
+
+
+def rows_to_tensor(dtype: str, shape: tuple[int, int], data: bytes, out: "torch.dtype | None" = None) -> "torch.Tensor":
+    """The rows as a tensor in ``out`` (None: the wire dtype, float32 for an 8-bit one)."""
+    if dtype in TENSOR_DTYPES:
+        tensor = decode_tensor(dtype, shape, data)
+        return tensor if out is None else tensor.to(out)
+    return _quant_call(quant.decode, rows_quantized(dtype, shape, data), dtype=out)
+
+
+def rows_payload(tensor: "torch.Tensor", wire_dtype: str | None) -> tuple[str, tuple[int, int], bytes]:
+    """(dtype, shape, payload) of a 2-D float tensor sent in ``wire_dtype`` (None: its own dtype)."""
+    if wire_dtype is not None and wire_dtype not in TENSOR_DTYPES:
+        _check_wire_dtype("wire_dtype", wire_dtype)
+        q = _quant_call(quant.encode, tensor, wire_dtype)
+        return wire_dtype, q.shape, q.payload + q.scales
+    return encode_tensor(tensor if wire_dtype is None else _cast(tensor, wire_dtype))

@@ -82,3 +82,9 @@ def test_a_step_that_schedules_no_token_is_not_timed():
     clock = StepClock()
     assert clock.begin(1, None, num_tokens=0) is False
     assert clock.num_pending == 0 and clock.end(1) is None
+
+
+def test_step_shape_counts_only_the_layers_a_u_row_runs():
+    # an ordinary row (30 layers), a U row [5, 12) (7 layers), a prefix-split row from 15 (15 layers)
+    assert step_shape(30, [(1, 0, None), (1, 5, 12), (2, 15)]) == (30, 30 + 7 + 2 * 15, 3, 4)
+    assert step_shape(30, [(3, 4, 20)]) == (16, 3 * 16, 1, 3)  # U rows only: the layers [4, 20)

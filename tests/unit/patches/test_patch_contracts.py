@@ -62,6 +62,15 @@ SIGNATURES = {
         "tuple[list[dict[str, vllm.v1.attention.backend.AttentionMetadata]] | "
         "dict[str, vllm.v1.attention.backend.AttentionMetadata], vllm.v1.attention.backend.CommonAttentionMetadata | "
         "None]", "vllm_split/engine/runner.py"),
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens": (
+        "(self, grammar_output: 'GrammarOutput | None') -> vllm.v1.outputs.ModelRunnerOutput | "
+        "vllm.v1.outputs.AsyncModelRunnerOutput | vllm.sequence.IntermediateTensors",
+        "vllm_split/engine/ushape_runner.py"),
+    "vllm.v1.worker.utils:AttentionGroup.build_metadata": (
+        "(self, common_attn_metadata: vllm.v1.attention.backend.CommonAttentionMetadata, ubatch_idx: int = 0, "
+        "common_prefix_len: int = 0, **kwargs) -> Any", "vllm_split/engine/subset_metadata.py"),
+    "vllm.model_executor.models.llama:LlamaForCausalLM.compute_logits": (
+        "(self, hidden_states: torch.Tensor) -> torch.Tensor | None", "vllm_split/engine/ushape_runner.py"),
     "vllm.distributed.utils:get_pp_indices": (
         "(num_hidden_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]", "patches/min_layer.py"),
     "vllm.v1.worker.cpu_worker:CPUWorker.init_device": ("(self)", "vllm_split/engine/worker.py"),
@@ -122,6 +131,13 @@ SOURCE_CONTAINS = {
     # SplitWorker refuses the V2 runner by the attribute the stock hook chooses it by
     "vllm.v1.worker.gpu_worker:Worker._make_model_runner": (
         "if self.use_v2_model_runner:", "vllm_split/engine/worker.py"),
+    # U-shaped rows: the logits come from the model's compute_logits on the rows at logits_indices
+    # (one per request, in batch order), which the runner's wrapper skips for U requests
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model": (
+        "logits = self.model.compute_logits(sample_hidden_states)", "vllm_split/engine/ushape_runner.py"),
+    # their layer-m rows ride on the output's kv_transfer_params to the RequestOutput (engine/returns.py)
+    "vllm.v1.engine.output_processor:RequestState.make_request_output": (
+        "kv_transfer_params,", "vllm_split/engine/returns.py"),
     # min_layer wraps the module attribute: the layer range must be looked up at call time
     "vllm.model_executor.models.utils:make_layers": (
         "from vllm.distributed.utils import get_pp_indices", "patches/min_layer.py"),
