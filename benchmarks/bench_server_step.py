@@ -1,13 +1,15 @@
 """The server's time per engine step with the split layer k, against plain vLLM.
 
-    python -m benchmarks.bench_server_step [--quick] [--two-phase] [--plain-reference] [--out results/bench_server_step.json]
+    python -m benchmarks.bench_server_step [--quick] [--two-phase] [--plain-reference] [--u-shapes K:M ...]
+        [--out results/bench_server_step.json]
 
 Interleaved (the default): ONE ``vllm-split serve`` per mode (``--modes``: ``compiled``,
 vLLM's default, and optionally ``eager``, ``--enforce-eager``) serves both ordinary requests,
 which run vLLM's own compiled whole-model graph, and split sessions, whose split steps run the
 compiled layer bodies of ``vllm_split/engine/compiled_layers.py``. Per scenario (decode
 batches of B requests at context C, prefills of P tokens), repeat and split layer k (and a
-mixed batch), an ordinary batch and a batch of split sessions of the same shape run one
+mixed batch, and U shapes ``--u-shapes k:m``: U-shaped sessions whose rows run ``[k, m)``
+only, target ``(m - k) / L``), an ordinary batch and a batch of split sessions of the same shape run one
 right after the other, the first of the two alternating: each ratio is a pair measured
 seconds apart, so this machine's drift over minutes (1.3-1.7x) cancels. The summary gives
 each scenario's pooled medians and ratios (the fields of the two-phase mode) and the pairs'
@@ -83,7 +85,7 @@ def draw(data: dict):
             ax.bar([i + dx for i in x], mid, 0.4, yerr=err, capsize=2, label=f"{label} / ordinary (pairs' median, 95% CI)")
         else:
             ax.bar([i + dx for i in x], [r[field] for r in rows], 0.4, label=f"{label} / plain (same mode)")
-    ax.scatter(x, [r["layer_fraction"] for r in rows], marker="_", s=200, c="k", label="(L-k)/L")
+    ax.scatter(x, [r["layer_fraction"] for r in rows], marker="_", s=200, c="k", label="layers run / L ((L-k)/L; U: (m-k)/L)")
     ax.scatter(x, [r["step_limit_ratio"] for r in rows], marker="x", c="r", label="step limit")
     ax.set_xticks(x, labels, rotation=90, fontsize=7)
     ax.set_ylabel("ratio to ordinary requests, same server" if paired else "ratio to plain vLLM")
@@ -101,6 +103,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ks", type=int, nargs="+", default=[0, 7, 15, 22])
     p.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=True,
                    help="also a decode batch whose requests cycle through --ks")
+    p.add_argument("--u-shapes", nargs="*", default=[], metavar="K:M",
+                   help="also U-shaped sessions running layers [K, M) (their target: (M - K) / L of the loop)")
     p.add_argument("--decode-tokens", type=int, default=10)
     p.add_argument("--split-args", nargs="*", default=[], help="extra vllm-split serve arguments")
     p.add_argument("--repeats", type=int, default=2, help="batches per scenario and system (interleaved: pairs)")
@@ -114,6 +118,7 @@ def parse_args() -> argparse.Namespace:
     args = report.parse_args(p, draw)
     if args.quick:
         args.batches, args.contexts, args.prefills, args.ks = [1, 4], [64], [64], [0, 15]
+        args.u_shapes = args.u_shapes or ["7:22"]
         args.decode_tokens, args.repeats = 6, 1 if args.two_phase else 2
     return args
 

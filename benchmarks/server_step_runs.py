@@ -19,7 +19,9 @@ are those of exactly that shape. Two ways to measure:
 
 Split sessions are replayed from activations the client library computed beforehand
 (``harness/replay.py``), against the greedy continuation the ordinary (or plain) requests
-produced; a token that differs counts as a mismatch.
+produced; a token that differs counts as a mismatch. A U system (``u{k}-{m}``, from
+``--u-shapes``) replays U-shaped sessions: the server runs ``[k, m)`` and returns the rows,
+whose tokens the client's tail computes after the batch (outside its steps).
 """
 from __future__ import annotations
 
@@ -44,8 +46,28 @@ def scenarios(args) -> list[dict]:
 
 
 def systems(args, sc: dict) -> list[str]:
-    """The split systems of scenario ``sc``: each split layer, and the mixed batch (decode only)."""
-    return [str(k) for k in args.ks] + (["mixed"] if args.mixed and sc["kind"] == "decode" else [])
+    """The split systems of scenario ``sc``: each split layer, the mixed batch (decode only)
+    and each U shape (``u{k}-{m}``: U-shaped sessions running layers ``[k, m)``)."""
+    return ([str(k) for k in args.ks] + (["mixed"] if args.mixed and sc["kind"] == "decode" else [])
+            + [f"u{k}-{m}" for k, m in u_shapes(args)])
+
+
+def u_shapes(args) -> list[tuple[int, int]]:
+    """``--u-shapes`` (``k:m`` each) as pairs."""
+    return [u_shape_of(f"u{s.replace(':', '-')}") for s in getattr(args, "u_shapes", None) or []]
+
+
+def u_shape_of(system: str) -> tuple[int, int] | None:
+    """``(k, m)`` of a U system ``u{k}-{m}``; None for the others."""
+    if not system.startswith("u"):
+        return None
+    try:
+        k, m = (int(x) for x in system[1:].split("-"))
+    except ValueError:
+        raise ValueError(f"U shape {system[1:]!r}: expected k:m with integers k < m") from None
+    if not 0 <= k < m:
+        raise ValueError(f"U shape {k}:{m}: expected 0 <= k < m")
+    return k, m
 
 
 def mixed_layers(ks: list[int], batch: int) -> list[int]:
@@ -55,13 +77,43 @@ def mixed_layers(ks: list[int], batch: int) -> list[int]:
 
 def split_layers_of(system: str, ks: list[int], batch: int) -> list[int]:
     """The split layer of each request of a batch of ``system``."""
+    if (u := u_shape_of(system)) is not None:
+        return [u[0]] * batch
     return mixed_layers(ks, batch) if system == "mixed" else [int(system)] * batch
 
 
 def layer_fraction(system: str, ks: list[int], batch: int, num_layers: int) -> float:
-    """The token-weighted share of the decoder layers a batch of ``system`` runs."""
+    """The token-weighted share of the decoder layers a batch of ``system`` runs (a U shape
+    ``[k, m)``: ``(m - k) / L``)."""
+    if (u := u_shape_of(system)) is not None:
+        return (u[1] - u[0]) / num_layers
     layers = split_layers_of(system, ks, batch)
     return sum(num_layers - k for k in layers) / (num_layers * len(layers))
+
+
+def split_batch(system: str, ks: list[int], batch: int, scripts: dict) -> list:
+    """The scripts of a batch of ``system`` (``scripts``: per split layer); a U system's are
+    U-shaped (``Script.return_layer``)."""
+    u = u_shape_of(system)
+    return [replace(scripts[k], return_layer=u[1] if u else None) for k in split_layers_of(system, ks, batch)]
+
+
+def client_ks(args) -> list[int]:
+    """The split layers the clients need layers for: ``--ks`` and the U shapes' ``k``."""
+    return sorted(set(args.ks) | {k for k, _ in u_shapes(args)})
+
+
+def replay_checked(url: str, batch: list, *, fingerprint: str, tails: dict, model: Path) -> int:
+    """Replay ``batch`` (U-shaped scripts' tokens checked afterwards through the client's tail,
+    ``tails``: per return layer, made on first use); returns the token mismatches."""
+    from client_lib.tail_layers import TailLayers
+    from harness.replay import check_u_tokens, replay_many
+
+    results = asyncio.run(replay_many(url, batch, fingerprint=fingerprint))
+    for m in {s.return_layer for s in batch} - {None} - set(tails):
+        tails[m] = TailLayers(model, return_layer=m)
+    check_u_tokens(results, batch, tails)
+    return sum(not r.exact for r in results)
 
 
 def decode_tokens(args, sc: dict) -> int:
@@ -118,7 +170,7 @@ def split_server(args, model: Path, log: Path, *, mode: str):
 def client_layers(args, model: Path) -> dict:
     from client_lib.local_layers import LocalLayers
 
-    return {k: LocalLayers(model, split_layer=k) for k in args.ks}
+    return {k: LocalLayers(model, split_layer=k) for k in client_ks(args)}
 
 
 def run_plain(args, model: Path, prompts: dict, log: Path, *, mode: str) -> tuple[dict, dict]:
@@ -150,14 +202,14 @@ def run_plain(args, model: Path, prompts: dict, log: Path, *, mode: str) -> tupl
 def run_split(args, model: Path, prompts: dict, continuations: dict, log: Path, *, mode: str) -> tuple[dict, int]:
     """The two-phase mode's second phase: split sessions only. Returns (steps per scenario and
     system, token mismatches against ``continuations``)."""
-    from harness.replay import make_script, replay_many
+    from harness.replay import make_script
 
     layers = client_layers(args, model)
     fingerprint = layers[args.ks[0]].fingerprint
-    scripts = {}
+    scripts, tails = {}, {}
     for c, ids in prompts.items():
         cont = continuations.get(c)
-        for k in args.ks:
+        for k in layers:
             if cont is not None:
                 scripts[(k, c, "decode")] = make_script(layers[k], ids, cont)
             scripts[(k, c, "prefill")] = make_script(layers[k], ids, cont[:1] if cont else [0])
@@ -168,13 +220,13 @@ def run_split(args, model: Path, prompts: dict, continuations: dict, log: Path, 
         for sc in scenarios(args):
             n = decode_tokens(args, sc)
             for system in systems(args, sc):
-                batch = [truncated(scripts[(k, sc["context"], sc["kind"])], n)
-                         for k in split_layers_of(system, args.ks, sc["batch"])]
+                batch = split_batch(system, args.ks, sc["batch"],
+                                    {k: truncated(scripts[(k, sc["context"], sc["kind"])], n) for k in layers})
                 for _ in range(args.repeats):
                     t0 = time.time()
-                    results = asyncio.run(replay_many(server.url, batch, fingerprint=fingerprint))
+                    wrong = replay_checked(server.url, batch, fingerprint=fingerprint, tails=tails, model=model)
                     if sc["context"] in continuations:  # else the expected token is unknown
-                        mismatches += sum(not r.exact for r in results)
+                        mismatches += wrong
                     samples.setdefault(key(sc, system, mode), []).extend(pick(read_steps(log, t0, time.time()), sc))
                 print(f"  split {key(sc, system, mode)}: {len(samples[key(sc, system, mode)])} steps", flush=True)
     finally:
@@ -187,12 +239,12 @@ def run_interleaved(args, model: Path, prompts: dict, log: Path, *, mode: str) -
     batch one right after the other (ordinary first in even repeats). Returns (pairs: the two
     batches' steps of the scenario's shape, token mismatches). The split sessions replay the
     continuation of the scenario's first ordinary batch (same shape, same server)."""
-    from harness.replay import make_script, replay_many
+    from harness.replay import make_script
 
     layers = client_layers(args, model)
     fingerprint = layers[args.ks[0]].fingerprint
     server = split_server(args, model, log, mode=mode)
-    pairs, mismatches = [], 0
+    pairs, mismatches, tails = [], 0, {}
     try:
         server.wait_ready()
         for sc in scenarios(args):
@@ -207,11 +259,11 @@ def run_interleaved(args, model: Path, prompts: dict, log: Path, *, mode: str) -
                         if which == "ordinary":
                             outs = asyncio.run(completions(server.url, str(model), [ids] * sc["batch"], max_tokens=n))
                             if not scripts:
-                                scripts = {k: make_script(layers[k], ids, outs[0]) for k in args.ks}
+                                scripts = {k: make_script(layers[k], ids, outs[0]) for k in layers}
                         else:
-                            batch = [scripts[k] for k in split_layers_of(system, args.ks, sc["batch"])]
-                            results = asyncio.run(replay_many(server.url, batch, fingerprint=fingerprint))
-                            mismatches += sum(not r.exact for r in results)
+                            batch = split_batch(system, args.ks, sc["batch"], scripts)
+                            mismatches += replay_checked(server.url, batch, fingerprint=fingerprint, tails=tails,
+                                                         model=model)
                         pair[which] = pick(read_steps(log, t0, time.time()), sc, split=which == "split")
                     pairs.append(pair)
             done = [p for p in pairs if p["kind"] == sc["kind"] and p["batch"] == sc["batch"]

@@ -52,7 +52,11 @@ def test_bench_server_step_quick(tmp_path):
     assert data["token_mismatches"] == 0  # replayed split sessions produced the ordinary requests' tokens
     assert data["design"] == "interleaved pairs on one split server"
     systems = {(r["kind"], r["system"]) for r in data["summary"]}
-    assert {("decode", "0"), ("decode", "15"), ("decode", "mixed"), ("prefill", "15")} <= systems
+    assert {("decode", "0"), ("decode", "15"), ("decode", "mixed"), ("prefill", "15"), ("decode", "u7-22")} <= systems
+    u_rows = [r for r in data["summary"] if r["system"] == "u7-22"]  # U-shaped: rows run [7, 22) only
+    assert u_rows and all(r["layer_fraction"] == 15 / 30 for r in u_rows)
+    u_steps = [s for p in data["pairs"] if p["system"] == "u7-22" for s in p["split"]]
+    assert u_steps and all(s["return_layers"] == [22] * s["num_reqs"] for s in u_steps)
     for r in data["summary"]:
         assert r["steps"] > 0 and r["plain_steps"] > 0 and r["baseline"] == "ordinary"
         assert r["pairs"] == 2 and len(r["pair_step_ratios"]) == 2  # --quick: two repeats, each a pair

@@ -29,6 +29,7 @@ from vllm_split.planner.model_configs import ModelConfig
 from vllm_split.api.metrics import split_metrics
 from vllm_split.api.session import ModelInfo, ServerSession, SessionError
 from vllm_split.api.session_driver import run_session
+from vllm_split.api.ushape import u_shape_unsupported
 from vllm_split.version import check_vllm_version
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
@@ -140,6 +141,7 @@ class SplitEndpointPlugin:
             dtype=model_config.dtype,
             max_model_len=model_config.max_model_len,
             vocab_size=model_config.get_vocab_size(),
+            u_shape_unsupported=u_shape_unsupported(vllm_config),
         )
         controller = _controller(engine_client, model, config)
         if config.warmup:

@@ -71,6 +71,7 @@ class ModelInfo:
     dtype: torch.dtype
     max_model_len: int
     vocab_size: int | None = None  # token ids of a server-decoded prompt must be below it
+    u_shape_unsupported: str | None = None  # why this server cannot run U-shaped sessions (None: it can)
 
 
 class ServerSession:
@@ -158,6 +159,9 @@ class ServerSession:
             raise SessionError(ErrorCode.FINGERPRINT_MISMATCH, f"client model fingerprint {msg.model_fingerprint} does not match the server's {self.model.fingerprint}: both sides must hold the same weights", fatal=True)
         if msg.split_layer is not None:
             self._check_split_layer(msg.split_layer, client_floor=msg.privacy_floor)
+        if msg.u_shape and self.model.u_shape_unsupported:
+            raise SessionError(ErrorCode.BAD_REQUEST, f"U-shaped sessions are not served here: "
+                                                      f"{self.model.u_shape_unsupported}", fatal=True)
         if msg.u_shape:
             problem = (stop_ids_problem(msg) if msg.return_layer is None else
                        check_fixed_u(msg, num_layers=self.model.num_layers, min_layer=self.config.min_layer))

@@ -15,7 +15,8 @@ sampling. With ``--enforce-eager`` the line also has ``layers_s``, the time insi
 decoder layers alone (a :class:`~vllm_split.layer_timer.LayerTimer` on every layer; its
 hooks are not installed on a compiled model, whose graph they would enter). Each line also
 has ``t`` (wall time at the end), ``num_reqs``, ``num_tokens`` and ``split_layers``
-(sorted, one per split request) and ``compiled_graphs`` (torch.compile graphs made in this
+(sorted, one per split request), ``return_layers`` (only with U-shaped requests: their
+``m``, sorted) and ``compiled_graphs`` (torch.compile graphs made in this
 process so far: a number that grows while serving is a recompilation).
 """
 from __future__ import annotations
@@ -69,6 +70,8 @@ class StepTimingMixin:
             "num_tokens": scheduler_output.total_num_scheduled_tokens,
             "split_layers": sorted(int(s.split_layer) for s in splits.values()),
         }
+        if returns := sorted(int(s.return_layer) for s in splits.values() if getattr(s, "return_layer", None)):
+            info["return_layers"] = returns  # U-shaped requests' m (their rows leave after layer m - 1)
         self._model_s = 0.0  # forwards outside a step (warm-up, dummy runs) do not count
         if self._layer_timer is not None:
             self._layer_timer.take()

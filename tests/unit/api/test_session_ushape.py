@@ -5,6 +5,7 @@ the admission controller chooses (k, m) for a U session that leaves them to the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -48,6 +49,30 @@ async def test_u_shapes_the_server_cannot_serve_are_refused(msg, match):
     with pytest.raises(SessionError, match=match) as err:
         await _open(msg)
     assert (err.value.code, err.value.fatal) == ("split_layer", True)
+
+
+@pytest.mark.parametrize("k, m", [(4, 20), (None, None)])
+async def test_a_server_without_the_compact_forward_refuses_u_shapes_at_open(k, m):
+    """Pipeline parallelism (or a non-CPU build) runs the exact fallback, where U rows could not
+    leave at m: the Open is refused with the reason, before any engine request exists."""
+    from types import SimpleNamespace
+
+    from tests.unit.api.test_session_driver import FakeEngine
+    from vllm_split.api.ushape import u_shape_unsupported
+
+    why = u_shape_unsupported(SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=2)))
+    assert "pipeline parallelism" in why
+    assert u_shape_unsupported(SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=1))) is None
+    peer, engine = Peer(), FakeEngine([1])
+    session = ServerSession(engine=engine, model=dataclasses.replace(MODEL, u_shape_unsupported=why),
+                            config=SplitConfig(), send=peer.send)
+    with pytest.raises(SessionError, match="U-shaped sessions are not served here: this server runs pipeline") as err:
+        await asyncio.wait_for(session.handle_open(_u(k, m, client=PROFILE, prompt_tokens=40), peer.receive), 10)
+    assert (err.value.code, err.value.fatal) == ("bad_request", True)
+    # the same server still opens a prefix split
+    await asyncio.wait_for(session.handle_open(wire.Open(model_fingerprint="fp", split_layer=4,
+                                                         sampling=wire.SamplingOptions(max_tokens=3)), peer.receive), 10)
+    assert peer.opened().split_layer == 4
 
 
 async def test_min_layer_bounds_the_u_shape_too():

@@ -7,7 +7,9 @@ import pytest
 
 from benchmarks import report
 from benchmarks.bench_server_step import draw, pooled_samples, summarize
-from benchmarks.server_step_runs import decode_tokens, layer_fraction, pick, systems
+from benchmarks.server_step_runs import (client_ks, decode_tokens, layer_fraction, pick, split_batch,
+                                         split_layers_of, systems, u_shape_of)
+from harness.replay import Script
 from benchmarks.step_pairs import compare, median_interval, pair_ratios, quantile, summarize_pairs
 
 
@@ -86,6 +88,23 @@ def test_systems_fractions_and_decode_tokens():
     assert layer_fraction("mixed", [0, 15], 1, 30) == 1.0  # one request: the first split layer
     assert decode_tokens(args(decode_tokens=10), {"kind": "decode", "batch": 16, "context": 1024}) == 14
     assert decode_tokens(a, {"kind": "prefill", "batch": 1, "context": 64}) == 1
+
+
+def test_u_shapes_are_systems_with_their_own_layer_fraction_and_scripts():
+    a = args(u_shapes=["7:22", "0:30"])
+    assert systems(a, {"kind": "decode"}) == ["0", "15", "mixed", "u7-22", "u0-30"]
+    assert systems(a, {"kind": "prefill"}) == ["0", "15", "u7-22", "u0-30"]
+    assert u_shape_of("u7-22") == (7, 22) and u_shape_of("15") is None and u_shape_of("mixed") is None
+    assert layer_fraction("u7-22", a.ks, 4, 30) == 0.5 and layer_fraction("u0-30", a.ks, 1, 30) == 1.0
+    assert split_layers_of("u7-22", a.ks, 3) == [7, 7, 7] and client_ks(a) == [0, 7, 15]
+    scripts = {k: Script(split_layer=k, prompt_rows=None, decode_rows=None, expected=[1]) for k in (0, 7, 15)}
+    batch = split_batch("u7-22", a.ks, 2, scripts)
+    assert [(s.split_layer, s.return_layer) for s in batch] == [(7, 22), (7, 22)]
+    assert [(s.split_layer, s.return_layer) for s in split_batch("mixed", a.ks, 3, scripts)] == [
+        (0, None), (15, None), (0, None)]
+    for bad in ("u22-7", "u7", "ux-y"):
+        with pytest.raises(ValueError, match="U shape"):
+            u_shape_of(bad)
 
 
 def test_pick_keeps_the_scenarios_shape_and_kind_of_requests():
