@@ -6,34 +6,16 @@ SmolLM2 tokenizer files copied beside them.
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import pytest
-import torch
 
 from tests.support.references import complete
 from tests.support.sessions import split_generate
+from tests.support.tiny_models import tiny_model
 from client_lib import LocalLayers
 from harness.server_process import VLLMServer
 
 pytestmark = pytest.mark.engine
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
-def _tiny_model(out, model_dir, config) -> str:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # larger-than-default weights: sharper, less tie-prone logits
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
-    model.save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).exists():
-            shutil.copy(model_dir / name, out / name)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +25,7 @@ def qwen2_dir(model_dir, tmp_path_factory):
     config = Qwen2Config(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    return _tiny_model(tmp_path_factory.mktemp("qwen2"), model_dir, config)
+    return tiny_model(tmp_path_factory.mktemp("qwen2"), model_dir, config)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +34,7 @@ def gpt2_dir(model_dir, tmp_path_factory):
 
     config = GPT2Config(vocab_size=49152, n_embd=64, n_layer=2, n_head=2, n_positions=2048,
                         bos_token_id=1, eos_token_id=2)
-    return _tiny_model(tmp_path_factory.mktemp("gpt2"), model_dir, config)
+    return tiny_model(tmp_path_factory.mktemp("gpt2"), model_dir, config)
 
 
 def test_qwen2_split_equals_unsplit(qwen2_dir, tmp_path):

@@ -95,6 +95,14 @@ def _post(layer: Any, attn_output: torch.Tensor, residual: torch.Tensor):
     return layer.mlp(h), residual
 
 
+def _attn_width(layer: Any) -> int:
+    """Columns of this rank's attention output (the input of ``o_proj``): its heads x head size.
+    Not ``o_proj.input_size``, the width over all tensor-parallel ranks: the CPU build's oneDNN
+    matmul reads a row that wide as ``tp_size`` rows and writes them past its output buffer
+    (heap corruption at start-up under ``--tensor-parallel-size 2``)."""
+    return layer.self_attn.q_size
+
+
 def _rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """The graphs' inputs as they were compiled for: inference tensors (the runner's forward
     runs under ``torch.inference_mode``; client rows may arrive as ordinary tensors, which
@@ -159,9 +167,11 @@ class CompiledLayers:
         try:
             for rows in (3, 1, max(3, max_rows)):
                 with torch.inference_mode():
-                    positions = torch.arange(rows, device=device)
+                    # position 0 for every row: max_rows (2048 x TP size on CPU by default) may
+                    # exceed the model's rotary table; the graphs do not depend on the values
+                    positions = torch.zeros(rows, dtype=torch.long, device=device)
                     h = torch.zeros(rows, hidden, dtype=dtype, device=device)
-                    attn_out = torch.zeros(rows, layer.self_attn.o_proj.input_size, dtype=dtype, device=device)
+                    attn_out = torch.zeros(rows, _attn_width(layer), dtype=dtype, device=device)
                     if rows == 1 and self.skip_guards:
                         positions, h, attn_out = _pad_to_two(positions, h, attn_out)
                     _, _, _, residual = self._pre(layer, positions, h, torch.zeros_like(h))
@@ -189,7 +199,7 @@ class CompiledLayers:
             rows = 5
             positions = torch.arange(rows, device=device)
             h, residual = (torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
-            attn_out = torch.randn(rows, layer.self_attn.o_proj.input_size, generator=gen).to(device=device, dtype=dtype)
+            attn_out = torch.randn(rows, _attn_width(layer), generator=gen).to(device=device, dtype=dtype)
             same = all(torch.equal(a, b) for a, b in zip(pre(layer, positions, h, residual),
                                                           self._pre(layer, positions, h, residual)))
             same = same and all(torch.equal(a, b) for a, b in zip(post(layer, attn_out, residual),

@@ -125,3 +125,46 @@ def test_compiled_bodies_equal_the_layer_and_never_recompile(skip_guards):
 def test_unknown_layer_classes_stay_eager_with_a_reason():
     why = unsupported_reason([Layer()])
     assert why is not None and "Layer with SelfAttn" in why and "Llama" in why
+
+
+class RowParallelLinear(Linear):
+    """Like vLLM's RowParallelLinear on one of ``tp_size`` ranks: this rank's weight takes
+    ``n_in`` columns, but ``input_size`` reports the width over all ranks."""
+
+    def __init__(self, n_in: int, n_out: int, *, tp_size: int) -> None:
+        super().__init__(n_in, n_out)
+        self.input_size, self.input_size_per_partition = n_in * tp_size, n_in
+
+
+def test_warm_up_feeds_a_tensor_parallel_rank_its_own_attention_width():
+    """Under --tensor-parallel-size 2 each rank's o_proj takes half the heads: warm-up rows of
+    the unsharded width corrupted the heap in vLLM's CPU matmul (here: a shape error)."""
+    torch._dynamo.reset()  # dynamo caches the bodies per code object: no graph of the tests above
+    torch.manual_seed(0)
+    inner = Inner()
+    for layer in inner.layers:
+        layer.self_attn.o_proj = RowParallelLinear(layer.self_attn.q_size, H, tp_size=2)
+    compiled = CompiledLayers(inner)
+    compiled.warm_up(dtype=torch.float32, device=torch.device("cpu"), max_rows=16)
+    assert compiled.direct, compiled.direct_why
+    positions, h0 = torch.arange(5), torch.randn(5, H)
+    with torch.inference_mode():
+        h_ref, r_ref = inner.layers[1](positions, h0, None)
+        h, r = compiled(1, positions, h0, None)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r, r_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_warm_up_positions_exist_in_every_model():
+    """Warm-up compiles for max_num_batched_tokens rows (on CPU 2048 x the TP size by default):
+    positions 0..rows-1 ran past a 2048-position rotary table at --tensor-parallel-size 2."""
+    compiled = CompiledLayers(Inner())
+    pre, seen = compiled._pre, []
+
+    def spy(layer, positions, *rest):
+        seen.append(int(positions.max()))
+        return pre(layer, positions, *rest)
+
+    compiled._pre = spy
+    compiled.warm_up(dtype=torch.float32, device=torch.device("cpu"), max_rows=64)
+    assert seen and max(seen) == 0
