@@ -1,8 +1,10 @@
 """Worker classes that build the split-aware model runner (``--worker-cls``).
 
 CPU: ``CPUWorker.init_device`` builds ``CPUModelRunner`` directly, so we call it and
-replace the runner before the model is loaded. GPU: ``Worker._make_model_runner`` is the
-hook. Both use vLLM's V1 runner; the V2 runner has no split support yet.
+replace the runner before the model is loaded; it also applies
+``patches/pp_intermediate_tensors.py`` (pipeline stages after the first, eager mode). GPU:
+``Worker._make_model_runner`` is the hook. Both use vLLM's V1 runner; the V2 runner has no
+split support yet.
 """
 from __future__ import annotations
 
@@ -27,11 +29,14 @@ if current_platform.is_cpu():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.cpu_worker import CPUWorker
 
+    from vllm_split.patches import pp_intermediate_tensors
+
     class SplitCPUModelRunner(StepTimingMixin, SplitRunnerMixin, CPUModelRunner):
         pass
 
     class SplitWorker(CPUWorker):
         def init_device(self) -> None:
+            pp_intermediate_tensors.apply()  # before load_model
             super().init_device()
             _require_v1_runner(self)
             self.model_runner = SplitCPUModelRunner(self.vllm_config, torch.device("cpu"))

@@ -74,6 +74,8 @@ SIGNATURES = {
     "vllm.distributed.utils:get_pp_indices": (
         "(num_hidden_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]", "patches/min_layer.py"),
     "vllm.v1.worker.cpu_worker:CPUWorker.init_device": ("(self)", "vllm_split/engine/worker.py"),
+    "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model": (
+        "(self, load_dummy_weights: bool = False) -> None", "patches/pp_intermediate_tensors.py"),
     "vllm.v1.worker.gpu_worker:Worker._make_model_runner": ("(self) -> 'GPUModelRunner'", "vllm_split/engine/worker.py"),
     "vllm.model_executor.models.llama:LlamaModel.forward": (
         "(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: "
@@ -143,6 +145,21 @@ SOURCE_CONTAINS = {
         "from vllm.distributed.utils import get_pp_indices", "patches/min_layer.py"),
     "vllm.config.model:ModelConfig.get_layers_start_end_indices": (
         "from vllm.distributed.utils import get_pp_indices", "patches/min_layer.py"),
+    # pp_intermediate_tensors: a later pipeline stage needs the receive buffer on every step ...
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sync_and_gather_intermediate_tensors": (
+        "assert self.intermediate_tensors is not None", "patches/pp_intermediate_tensors.py"),
+    # ... which vLLM allocates only here, as the patch restates ...
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._dummy_run": (
+        "if self.intermediate_tensors is None:\n                    self.intermediate_tensors = (\n"
+        "                        self.model.make_empty_intermediate_tensors(\n"
+        "                            batch_size=self.max_num_tokens,\n"
+        "                            dtype=self.model_config.dtype,\n"
+        "                            device=self.device,", "patches/pp_intermediate_tensors.py"),
+    # ... and which the CPU runner's warm-up skips in eager mode (the bug; once this changes,
+    # check whether vLLM now allocates the buffer itself and the patch can go)
+    "vllm.v1.worker.cpu_model_runner:CPUModelRunner.warming_up_model": (
+        "if self.vllm_config.compilation_config.mode == CompilationMode.NONE:\n            return",
+        "patches/pp_intermediate_tensors.py"),
 }
 
 
@@ -378,7 +395,7 @@ def test_cli_version_patch_is_a_no_op_where_vllm_exists(monkeypatch):
 
 def test_patch_modules_document_themselves():
     """Each patch module states Target, Process, Why, Why not subclass, Upstream, Remove when, Pinned version."""
-    for name in ("cli_version", "engine_core_utility", "min_layer"):
+    for name in ("cli_version", "engine_core_utility", "min_layer", "pp_intermediate_tensors"):
         doc = importlib.import_module(f"vllm_split.patches.{name}").__doc__
         for heading in ("Target:", "Process:", "Why:", "Why not subclass:", "Upstream:", "Remove when:",
                         "Pinned version:"):
