@@ -8,8 +8,8 @@ layer runs on every row, and each stage injects the rows whose split layer it ho
 
 The reference is greedy decoding of the same float32 checkpoint with transformers, in this
 process: independent of vLLM and of the pipeline. Ordinary requests must equal it, and split
-sessions at split layers on either stage, at the stage boundary (14, 15) and at ``k = L``
-(the last stage injects before the final norm) must equal it token for token.
+sessions at split layers on either stage (0, 7, 22), at the stage boundary (14, 15) and at
+``k = L`` (the last stage injects before the final norm) must equal it token for token.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ PP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason=f"binds the stages to cores 0 and 1 "
                                  f"({PP_ENV['VLLM_CPU_OMP_THREADS_BIND']}), not both allowed here")]
-NUM_TOKENS = 16
+NUM_TOKENS = 12
 PP_ARGS = ("--pipeline-parallel-size", "2")
 
 
@@ -82,7 +82,7 @@ def test_ordinary_requests_equal_transformers_greedy(pp_server, model_dir, promp
         assert got["token_ids"] == expected
 
 
-@pytest.mark.parametrize("k", [0, 7, 14, 15, 22, 30])
+@pytest.mark.parametrize("k", [0, 14, 15, 30])  # 7 and 22: in the concurrent test
 async def test_split_session_equals_reference(k, pp_server, model_dir, prompt_ids, reference):
     i = k % len(prompt_ids)
     tokens, session = await split_generate(pp_server.url, local_layers(model_dir, k), prompt_ids[i],
