@@ -24,3 +24,6 @@ def register() -> None:
         from vllm_split.version import check_vllm_version
 
         check_vllm_version()
+        from vllm_split.patches import kv_range_groups
+
+        kv_range_groups.apply()  # a no-op unless the kv_ranges option is above 1

@@ -91,6 +91,11 @@ class SplitConfig:
     # only: the server holds every layer and serves ordinary requests. At most the model's
     # number of decoder layers (checked at start-up). 0: off.
     privacy_floor: int = 0
+    # KV per layer range (docs/kv_ranges.md): cut the decoder layers into this many contiguous
+    # ranges, each a vLLM KV cache group with its own block table over one block pool; a split
+    # request at split_layer k holds no KV blocks in the ranges wholly below k (ordinary
+    # requests hold all). 1: off (one group, vLLM's own layout).
+    kv_ranges: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -48,6 +48,7 @@ from vllm_split.wire.contract import EXTRA_ARGS_KEY
 from vllm_split.engine.activations import ActivationStore, DeliveryError, SplitInput
 from vllm_split.control.live_cost import StepCost, fit_step_cost
 from vllm_split.engine.composition import Choice, RooflineCost, Row, choose
+from vllm_split.engine import kv_range_manager
 from vllm_split.engine.gather import GatherWindow
 from vllm_split.engine.returns import ReturnBuffer
 from vllm_split.engine.step_records import StepRecorder, step_shape
@@ -129,6 +130,11 @@ class SplitSchedulerMixin:
         self.split_composition_steps: dict[str, int] = {}  # steps run per composition
         self._split_return_layers: dict[str, int] = {}  # request id -> m, U-shaped requests
         self.split_returns = ReturnBuffer()  # their layer-m rows until an output carries them
+        # KV per layer range (kv_range_manager.py): the range groups' managers ask for a
+        # request's split layer; preemption keeps it (split_requests is cleared on finish only)
+        self.split_kv_ranges = (kv_range_manager.install(self.kv_cache_manager, self._split_k_of,
+                                                          num_ranges=config.kv_ranges)
+                                if config.kv_ranges > 1 else None)
 
     # ---------------------------------------------------------------- deliveries
     def split_deliver(self, session_id: str, start: int, num_rows: int, data: bytes,
@@ -216,6 +222,10 @@ class SplitSchedulerMixin:
     # ---------------------------------------------------------------- composition
     def _split_k(self, request: Any) -> int:
         return self.split_requests.get(request.request_id, ("", 0))[1]
+
+    def _split_k_of(self, request_id: str) -> int:
+        """Split layer of a live request by id (0: an ordinary one), for the KV range managers."""
+        return self.split_requests.get(request_id, ("", 0))[1]
 
     def _split_row(self, request: Any) -> Row:
         info = self.split_requests.get(request.request_id)

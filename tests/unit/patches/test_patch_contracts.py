@@ -76,6 +76,23 @@ SIGNATURES = {
     "vllm.v1.worker.cpu_worker:CPUWorker.init_device": ("(self)", "vllm_split/engine/worker.py"),
     "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model": (
         "(self, load_dummy_weights: bool = False) -> None", "patches/pp_intermediate_tensors.py"),
+    "vllm.v1.core.kv_cache_utils:get_kv_cache_groups": (
+        "(vllm_config: vllm.config.vllm.VllmConfig, kv_cache_spec: dict[str, vllm.v1.kv_cache_interface.KVCacheSpec])"
+        " -> list[vllm.v1.kv_cache_interface.KVCacheGroupSpec]", "patches/kv_range_groups.py"),
+    "vllm.v1.core.kv_cache_utils:create_kv_cache_group_specs": (
+        "(kv_cache_spec: dict[str, vllm.v1.kv_cache_interface.KVCacheSpec], grouped_layer_names: list[list[str]]) -> "
+        "list[vllm.v1.kv_cache_interface.KVCacheGroupSpec]", "patches/kv_range_groups.py"),
+    "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.get_num_blocks_to_allocate": (
+        "(self, request_id: str, num_tokens: int, new_computed_blocks: collections.abc.Sequence[vllm.v1.core."
+        "kv_cache_utils.KVCacheBlock], total_computed_tokens: int, num_local_computed_tokens: int, "
+        "num_tokens_main_model: int, apply_admission_cap: bool = False, prefill_end: int = 0) -> int",
+        "vllm_split/engine/kv_range_manager.py"),
+    "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.allocate_new_blocks": (
+        "(self, request_id: str, num_tokens: int, num_tokens_main_model: int) -> "
+        "list[vllm.v1.core.kv_cache_utils.KVCacheBlock]", "vllm_split/engine/kv_range_manager.py"),
+    "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.cache_blocks": (
+        "(self, request: vllm.v1.request.Request, num_tokens: int, retention_interval: int | None = None, *, "
+        "replay_boundaries: collections.abc.Sequence[int]) -> None", "vllm_split/engine/kv_range_manager.py"),
     "vllm.v1.worker.gpu_worker:Worker._make_model_runner": ("(self) -> 'GPUModelRunner'", "vllm_split/engine/worker.py"),
     "vllm.model_executor.models.llama:LlamaModel.forward": (
         "(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: "
@@ -160,6 +177,12 @@ SOURCE_CONTAINS = {
     "vllm.v1.worker.cpu_model_runner:CPUModelRunner.warming_up_model": (
         "if self.vllm_config.compilation_config.mode == CompilationMode.NONE:\n            return",
         "patches/pp_intermediate_tensors.py"),
+    # kv_ranges wraps the module attribute: the grouping must be looked up at call time
+    "vllm.v1.core.kv_cache_utils:get_kv_cache_configs": (
+        "global_kv_cache_groups = get_kv_cache_groups(vllm_config", "patches/kv_range_groups.py"),
+    # skipped ranges hold the null block, which freeing never returns to the free queue
+    "vllm.v1.core.block_pool:BlockPool.free_blocks": (
+        "if block.ref_cnt == 0 and not block.is_null:", "vllm_split/engine/kv_range_manager.py"),
 }
 
 
@@ -395,7 +418,7 @@ def test_cli_version_patch_is_a_no_op_where_vllm_exists(monkeypatch):
 
 def test_patch_modules_document_themselves():
     """Each patch module states Target, Process, Why, Why not subclass, Upstream, Remove when, Pinned version."""
-    for name in ("cli_version", "engine_core_utility", "min_layer", "pp_intermediate_tensors"):
+    for name in ("cli_version", "engine_core_utility", "min_layer", "pp_intermediate_tensors", "kv_range_groups"):
         doc = importlib.import_module(f"vllm_split.patches.{name}").__doc__
         for heading in ("Target:", "Process:", "Why:", "Why not subclass:", "Upstream:", "Remove when:",
                         "Pinned version:"):
