@@ -47,3 +47,15 @@ def test_summary_and_plot_from_the_json(tmp_path):
     out = tmp_path / "gather.json"
     report.write(out, {"arguments": {"sessions": 8, "max_tokens": 64}, "summary": summary}, draw=draw)
     assert out.with_suffix(".png").exists()
+
+
+def test_server_args_turn_the_window_off_only_for_split_off():
+    """(The CI smoke runs plain and split_adaptive only; split_off differs by this argument.)"""
+    import argparse
+
+    from benchmarks.bench_gather import server_args
+
+    a = argparse.Namespace(sessions=8, gather_max_ms=None, split_args=["--x"])
+    assert "--split-gather" not in server_args("split_adaptive", a) and "--x" in server_args("split_adaptive", a)
+    assert server_args("split_off", a)[-3:] == ["--split-gather", "off", "--x"]
+    assert "--x" not in server_args("plain", a)
