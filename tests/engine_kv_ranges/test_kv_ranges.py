@@ -10,7 +10,7 @@ import pytest
 from harness.replay import make_script, replay_many
 from harness.server_process import VLLMServer, kv_blocks_in_use, kv_capacity_tokens, metrics
 from tests.engine_reliability.helpers import opened, wait_idle
-from tests.support.references import PROMPTS, complete
+from tests.support.references import PROMPTS, complete, transformers_greedy
 from tests.support.sessions import local_layers, split_generate
 from vllm_split.wire import protocol as wire
 
@@ -23,22 +23,16 @@ COMMON = ("--block-size", str(BLOCK_SIZE), "--max-model-len", "256", "--max-num-
 
 
 @pytest.fixture(scope="module")
-def plain(model_dir, tokenizer, tmp_path_factory):
-    log = tmp_path_factory.mktemp("plain-kv-ranges") / "server.log"
-    server = VLLMServer(model_dir, split=False, log_path=log,
-                        extra_args=(*COMMON, "--num-gpu-blocks-override", str(NUM_BLOCKS)))
-    try:
-        server.wait_ready()
-        prompt_ids = [tokenizer(p)["input_ids"] * 8 for p in PROMPTS]  # 60-100 tokens
-        greedy = [complete(server.url, str(model_dir), ids, max_tokens=MAX_TOKENS, temperature=0,
-                           ignore_eos=True)["token_ids"] for ids in prompt_ids]
-    finally:
-        server.stop()
-    return prompt_ids, greedy, kv_capacity_tokens(log)
+def plain(model_dir, tokenizer):
+    """The prompts and their references: greedy decoding with transformers in this process
+    (independent of vLLM and of the KV layout), and plain vLLM's capacity for NUM_BLOCKS
+    blocks (vLLM reports ``num_gpu_blocks_override x block_size`` tokens)."""
+    prompt_ids = [tokenizer(p)["input_ids"] * 8 for p in PROMPTS]  # 60-100 tokens
+    return prompt_ids, transformers_greedy(model_dir, prompt_ids, MAX_TOKENS), NUM_BLOCKS * BLOCK_SIZE
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, plain, tmp_path_factory):
+def server(model_dir, plain, tmp_path_factory):  # after plain: no core shared
     log = tmp_path_factory.mktemp("split-kv-ranges") / "server.log"
     # the same bytes: a pool block holds one range (1/6 of the layers), so 6x the blocks
     with VLLMServer(model_dir, split=True, log_path=log,

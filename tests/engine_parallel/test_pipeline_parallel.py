@@ -21,7 +21,7 @@ import torch
 
 from harness.server_process import VLLMServer, kv_blocks_in_use, metrics
 from tests.engine_reliability.helpers import expect_error, opened, wait_idle
-from tests.support.references import PROMPTS, complete
+from tests.support.references import PROMPTS, complete, transformers_greedy
 from tests.support.sessions import RawSession, local_layers, split_generate
 from vllm_split.wire import protocol as wire
 
@@ -35,24 +35,6 @@ NUM_TOKENS = 12
 PP_ARGS = ("--pipeline-parallel-size", "2")
 
 
-def _transformers_greedy(model_dir, prompt_ids: list[list[int]], num_tokens: int) -> list[list[int]]:
-    """Greedy tokens with transformers' KV cache, EOS not special (as vLLM's ``ignore_eos``)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for ids in prompt_ids:
-            tokens, past, x = [], None, torch.tensor([ids])
-            for _ in range(num_tokens):
-                step = model(input_ids=x, past_key_values=past, use_cache=True)
-                past = step.past_key_values
-                tokens.append(int(step.logits[0, -1].argmax()))
-                x = torch.tensor([[tokens[-1]]])
-            out.append(tokens)
-    return out
-
-
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer) -> list[list[int]]:
     return [tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
@@ -60,7 +42,7 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(model_dir, prompt_ids) -> list[list[int]]:
-    return _transformers_greedy(model_dir, prompt_ids, NUM_TOKENS)  # before the server: no core shared
+    return transformers_greedy(model_dir, prompt_ids, NUM_TOKENS)  # before the server: no core shared
 
 
 @pytest.fixture(scope="module")

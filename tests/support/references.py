@@ -20,3 +20,22 @@ def complete(url: str, model: str, prompt, *, ssl_context=None, **params) -> dic
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=300, context=ssl_context) as r:
         return json.load(r)["choices"][0]
+
+
+def transformers_greedy(model_dir, prompt_ids: list[list[int]], num_tokens: int) -> list[list[int]]:
+    """Greedy tokens with transformers' KV cache, EOS not special (as vLLM's ``ignore_eos``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            tokens, past, x = [], None, torch.tensor([ids])
+            for _ in range(num_tokens):
+                step = model(input_ids=x, past_key_values=past, use_cache=True)
+                past = step.past_key_values
+                tokens.append(int(step.logits[0, -1].argmax()))
+                x = torch.tensor([[tokens[-1]]])
+            out.append(tokens)
+    return out
