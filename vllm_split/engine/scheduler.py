@@ -221,7 +221,7 @@ class SplitSchedulerMixin:
 
     # ---------------------------------------------------------------- composition
     def _split_k(self, request: Any) -> int:
-        return self.split_requests.get(request.request_id, ("", 0))[1]
+        return self._split_k_of(request.request_id)
 
     def _split_k_of(self, request_id: str) -> int:
         """Split layer of a live request by id (0: an ordinary one), for the KV range managers."""
