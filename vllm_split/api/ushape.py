@@ -32,17 +32,19 @@ def check_fixed_u(msg: wire.Open, *, num_layers: int, min_layer: int) -> str | N
 
 
 def u_shape_unsupported(vllm_config: Any) -> str | None:
-    """Why this server cannot run U-shaped sessions, or None. Their rows leave the layer loop
-    at ``m``, which only the compact forward does (the worker's single-stage CPU path,
-    ``SplitRunnerMixin._split_compact_why``); the exact fallback runs every layer on every row,
-    so a U request there would fail its step. Refused at Open instead, with this reason."""
+    """Why this server cannot run U-shaped sessions, or None: the worker's reasons
+    (``SplitRunnerMixin._split_u_why``), known here from the config. Their rows leave the layer
+    loop at ``m``, which only the compact forward does, on a single pipeline stage; a U request
+    in a step the worker cannot run that way would fail the step. Refused at Open instead,
+    with this reason."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return (f"this server runs on {current_platform.device_name}, where the compact forward that U-shaped "
                 "sessions need is not validated yet")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        return "this server runs pipeline parallelism, where the compact forward that U-shaped sessions need does not run"
+        return ("this server runs pipeline parallelism, where U-shaped sessions are not supported yet (their rows "
+                "leave the forward pass at their return layer on a single stage only)")
     return None
 
 

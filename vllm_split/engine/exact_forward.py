@@ -12,7 +12,8 @@ sent the hidden state ``x`` at layer ``k`` enters by setting, just before layer 
 then takes ``h`` as the residual): exact in float32. Rows entering at ``k = L`` are set
 just before the final norm. Layers below a row's ``k`` still run on it here and their
 output is overwritten: this is the exact fallback for configurations the compute-saving
-``compact_forward`` does not cover yet (pipeline parallelism, GPU attention backends).
+``compact_forward`` does not cover yet (GPU attention backends; a step whose batch is not
+sorted by split layer).
 
 Only models whose inner model runs exactly that loop are accepted: the inner model's
 ``forward`` must be one of the known standard-loop functions, checked at start-up.
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 from vllm.distributed import get_pp_group
 from vllm.sequence import IntermediateTensors
+
+from vllm_split.engine.compact_forward import final_norm
 
 
 class UnsupportedModelError(RuntimeError):
@@ -103,7 +106,4 @@ def exact_forward(
         return IntermediateTensors({"hidden_states": h, "residual": residual})
     for rows in by_layer.get(len(inner.layers), ()):
         h, residual = _inject(h, residual, rows)
-    if residual is None:
-        return inner.norm(h)
-    h, _ = inner.norm(h, residual)
-    return h
+    return final_norm(inner, h, residual)

@@ -9,9 +9,17 @@ Compute saving (``compact_forward``): ``_may_reorder_batch`` sorts the batch by 
 (ordinary requests first, as ``k = 0``), ``_build_attention_metadata`` additionally builds,
 through the runner's own builders, the attention metadata of each request prefix that is
 active at some layer, and ``_model_forward`` installs per layer the prefix's metadata and
-slot mapping in the forward context. Where that is not possible (pipeline parallelism,
-backends that reorder the batch themselves, non-CPU builders not yet validated) the exact
-but non-saving ``exact_forward`` runs instead.
+slot mapping in the forward context. Where that is not possible (backends that reorder the
+batch themselves, non-CPU builders not yet validated) the exact but non-saving
+``exact_forward`` runs instead.
+
+Pipeline parallelism: every stage sorts its batch alike (each worker gets the same scheduler
+output) and runs the compact forward over its own layers only (``compact_forward.run_stage``):
+the rows of requests whose split layer is below the stage's first layer arrive in the
+previous stage's ``IntermediateTensors`` (a prefix of the batch), the others enter at their
+layer or, above the stage, do not run here; a stage before the last sends its active rows
+padded with zeros to the step's token count. Only the stage's attention layers get prefix
+metadata. U-shaped requests stay single-stage (refused at Open under pipeline parallelism).
 """
 from __future__ import annotations
 
@@ -24,11 +32,12 @@ from vllm.distributed import get_pp_group
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
+from vllm.sequence import IntermediateTensors
 
 from vllm_split.engine.activations import SplitInput
 from vllm_split.config import SplitConfig
 from vllm_split.patches import min_layer
-from vllm_split.engine.compact_forward import Entry, compact_forward
+from vllm_split.engine.compact_forward import Entry, compact_forward, run_stage, stage_prefixes
 from vllm_split.engine.compiled_layers import (GUARDED_ABOVE_ROWS, CompiledLayers, compiled_graphs,
                                                 unsupported_reason)
 from vllm_split.engine.exact_forward import SplitRows, check_supported, exact_forward
@@ -43,6 +52,7 @@ class SplitRunnerMixin(UShapeRunnerMixin):
     # split layer per request in batch order, and {num_active_requests: (num_tokens, metadata)}
     _split_prefix_md: tuple[list[int], dict[int, tuple[int, dict]]] | None = None
     _split_layers: CompiledLayers | None = None  # compiled layer bodies (None: eager layers)
+    _split_layer_rows: int | None = None  # rows x decoder layers this worker ran in the step (None: not known)
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         config = SplitConfig.from_additional_config(self.vllm_config.additional_config)
@@ -57,6 +67,11 @@ class SplitRunnerMixin(UShapeRunnerMixin):
             logger.warning("vllm-split: split steps take the EXACT forward, which runs every decoder layer on every "
                            "row and saves no server compute (%s); see docs/server_savings.md, 'GPU plan'",
                            self._split_compact_why())
+        else:
+            pp = get_pp_group()
+            logger.info("vllm-split: split steps take the COMPACT forward on this stage's layers [%d, %d) "
+                        "(pipeline stage %d of %d): each layer runs only on the rows that have entered",
+                        inner.start_layer, inner.end_layer, pp.rank_in_group, pp.world_size)
         self._split_layers = self._split_compiled_layers(inner)
         self._split_u_wrap_logits()
         logger.info("vllm-split: resuming %s at per-request split layers (%d layers; this server holds "
@@ -91,15 +106,21 @@ class SplitRunnerMixin(UShapeRunnerMixin):
         """Why the compute-saving compact path cannot run here, or None."""
         if not current_platform.is_cpu():
             return f"the {current_platform.device_name} attention builders are not validated for row prefixes yet"
-        if get_pp_group().world_size != 1:
-            return "pipeline parallelism"
         if getattr(self, "reorder_batch_threshold", None) is not None:
             return "the attention backend reorders the batch itself"
         return None
 
+    def _split_u_why(self) -> str | None:
+        """Why U-shaped requests cannot run here, or None (``vllm_split.api.ushape.u_shape_unsupported``
+        refuses them at Open for the same reasons)."""
+        if get_pp_group().world_size != 1:
+            return "pipeline parallelism (U-shaped rows leave the forward pass on a single stage only)"
+        return self._split_compact_why()
+
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any):
         self._split_inputs = getattr(scheduler_output, "split_inputs", None) or {}
         self._split_prefix_md = self._split_u_md = self._split_u_logit_rows = None
+        self._split_layer_rows = None
         try:
             return super().execute_model(scheduler_output, *args, **kwargs)
         finally:
@@ -133,16 +154,13 @@ class SplitRunnerMixin(UShapeRunnerMixin):
         if ks != sorted(ks):
             return result
         if self._split_has_u():
-            self._split_u_build_metadata(self._split_entries(self.device), kwargs["slot_mappings"])
+            if self._split_u_why() is None:
+                self._split_u_build_metadata(self._split_entries(self.device), kwargs["slot_mappings"])
             return result
-        num_reqs = len(ks)
         starts = self.query_start_loc.np
         slot_mappings = kwargs["slot_mappings"]
         prefixes: dict[int, tuple[int, dict]] = {}
-        for k in sorted(set(ks)):
-            num_active = bisect.bisect_right(ks, k)
-            if num_active == num_reqs:
-                continue
+        for num_active in stage_prefixes(ks, self._split_inner.start_layer, self._split_inner.end_layer):
             num_tokens = int(starts[num_active])
             max_query_len = int((starts[1 : num_active + 1] - starts[:num_active]).max())
             md, _ = super()._build_attention_metadata(
@@ -192,30 +210,67 @@ class SplitRunnerMixin(UShapeRunnerMixin):
     def _model_forward(self, input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                        intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,
                        **model_kwargs: Any) -> Any:
+        num_tokens = positions.shape[-1]
         if not self._split_inputs:
+            self._split_layer_rows = num_tokens * (self._split_inner.end_layer - self._split_inner.start_layer)
             return super()._model_forward(input_ids=input_ids, positions=positions,
                                           intermediate_tensors=intermediate_tensors,
                                           inputs_embeds=inputs_embeds, **model_kwargs)
+        if self._split_has_u() and (why := self._split_u_why()) is not None:
+            raise RuntimeError(f"vllm-split: U-shaped split requests cannot run here: {why}")
         if self._split_u_md is not None:
             out = self._split_u_forward(self._split_entries(positions.device),
                                         input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds)
-            pad = positions.shape[-1] - out.shape[0]
-            return out if pad == 0 else torch.cat([out, out.new_zeros((pad, out.shape[1]))])
+            return _pad_rows(out, num_tokens)
         if self._split_has_u():
-            raise RuntimeError("vllm-split: U-shaped split requests need the compact forward (single-stage CPU "
-                               f"path); here: {self._split_compact_why() or 'unsorted batch'}")
+            raise RuntimeError("vllm-split: U-shaped split requests need the compact forward; here: unsorted batch")
         if self._split_prefix_md is not None:
-            saved = self._install_prefix_metadata()
-            try:
-                out = compact_forward(self._split_inner, entries=self._split_entries(positions.device),
-                                      input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds,
-                                      run_layer=self._split_layers, **model_kwargs)
-            finally:
-                fc = get_forward_context()
-                fc.attn_metadata, fc.slot_mapping = saved
-            pad = positions.shape[-1] - out.shape[0]
-            return out if pad == 0 else torch.cat([out, out.new_zeros((pad, out.shape[1]))])
+            return self._split_compact_stage(input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds,
+                                             intermediate_tensors=intermediate_tensors, **model_kwargs)
+        self._split_layer_rows = num_tokens * (self._split_inner.end_layer - self._split_inner.start_layer)
         groups = self._split_groups(positions.device)
         return exact_forward(self._split_inner, groups=groups, input_ids=input_ids, positions=positions,
                              intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds,
                              **model_kwargs)
+
+    def _split_compact_stage(self, *, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                             inputs_embeds: torch.Tensor | None, intermediate_tensors: Any,
+                             **model_kwargs: Any) -> torch.Tensor | IntermediateTensors:
+        """This stage's compact forward: the final hidden states (last stage) or the tensors for
+        the next stage, padded to the step's token count either way."""
+        last = get_pp_group().is_last_rank
+        received = None if intermediate_tensors is None else (intermediate_tensors["hidden_states"],
+                                                              intermediate_tensors["residual"])
+        self._split_layer_rows = 0
+        inner, layers = self._split_inner, self._split_layers
+
+        def run_layer(idx: int, pos: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None):
+            self._split_layer_rows += h.shape[0]
+            if layers is not None:
+                return layers(idx, pos, h, residual)
+            return inner.layers[idx](pos, h, residual, **model_kwargs)
+
+        saved = self._install_prefix_metadata()
+        try:
+            out = (compact_forward if last else run_stage)(
+                inner, entries=self._split_entries(positions.device), input_ids=input_ids, positions=positions,
+                inputs_embeds=inputs_embeds, run_layer=run_layer, received=received)
+        finally:
+            fc = get_forward_context()
+            fc.attn_metadata, fc.slot_mapping = saved
+        num_tokens = positions.shape[-1]
+        if last:
+            return _pad_rows(out, num_tokens)
+        h, residual = out
+        if h is None:  # no row active on this stage yet: the next stage reads none of these
+            h = torch.zeros((num_tokens, self.model_config.get_hidden_size()), dtype=self.model_config.dtype,
+                            device=positions.device)
+        residual = torch.zeros_like(h) if residual is None else residual
+        return IntermediateTensors({"hidden_states": _pad_rows(h, num_tokens),
+                                    "residual": _pad_rows(residual, num_tokens)})
+
+
+def _pad_rows(t: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``t`` with zero rows appended up to ``num_rows`` (the step's padded token count)."""
+    pad = num_rows - t.shape[0]
+    return t if pad == 0 else torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])

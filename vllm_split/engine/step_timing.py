@@ -17,7 +17,11 @@ hooks are not installed on a compiled model, whose graph they would enter). Each
 has ``t`` (wall time at the end), ``num_reqs``, ``num_tokens`` and ``split_layers``
 (sorted, one per split request), ``return_layers`` (only with U-shaped requests: their
 ``m``, sorted) and ``compiled_graphs`` (torch.compile graphs made in this
-process so far: a number that grows while serving is a recompilation).
+process so far: a number that grows while serving is a recompilation), ``pp_rank`` (the
+pipeline stage of the worker that wrote the line: every stage writes one per step) and, from
+the split runner, ``layer_rows``: the rows times decoder layers this worker's forward ran
+(every row on every layer of the stage for plain and exact steps, only the entered rows on
+the compact path; absent where not counted, e.g. U-shaped steps).
 """
 from __future__ import annotations
 
@@ -47,6 +51,9 @@ class StepTimingMixin:
         self._model_s = 0.0
         self._layer_timer: LayerTimer | None = None
         from vllm.config import CompilationMode  # here: this module imports without vLLM
+        from vllm.distributed import get_pp_group, model_parallel_is_initialized
+
+        self._step_pp_rank = get_pp_group().rank_in_group if model_parallel_is_initialized() else 0
 
         if self.vllm_config.compilation_config.mode == CompilationMode.NONE:
             self._layer_timer = LayerTimer()
@@ -96,7 +103,9 @@ class StepTimingMixin:
             return
         info, step_s = ended
         line = {"t": time.time(), **info, "step_s": step_s, "model_s": self._model_s,
-                "compiled_graphs": compiled_graphs()}
+                "compiled_graphs": compiled_graphs(), "pp_rank": self._step_pp_rank}
+        if (layer_rows := getattr(self, "_split_layer_rows", None)) is not None:
+            line["layer_rows"] = layer_rows
         if self._layer_timer is not None:
             line["layers_s"] = self._layer_timer.take_seconds()
         self._step_log.write(json.dumps(line) + "\n")

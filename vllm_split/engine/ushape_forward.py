@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from vllm_split.engine.compact_forward import Entry, append_rows, entry_rows
+from vllm_split.engine.compact_forward import Entry, append_rows, entry_rows, final_norm
 from vllm_split.engine.subset_metadata import token_index
 
 
@@ -106,6 +106,6 @@ def ushape_forward(
     dtype = next(iter(returned.values())).dtype if h is None else h.dtype
     out = torch.zeros((total, hidden_size), dtype=dtype, device=positions.device)
     if h is not None:
-        final = inner.norm(h) if residual is None else inner.norm(h, residual)[0]
+        final = final_norm(inner, h, residual)
         out[token_index(starts, active).to(out.device)] = final
     return out, returned

@@ -52,16 +52,17 @@ async def test_u_shapes_the_server_cannot_serve_are_refused(msg, match):
 
 
 @pytest.mark.parametrize("k, m", [(4, 20), (None, None)])
-async def test_a_server_without_the_compact_forward_refuses_u_shapes_at_open(k, m):
-    """Pipeline parallelism (or a non-CPU build) runs the exact fallback, where U rows could not
-    leave at m: the Open is refused with the reason, before any engine request exists."""
+async def test_a_server_that_cannot_run_u_shapes_refuses_them_at_open(k, m):
+    """Under pipeline parallelism (U rows leave at m on a single stage only) or on a non-CPU
+    build (no compact forward): the Open is refused with the reason, before any engine request
+    exists."""
     from types import SimpleNamespace
 
     from tests.unit.api.test_session_driver import FakeEngine
     from vllm_split.api.ushape import u_shape_unsupported
 
     why = u_shape_unsupported(SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=2)))
-    assert "pipeline parallelism" in why
+    assert "pipeline parallelism, where U-shaped sessions are not supported yet" in why
     assert u_shape_unsupported(SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=1))) is None
     peer, engine = Peer(), FakeEngine([1])
     session = ServerSession(engine=engine, model=dataclasses.replace(MODEL, u_shape_unsupported=why),

@@ -7,7 +7,8 @@ import torch
 pytest.importorskip("vllm")
 
 from tests.unit.engine.test_exact_forward import L, TinyInner, _batch, _reference  # noqa: E402
-from vllm_split.engine.compact_forward import Entry, compact_forward  # noqa: E402
+from vllm_split.engine.compact_forward import (Entry, carried_rows, compact_forward, run_stage,  # noqa: E402
+                                               stage_prefixes)
 
 
 class _Recorder:
@@ -78,3 +79,63 @@ def test_unsorted_entries_are_an_internal_error(inner):
     with pytest.raises(AssertionError, match="sorted by split layer"):
         compact_forward(inner, entries=_entries(lengths, [3, 1], entering, [True, True]), input_ids=ids,
                         positions=positions)
+
+
+# ---------------------------------------------------------------- pipeline stages
+def _stage(inner: TinyInner, start: int, end: int) -> TinyInner:
+    inner.start_layer, inner.end_layer = start, end
+    return inner
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("boundary", [1, 3, 4])
+def test_two_stages_compose_to_the_single_stage_result_running_only_entered_rows(inner, boundary):
+    """Stage 0 holds [0, b), stage 1 [b, L): stage 1 takes the rows with k < b from stage 0's
+    tensors (their other rows are garbage it must ignore), the rest enter at k; no stage runs a
+    row below its k."""
+    lengths = [3, 2, 5, 4, 1, 6]
+    ks = [0, 0, 2, 3, 4, L]
+    client = [False, True, True, True, True, True]
+    ids, positions = _batch(lengths, seed=5)
+    ref, entering = _reference(inner, ids, positions)
+    entries = _entries(lengths, ks, entering, client)
+    rec = _Recorder(inner)
+    h, residual = run_stage(_stage(inner, 0, boundary), entries=entries, input_ids=ids, positions=positions)
+    sent = carried_rows(entries, boundary)
+    assert h.shape[0] == residual.shape[0] == sent == sum(n for n, k in zip(lengths, ks) if k < boundary)
+    garbage = torch.randn(sum(lengths) - sent, h.shape[1])  # rows of requests not active yet
+    received = (torch.cat([h, garbage]), torch.cat([residual, garbage]))
+    out = compact_forward(_stage(inner, boundary, L), entries=entries, input_ids=None, positions=positions,
+                          received=received)
+    assert torch.equal(out, ref)
+    assert rec.rows == [sum(n for n, k in zip(lengths, ks) if k <= layer) for layer in range(L)]
+
+
+@torch.no_grad()
+def test_a_stage_below_every_split_layer_runs_nothing_and_the_next_enters_them(inner):
+    lengths = [4, 3]
+    ids, positions = _batch(lengths)
+    ref, entering = _reference(inner, ids, positions)
+    entries = _entries(lengths, [4, L], entering, [True, True])
+    rec = _Recorder(inner)
+    assert run_stage(_stage(inner, 0, 3), entries=entries, input_ids=ids, positions=positions) == (None, None)
+    out = compact_forward(_stage(inner, 3, L), entries=entries, input_ids=None, positions=positions,
+                          received=(torch.zeros(7, 16), torch.zeros(7, 16)))  # what stage 0 sends: zeros
+    assert torch.equal(out, ref)
+    assert rec.rows == [0, 0, 0, 0, 4, 4]
+
+
+def test_rows_below_a_later_stage_without_received_tensors_are_an_internal_error(inner):
+    lengths = [2, 2]
+    ids, positions = _batch(lengths)
+    _, entering = _reference(inner, ids, positions)
+    with pytest.raises(AssertionError, match="2 rows entered below layer 3, but no stage sent them"):
+        run_stage(_stage(inner, 3, L), entries=_entries(lengths, [1, 4], entering, [True, True]), input_ids=ids,
+                  positions=positions)
+
+
+@pytest.mark.parametrize("ks", [[0, 0, 2, 3, 4, L], [5, 5], [0], [L, L], [1, 2, 3, 4, 5, L], []])
+@pytest.mark.parametrize("start,end", [(0, L), (0, 3), (3, L), (2, 4)])
+def test_stage_prefixes_are_the_partial_active_sets_of_the_stage_layers(ks, start, end):
+    brute = {sum(1 for k in ks if k <= layer) for layer in range(start, end)}
+    assert stage_prefixes(ks, start, end) == sorted(c for c in brute if 0 < c < len(ks))

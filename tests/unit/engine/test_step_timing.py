@@ -95,15 +95,25 @@ def test_one_line_per_step_from_execute_model_to_the_sampled_output(tmp_path, mo
     assert out in ("output", "sampled")
     runner.execute_model(step({}))  # schedules no token: not a step
     (got,) = lines(log)
-    fields = {"t", "num_reqs", "num_tokens", "split_layers", "step_s", "model_s", "compiled_graphs"}
+    fields = {"t", "num_reqs", "num_tokens", "split_layers", "step_s", "model_s", "compiled_graphs", "pp_rank"}
     assert set(got) == (fields if compiled else fields | {"layers_s"})  # no hooks inside a compiled graph
-    assert (got["num_reqs"], got["num_tokens"], got["split_layers"]) == (3, 5, [15, 22])
+    assert (got["num_reqs"], got["num_tokens"], got["split_layers"], got["pp_rank"]) == (3, 5, [15, 22], 0)
     assert 2 * LAYER_S <= got["model_s"] < 0.3
     if not compiled:
         assert 2 * LAYER_S <= got["layers_s"] <= got["model_s"]
     assert not compiled or not any(layer._forward_hooks for layer in runner.model.model.layers)
     assert got["step_s"] >= got["model_s"] + PREP_S + (0 if fused else SAMPLE_S)
     assert t0 <= got["t"] <= time.time()
+
+
+def test_the_split_runners_layer_rows_go_into_the_line(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV, str(tmp_path / "steps.jsonl"))
+    runner = Runner(fused=True)
+    runner.load_model()
+    runner._split_layer_rows = 42  # what SplitRunnerMixin counted in this step's forward
+    runner.execute_model(step({"a": 3}, splits={"a": 7}))
+    (got,) = lines(tmp_path / "steps.jsonl")
+    assert got["layer_rows"] == 42
 
 
 def test_nothing_is_installed_without_the_env_var(tmp_path, monkeypatch):
