@@ -94,6 +94,7 @@ SIGNATURES = {
         "(self, request: vllm.v1.request.Request, num_tokens: int, retention_interval: int | None = None, *, "
         "replay_boundaries: collections.abc.Sequence[int]) -> None", "vllm_split/engine/kv_range_manager.py"),
     "vllm.v1.worker.gpu_worker:Worker._make_model_runner": ("(self) -> 'GPUModelRunner'", "vllm_split/engine/worker.py"),
+    "vllm.v1.core.block_pool:BlockPool.get_num_free_blocks": ("(self) -> int", "vllm_split/engine/scheduler.py"),
     # cpu_range_metadata: the CPU scheduler metadata is computed from these, never from a block table
     "vllm._custom_ops:cpu_attn_get_scheduler_metadata": (
         "(num_reqs: int, num_heads: int, num_kv_heads: int, head_dim: int, seq_lens: torch.Tensor, dtype: "
@@ -195,6 +196,8 @@ SOURCE_CONTAINS = {
     "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder.build": (
         "            block_table=block_table_tensor,\n            slot_mapping=slot_mapping,\n"
         "            scheduler_metadata=scheduler_metadata,", "patches/cpu_range_metadata.py"),
+    # the scheduler reports the block pool to the admission controller (control/kv_budget.py)
+    "vllm.v1.core.block_pool:BlockPool.__init__": ("self.num_gpu_blocks = num_gpu_blocks", "vllm_split/engine/scheduler.py"),
     # skipped ranges hold the null block, which freeing never returns to the free queue
     "vllm.v1.core.block_pool:BlockPool.free_blocks": (
         "if block.ref_cnt == 0 and not block.is_null:", "vllm_split/engine/kv_range_manager.py"),
