@@ -168,6 +168,16 @@ def draw(data: dict):
     return fig
 
 
+def _step_label(step: dict, g: str) -> str:
+    """The G's tick: its median fixed part and per-group preparation against G = 1's."""
+    label = f"kv_ranges {g}"
+    for field, name in (("fixed_s", "fixed"), ("prep_s", "per-group prep")):
+        key = f"{field}_pooled_median_ms"
+        if step[g].get(key) is not None and step["1"].get(key) is not None:
+            label += f"\n{name} {step[g][key]:.2f} ms (G=1: {step['1'][key]:.2f})"
+    return label
+
+
 def _draw_step(ax, step: dict) -> None:
     """Part 3: each round's step-time ratio to G = 1 (dots), their median and interval (bar)."""
     gs = [g for g in step if g != "1"]
@@ -180,8 +190,7 @@ def _draw_step(ax, step: dict) -> None:
             ax.errorbar([i], [med], yerr=[[med - lo], [hi - med]], fmt="_", color="k", capsize=6, markersize=16)
     ax.axhline(1.0, color="#888", lw=0.8)
     ax.axhspan(0.95, 1.05, color="#4a8", alpha=0.15, label="within 5%")
-    ax.set_xticks(range(len(gs)), [f"kv_ranges {g}\nfixed {step[g]['fixed_s_pooled_median_ms']:.1f} ms "
-                                   f"(G=1: {step['1']['fixed_s_pooled_median_ms']:.1f})" for g in gs], fontsize=7)
+    ax.set_xticks(range(len(gs)), [_step_label(step, g) for g in gs], fontsize=7)
     ax.set_ylabel("ordinary decode step time / kv_ranges 1")
     ax.set_title("Ordinary steps, batch 8 (dots: rounds)", fontsize=9)
     ax.legend(fontsize=8)

@@ -8,8 +8,12 @@ completions on it and keeps the worker's step log (``VLLM_SPLIT_STEP_LOG``). A s
 figure is the median over its pure-decode steps at the full batch; a round's ratio for G is
 that median over the median of the G = 1 server of the same round (minutes apart, not
 seconds). Also reported: the fixed part of a step (``step_s - model_s``: input preparation,
-attention metadata, LM head, sampling), where the per-group work of G groups lands, and
-whether every server produced the same tokens.
+attention metadata, LM head, sampling), and within it ``prep_s``, the runner's input
+preparation that runs once per KV cache group (block tables, slot mappings, attention
+metadata), where the per-group work of G groups lands; and whether every server produced
+the same tokens. The model forward cannot depend on G beyond its attention kernels (the
+same bytes read through another group's block table), so a difference in ``model_s``
+between servers is the machine's, which the rounds are there to average.
 
 The analysis (:func:`summarize`) is pure; :func:`run` starts the servers.
 """
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from benchmarks.step_pairs import median_interval
 
-STEP_FIELDS = ("step_s", "fixed_s")
+STEP_FIELDS = ("step_s", "fixed_s", "prep_s")
 
 
 def decode_steps(lines: list[dict], batch: int) -> list[dict]:
@@ -46,6 +50,8 @@ def summarize(servers: list[dict], *, baseline: int = 1) -> dict:
         runs = [s for s in servers if s["kv_ranges"] == g]
         row: dict = {"servers": len(runs), "steps": [len(s["steps"]) for s in runs]}
         for field in STEP_FIELDS:
+            if not all(field in x for s in runs for x in s["steps"]):
+                continue  # a log from before the field existed
             medians = [statistics.median(x[field] for x in s["steps"]) for s in runs if s["steps"]]
             row[f"{field}_medians_ms"] = [1000 * m for m in medians]
             pooled = [x[field] for s in runs for x in s["steps"]]

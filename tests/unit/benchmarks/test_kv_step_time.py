@@ -5,7 +5,8 @@ from benchmarks import bench_kv_capacity, kv_step_time
 
 
 def _line(step_s, *, num_reqs=8, num_tokens=8, model_s=None, split_layers=()):
-    return {"step_s": step_s, "model_s": step_s * 0.8 if model_s is None else model_s, "num_reqs": num_reqs,
+    return {"step_s": step_s, "model_s": step_s * 0.8 if model_s is None else model_s, "prep_s": step_s * 0.05,
+            "num_reqs": num_reqs,
             "num_tokens": num_tokens, "split_layers": list(split_layers)}
 
 
@@ -37,7 +38,14 @@ def test_ratios_are_per_round_against_the_same_rounds_baseline():
     assert lo == pytest.approx(1.05) and hi == pytest.approx(1.05)  # equal ratios: a point interval
     assert s["by_kv_ranges"]["1"]["step_s_ratio_median"] == 1.0
     assert six["fixed_s_pooled_median_ms"] == pytest.approx(42)  # 20% of 0.21 s (three of five steps)
-    assert s["tokens_identical"]
+    assert six["prep_s_ratio_median"] == pytest.approx(1.05) and s["tokens_identical"]
+
+
+def test_a_log_without_a_field_skips_that_field():
+    old = [{"step_s": 0.1, "model_s": 0.08, "num_reqs": 8, "num_tokens": 8, "split_layers": []}]
+    servers = [{"round": 0, "kv_ranges": g, "steps": kv_step_time.decode_steps(old, 8), "tokens": []} for g in (1, 6)]
+    row = kv_step_time.summarize(servers)["by_kv_ranges"]["6"]
+    assert row["step_s_ratio_median"] == 1.0 and "prep_s_ratios" not in row
 
 
 def test_different_tokens_and_missing_steps_are_reported_not_hidden():
