@@ -1,8 +1,9 @@
 """KV cache capacity (tokens) of plain vLLM vs vllm-split with and without min_layer, and the
 split sessions held at once at the same KV memory with and without KV per layer range.
 
-    python -m benchmarks.bench_kv_capacity [--min-layer 15] [--kv-space-gib 1] [--kv-ranges 6]
-        [--held-k 15 22] [--held-blocks 24] [--no-held]
+    python -m benchmarks.bench_kv_capacity [--parts capacity held step] [--min-layer 15]
+        [--kv-space-gib 1] [--kv-ranges 6] [--held-k 15 22] [--held-blocks 24]
+        [--step-ranges 1 6 10] [--step-rounds 3]
 
 Part 1 starts each server in turn at the same memory setting (``VLLM_CPU_KVCACHE_SPACE``),
 reads the engine's own start-up report ("KV cache size: N tokens") and writes JSON + a bar
@@ -14,11 +15,16 @@ Part 2 (``--held-k``): two split servers with the same KV bytes (``--held-blocks
 blocks of one range each) hold as many sessions at split layer k as they can, each after its
 first token (``harness/held_sessions.py``), until one waits for KV or the engine preempts.
 Expected gain: ``1 / held_fraction(ranges, k)`` (2x at k = 15, 3x at k = 22 for G = 6).
+
+Part 3 (``step``): ordinary requests' decode step time with ``kv_ranges`` G against G = 1, in
+rounds of one server per G (``benchmarks/kv_step_time.py``): 8 concurrent greedy completions,
+the worker's step log, median step and fixed part per server, ratios per round.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import tempfile
 from pathlib import Path
 
@@ -26,6 +32,8 @@ from benchmarks import report
 
 HELD_BLOCK_SIZE = 32
 HELD_PROMPT_TOKENS = 96  # 3 blocks per range
+PARTS = ("capacity", "held", "step")
+STEP_BATCH, STEP_TOKENS, STEP_PROMPT_TOKENS = 8, 64, 64
 
 
 def main() -> None:
@@ -35,8 +43,10 @@ def main() -> None:
     p.add_argument("--kv-ranges", type=int, default=6)
     p.add_argument("--held-k", type=int, nargs="*", default=[15, 22])
     p.add_argument("--held-blocks", type=int, default=24, help="KV memory of part 2, in 32-token blocks of all layers")
-    p.add_argument("--no-held", action="store_true", help="part 1 only")
-    p.add_argument("--held-only", action="store_true", help="part 2 only")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run (default: all)")
+    p.add_argument("--step-ranges", type=int, nargs="+", default=[1, 6, 10], help="part 3: the G values (1 first)")
+    p.add_argument("--step-rounds", type=int, default=3, help="part 3: rounds of one server per G")
+    p.add_argument("--step-repeats", type=int, default=3, help="part 3: batches of 8 completions per server")
     args = report.parse_args(p, draw)
     from harness.model_prep import prepare
     from harness.server_process import VLLMServer, kv_capacity_tokens
@@ -49,7 +59,7 @@ def main() -> None:
                ranges_name: (True, ("--split-kv-ranges", str(args.kv_ranges)))}
     tmp = Path(tempfile.mkdtemp(prefix="bench-kv-"))
     capacity = {}
-    for i, (name, (split, extra)) in enumerate(() if args.held_only else systems.items()):
+    for i, (name, (split, extra)) in enumerate(systems.items() if "capacity" in args.parts else ()):
         log = tmp / f"{i}.log"
         server = VLLMServer(model, split=split, log_path=log, extra_args=extra,
                             env={"VLLM_CPU_KVCACHE_SPACE": args.kv_space_gib})
@@ -59,10 +69,15 @@ def main() -> None:
             server.stop()
         capacity[name] = kv_capacity_tokens(log)
         print(f"{name}: {capacity[name]} tokens", flush=True)
-    held = {} if args.no_held else _held(model, num_layers, args, tmp)
+    held = _held(model, num_layers, args, tmp) if "held" in args.parts else {}
+    step = _step(model, args, tmp) if "step" in args.parts else {}
     data = {"arguments": report.arguments(args), "environment": report.environment(num_layers=num_layers),
-            "kv_capacity_tokens": capacity, "held_sessions": held,
+            "kv_capacity_tokens": capacity, "held_sessions": held, "ordinary_step_time": step,
             "summary": {"held_gain": {k: v["gain"] for k, v in held.items()}}}
+    if step:
+        data["summary"]["ordinary_step_ratio"] = {g: r.get("step_s_ratio_median")
+                                                  for g, r in step["by_kv_ranges"].items()}
+        data["summary"]["step_tokens_identical"] = step["tokens_identical"]
     if capacity:
         data["summary"].update(min_layer_gain=capacity[f"split min_layer={args.min_layer}"] / capacity["plain"],
                                expected_gain=num_layers / (num_layers - args.min_layer),
@@ -105,10 +120,28 @@ def _held(model: Path, num_layers: int, args, tmp: Path) -> dict:
                      "expected_gain": 1 / held_fraction(ranges, k)} for k, c in counts.items()}
 
 
+def _step(model: Path, args, tmp: Path) -> dict:
+    """Part 3: ordinary decode step time, kv_ranges G vs 1, in rounds of one server per G."""
+    from benchmarks import kv_step_time
+
+    if args.step_ranges[0] != 1:
+        raise SystemExit("--step-ranges must start with 1 (the baseline)")
+    rng = random.Random(0)  # the same prompts for every server
+    prompts = [[rng.randrange(3, 49000) for _ in range(STEP_PROMPT_TOKENS)] for _ in range(STEP_BATCH)]
+    servers = kv_step_time.run(model, tmp, ranges=args.step_ranges, rounds=args.step_rounds, batch=STEP_BATCH,
+                               repeats=args.step_repeats, max_tokens=STEP_TOKENS, prompts=prompts)
+    summary = kv_step_time.summarize(servers)
+    summary["design"] = (f"{args.step_rounds} rounds of one split server per kv_ranges in {args.step_ranges} "
+                         f"(order reversed every other round); per server {args.step_repeats} x {STEP_BATCH} "
+                         f"concurrent greedy completions of {STEP_TOKENS} tokens after a warm-up")
+    return summary
+
+
 def draw(data: dict):
     capacity = data["kv_capacity_tokens"]
     held = data.get("held_sessions") or {}
-    panels = [p for p in ("capacity", "held") if (capacity if p == "capacity" else held)]
+    step = (data.get("ordinary_step_time") or {}).get("by_kv_ranges") or {}
+    panels = [p for p, shown in (("capacity", capacity), ("held", held), ("step", step)) if shown]
     fig, axes = report.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
     axes = dict(zip(panels, axes[0]))
     ax = axes.get("capacity")
@@ -130,7 +163,37 @@ def draw(data: dict):
         ax.set_ylabel("sessions held without preemption")
         ax.set_title("Same KV bytes", fontsize=9)
         ax.legend(fontsize=8)
+    if step:
+        _draw_step(axes["step"], step)
     return fig
+
+
+def _step_label(step: dict, g: str) -> str:
+    """The G's tick: its median fixed part and per-group preparation against G = 1's."""
+    label = f"kv_ranges {g}"
+    for field, name in (("fixed_s", "fixed"), ("prep_s", "per-group prep")):
+        key = f"{field}_pooled_median_ms"
+        if step[g].get(key) is not None and step["1"].get(key) is not None:
+            label += f"\n{name} {step[g][key]:.2f} ms (G=1: {step['1'][key]:.2f})"
+    return label
+
+
+def _draw_step(ax, step: dict) -> None:
+    """Part 3: each round's step-time ratio to G = 1 (dots), their median and interval (bar)."""
+    gs = [g for g in step if g != "1"]
+    for i, g in enumerate(gs):
+        row = step[g]
+        ax.scatter([i] * len(row["step_s_ratios"]), row["step_s_ratios"], color="#c72", s=14, zorder=3)
+        if "step_s_ratio_median" in row:
+            lo, hi = row["step_s_ratio_ci95"]
+            med = row["step_s_ratio_median"]
+            ax.errorbar([i], [med], yerr=[[med - lo], [hi - med]], fmt="_", color="k", capsize=6, markersize=16)
+    ax.axhline(1.0, color="#888", lw=0.8)
+    ax.axhspan(0.95, 1.05, color="#4a8", alpha=0.15, label="within 5%")
+    ax.set_xticks(range(len(gs)), [_step_label(step, g) for g in gs], fontsize=7)
+    ax.set_ylabel("ordinary decode step time / kv_ranges 1")
+    ax.set_title("Ordinary steps, batch 8 (dots: rounds)", fontsize=9)
+    ax.legend(fontsize=8)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ def test_layout_and_capacity(server, plain):
     text = server.log_path.read_text()
     assert "KV per layer range: 6 KV cache groups over layers [0, 5) [5, 10) [10, 15) [15, 20) [20, 25) [25, 30)" \
         in text
+    # patches/cpu_range_metadata.py: one attention metadata build per step for the six range groups
+    assert "one CPU attention metadata build per step shared by 6 groups" in text
     assert kv_capacity_tokens(server.log_path) == plain[2] == NUM_BLOCKS * BLOCK_SIZE
 
 

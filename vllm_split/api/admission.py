@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
+from vllm_split.control.kv_budget import KVState
 from vllm_split.control.live_cost import LiveCostModel
 from vllm_split.control.policy import (Admission, AdmissionPolicy, AdmissionRequest, ClientFlops, InFlight, Refusal,
                                        model_error, retry_after_s, server_load)
@@ -118,6 +119,7 @@ class StepPoller:
         self.metrics = metrics
         self.on_update = on_update  # awaited after a poll that changed the measured load
         self.costs = LiveCostModel()
+        self.kv: KVState | None = None  # the engine's block pool at the last poll
         self._num_recent = 0  # steps in the load's window at the last poll
         self._task: asyncio.Task | None = None
 
@@ -130,11 +132,15 @@ class StepPoller:
             self._task.cancel()
 
     async def poll_once(self) -> int:
-        """Fetch the steps since the last one seen, refit; the number of new steps. The
-        measured load changed when there are new steps or when steps left its window (the
-        engine went quiet): then ``on_update`` is awaited."""
+        """Fetch the steps since the last one seen and the block pool, refit; the number of new
+        steps. The measured load changed when there are new steps, when steps left its window
+        (the engine went quiet) or when KV blocks were freed: then ``on_update`` is awaited."""
         stats = await self.step_stats(self.costs.last_seq)
         n = self.costs.add(StepRecord.from_list(r) for r in stats["records"]) if stats else 0
+        kv_before = self.kv
+        if stats:
+            self.kv = KVState.from_stats(stats.get("kv"), now=time.monotonic())
+        kv_freed = self.kv is not None and (kv_before is None or self.kv.free_blocks > kv_before.free_blocks)
         if n:
             cost = self.costs.refit()
             for term, value in (("fixed", cost.fixed_s), ("layer", cost.layer_s), ("row", cost.row_s)):
@@ -142,7 +148,7 @@ class StepPoller:
         self.metrics.occupancy.set(self.costs.occupancy())
         num_recent, before = len(self.costs.recent()), self._num_recent
         self._num_recent = num_recent
-        if (n or num_recent != before) and self.on_update is not None:
+        if (n or num_recent != before or kv_freed) and self.on_update is not None:
             await self.on_update()
         return n
 
@@ -188,7 +194,7 @@ class AdmissionController:
         load = server_load(self.costs, admitted_ages_s=[now - s.admitted_at for s in self.inflight.values()],
                            num_layers=self.policy.num_layers, now=time.time())
         return replace(load, tpot_error=self._tpot_ratios.error(now), ttft_error=self._ttft_ratios.error(now),
-                       decoded_tpot_error=self._decoded_tpot_ratios.error(now))
+                       decoded_tpot_error=self._decoded_tpot_ratios.error(now), kv=self.poller.kv)
 
     def retry_after_s(self) -> float:
         return retry_after_s(self.inflight.values(), time.monotonic())

@@ -55,6 +55,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
+from vllm_split.control.kv_budget import Promise, kv_wait
 from vllm_split.control.live_cost import LiveCostModel
 from vllm_split.control.request_graph import (TOKEN_BYTES, ClientCosts, RequestGraphInputs, ServerLoad, busy_fraction,
                                               SERVER_DECODE_SPLIT, check_max_layers, decode_wait_s,
@@ -164,6 +165,12 @@ class InFlight:
     request: AdmissionRequest
     admission: Admission
     admitted_at: float  # time.monotonic() at admission
+
+    def promise(self) -> Promise:
+        """Its KV, as the admission budget counts it."""
+        r = self.request
+        return Promise(prompt_tokens=r.prompt_tokens, total_tokens=r.prompt_tokens + r.expected_output_tokens,
+                       split_layer=self.admission.split_layer, admitted_at=self.admitted_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,6 +424,8 @@ class AdmissionPolicy:
         if held is not None:
             return held
         k, decoded = split_layer_of(placed.placement), is_server_decoded(placed.placement)
+        if (why := self.kv_held(request, k, load, inflight)) is not None:
+            return Wait(why)
         if self.first_pushed_past_bound(load, inflight, split_layer=k) is not None:
             return Wait("admitting it would push an admitted session past its TPOT bound")
         ttft, tpot, work = self.predict(request, k, load, server_decode=decoded)
@@ -433,6 +442,14 @@ class AdmissionPolicy:
         if self.max_num_seqs is not None and len(inflight) >= self.max_num_seqs:
             return Wait(f"all {self.max_num_seqs} request slots of the engine are taken")
         return None
+
+    @staticmethod
+    def kv_held(request: AdmissionRequest, split_layer: int, load: ServerLoad,
+                inflight: Collection[InFlight]) -> str | None:
+        """Why the KV cache cannot take the newcomer's whole sequence at ``split_layer`` beside
+        the admitted sessions' (:func:`vllm_split.control.kv_budget.kv_wait`), or None."""
+        return kv_wait(load.kv, total_tokens=request.prompt_tokens + request.expected_output_tokens,
+                       split_layer=split_layer, promises=[s.promise() for s in inflight])
 
     def added_step_s(self, load: ServerLoad, split_layer: int) -> float:
         """What a newcomer at ``split_layer`` adds to each step at ``load``: its decode row

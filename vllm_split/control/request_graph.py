@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_split.control.kv_budget import KVState
 from vllm_split.control.live_cost import StepCost
 from vllm_split.planner import LayerGraph, LayerNode, Placement
 from vllm_split.planner.model_configs import ModelConfig
@@ -82,6 +83,7 @@ class ServerLoad:
     tpot_error: float = 1.0  # measured / predicted TPOT of recent split sessions (a high quantile, >= 1)
     ttft_error: float = 1.0  # the same for TTFT
     decoded_tpot_error: float = 1.0  # the same for the TPOT of recent server-decoded sessions
+    kv: KVState | None = None  # the engine's block pool as last reported (control/kv_budget.py)
 
 
 @dataclass(frozen=True, slots=True)

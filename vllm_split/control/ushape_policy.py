@@ -173,6 +173,8 @@ def decide_u(policy: "AdmissionPolicy", request: "AdmissionRequest", placed: "Pl
     if held is not None:
         return held
     k, m = u_layers_of(placed.placement)
+    if (why := policy.kv_held(request, k, load, inflight)) is not None:
+        return Wait(why)
     if policy.first_pushed_past_bound(load, inflight, split_layer=k) is not None:
         return Wait("admitting it would push an admitted session past its TPOT bound")
     ttft, tpot, work = predict_u(policy, request, k, m, load)

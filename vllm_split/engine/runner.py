@@ -36,7 +36,7 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_split.engine.activations import SplitInput
 from vllm_split.config import SplitConfig
-from vllm_split.patches import min_layer
+from vllm_split.patches import cpu_range_metadata, min_layer
 from vllm_split.engine.compact_forward import Entry, compact_forward, run_stage, stage_prefixes
 from vllm_split.engine.compiled_layers import (GUARDED_ABOVE_ROWS, CompiledLayers, compiled_graphs,
                                                 unsupported_reason)
@@ -76,6 +76,11 @@ class SplitRunnerMixin(UShapeRunnerMixin):
         self._split_u_wrap_logits()
         logger.info("vllm-split: resuming %s at per-request split layers (%d layers; this server holds "
                     "layers [%d, %d))", type(inner).__name__, len(inner.layers), inner.start_layer, inner.end_layer)
+
+    def initialize_metadata_builders(self, *args: Any, **kwargs: Any) -> None:
+        super().initialize_metadata_builders(*args, **kwargs)
+        if SplitConfig.from_additional_config(self.vllm_config.additional_config).kv_ranges > 1:
+            cpu_range_metadata.apply(self.attn_groups)  # one build per step for all range groups
 
     def _split_compiled_layers(self, inner: torch.nn.Module) -> CompiledLayers | None:
         """The compiled layer bodies when vLLM compiles the model, else None (eager layers)."""

@@ -334,12 +334,22 @@ class SplitSchedulerMixin:
         return outputs
 
     def split_step_stats(self, since: int) -> dict:
-        """Step records newer than ``since``, the queue lengths (for the controller) and the
-        gather window's counters (totals since start-up)."""
+        """Step records newer than ``since``, the queue lengths and the block pool (for the
+        controller) and the gather window's counters (totals since start-up)."""
         return {"num_layers": self.split_num_layers, "records": self.split_steps.since(since),
                 "num_running": len(self.running), "num_waiting": len(self.waiting),
+                "kv": self._split_kv_stats(),
                 "gather": self._split_gather_stats(),
                 "composition": {"mode": self.split_composition, "steps": dict(self.split_composition_steps)}}
+
+    def _split_kv_stats(self) -> dict:
+        """The block pool (``control/kv_budget.py:KVState``): block size, usable (the null block
+        excluded) and free blocks, the end layer of each KV range (one range: every layer)."""
+        pool = self.kv_cache_manager.block_pool
+        ranges = self.split_kv_ranges
+        return {"block_size": self.cache_config.block_size, "total_blocks": pool.num_gpu_blocks - 1,
+                "free_blocks": pool.get_num_free_blocks(),
+                "range_ends": [r.end for r in ranges] if ranges else [self.split_num_layers]}
 
     def _split_gather_stats(self) -> dict:
         counts = self.split_gather.stats() if self.split_gather is not None else {}

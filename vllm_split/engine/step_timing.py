@@ -11,7 +11,9 @@ A step and the worker's view of it are defined in :mod:`vllm_split.engine.step_r
 the runner's ``_model_forward`` (embedding, the decoder layers, final norm: timed outside
 any compiled graph, so it means the same for eager and compiled models, plain and split),
 so ``step_s - model_s`` is the fixed part: input preparation, attention metadata, LM head,
-sampling. With ``--enforce-eager`` the line also has ``layers_s``, the time inside the
+sampling. ``prep_s`` is the part of it spent in the runner's per-KV-cache-group input
+preparation (``_update_states``, ``_prepare_inputs``, ``_get_slot_mappings``,
+``_build_attention_metadata``: block tables, slot mappings, attention metadata). With ``--enforce-eager`` the line also has ``layers_s``, the time inside the
 decoder layers alone (a :class:`~vllm_split.layer_timer.LayerTimer` on every layer; its
 hooks are not installed on a compiled model, whose graph they would enter). Each line also
 has ``t`` (wall time at the end), ``num_reqs``, ``num_tokens`` and ``split_layers``
@@ -48,7 +50,7 @@ class StepTimingMixin:
         self._step_log = open(path, "a", buffering=1)
         self._step_clock = StepClock()
         self._step_key: int | None = None  # the step between execute_model and its output
-        self._model_s = 0.0
+        self._model_s = self._prep_s = 0.0
         self._layer_timer: LayerTimer | None = None
         from vllm.config import CompilationMode  # here: this module imports without vLLM
         from vllm.distributed import get_pp_group, model_parallel_is_initialized
@@ -68,6 +70,29 @@ class StepTimingMixin:
         finally:
             self._model_s += time.perf_counter() - t0
 
+    # the runner's input preparation that runs once per KV cache group (block tables, slot
+    # mappings, attention metadata): ``prep_s``, what ``--split-kv-ranges`` multiplies
+    def _timed_prep(self, method: Any, *args: Any, **kwargs: Any):
+        if self._step_log is None:
+            return method(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self._prep_s += time.perf_counter() - t0
+
+    def _update_states(self, *args: Any, **kwargs: Any):
+        return self._timed_prep(super()._update_states, *args, **kwargs)
+
+    def _prepare_inputs(self, *args: Any, **kwargs: Any):
+        return self._timed_prep(super()._prepare_inputs, *args, **kwargs)
+
+    def _get_slot_mappings(self, *args: Any, **kwargs: Any):
+        return self._timed_prep(super()._get_slot_mappings, *args, **kwargs)
+
+    def _build_attention_metadata(self, *args: Any, **kwargs: Any):
+        return self._timed_prep(super()._build_attention_metadata, *args, **kwargs)
+
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any):
         if self._step_log is None:
             return super().execute_model(scheduler_output, *args, **kwargs)
@@ -79,7 +104,7 @@ class StepTimingMixin:
         }
         if returns := sorted(int(s.return_layer) for s in splits.values() if getattr(s, "return_layer", None)):
             info["return_layers"] = returns  # U-shaped requests' m (their rows leave after layer m - 1)
-        self._model_s = 0.0  # forwards outside a step (warm-up, dummy runs) do not count
+        self._model_s = self._prep_s = 0.0  # forwards outside a step (warm-up, dummy runs) do not count
         if self._layer_timer is not None:
             self._layer_timer.take()
         if not self._step_clock.begin(id(scheduler_output), info, num_tokens=info["num_tokens"]):
@@ -102,7 +127,7 @@ class StepTimingMixin:
         if ended is None:
             return
         info, step_s = ended
-        line = {"t": time.time(), **info, "step_s": step_s, "model_s": self._model_s,
+        line = {"t": time.time(), **info, "step_s": step_s, "model_s": self._model_s, "prep_s": self._prep_s,
                 "compiled_graphs": compiled_graphs(), "pp_rank": self._step_pp_rank}
         if (layer_rows := getattr(self, "_split_layer_rows", None)) is not None:
             line["layer_rows"] = layer_rows

@@ -207,3 +207,27 @@ def test_a_margin_learnt_in_an_overload_expires_without_fresh_measurements():
     for i in range(2 * ERROR_WINDOW):
         window.add(1.0, now=300.0)
     assert window.error(now=300.0) == 1.0  # only the last ERROR_WINDOW are kept
+
+
+async def test_a_session_waits_for_kv_memory_that_an_admitted_session_has_promised():
+    kv = {"block_size": 16, "total_blocks": 100, "free_blocks": 6, "range_ends": [N]}
+
+    async def step_stats(since):
+        return {"records": [], "kv": kv}
+
+    c = controller(queue_wait_s=2.0, step_stats=step_stats)
+    await c.poller.poll_once()
+    assert c.load().kv.free_blocks == 6
+    # 40 prompt + 32 output tokens = 5 blocks: fits; a second one does not beside the first's 2 output blocks
+    first = await c.admit("s1", open_request(FAST, tpot=1.0))
+    kv["free_blocks"] = 3  # the engine took s1's prompt (3 blocks)
+    await c.poller.poll_once()
+    waiting = asyncio.create_task(c.admit("s2", open_request(FAST, tpot=1.0)))
+    await asyncio.sleep(0.1)
+    assert not waiting.done() and c.queued == 1
+    await c.release("s1", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=0.05)
+    await asyncio.sleep(0.1)  # its promise is gone, but the engine has not freed its blocks yet
+    assert not waiting.done()
+    kv["free_blocks"] = 6  # now it has: the poll that sees it wakes the queue
+    await c.poller.poll_once()
+    assert (await asyncio.wait_for(waiting, 0.5)).split_layer >= 0 and first.split_layer >= 0

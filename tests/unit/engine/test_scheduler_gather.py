@@ -50,6 +50,9 @@ class FakeScheduler:
         self.num_waiting_for_streaming_input = 0
         self.seen: list[tuple] = []  # what each schedule() call saw
         self.next_outputs: list = []
+        pool = SimpleNamespace(num_gpu_blocks=65, get_num_free_blocks=lambda: 60)  # 64 usable (a null block)
+        self.kv_cache_manager = SimpleNamespace(block_pool=pool)
+        self.cache_config = SimpleNamespace(block_size=16)
 
     def add_request(self, request) -> None:
         self.requests[request.request_id] = request
@@ -143,7 +146,10 @@ def test_holds_the_whole_step_for_an_expected_activation_and_restores_the_queues
     deliver(s, b)
     s.schedule()
     assert s.seen[-1] == (["a", "b", "plain"], ["w1", "w2"], 0)  # b arrived: one step for all
-    gather = s.split_step_stats(0)["gather"]
+    stats = s.split_step_stats(0)
+    gather = stats["gather"]
+    # the block pool for the admission controller's KV budget (one range: every layer)
+    assert stats["kv"] == {"block_size": 16, "total_blocks": 64, "free_blocks": 60, "range_ends": [2]}
     assert gather["mode"] == "adaptive"
     assert (gather["num_holds"], gather["num_caught"], gather["num_late"]) == (1, 1, 0)
     assert gather["held_s"] == pytest.approx(3 * MS, abs=0.5 * MS)

@@ -51,9 +51,16 @@ class FakeRunner:
     def _model_forward(self):
         self.run_layers()
 
+    def _update_states(self):
+        time.sleep(PREP_S / 4)
+
+    _prepare_inputs = _get_slot_mappings = _build_attention_metadata = _update_states
+
     def execute_model(self, scheduler_output):
         if scheduler_output.total_num_scheduled_tokens:
-            time.sleep(PREP_S)
+            for prepare in (self._update_states, self._prepare_inputs, self._get_slot_mappings,
+                            self._build_attention_metadata):
+                prepare()
             self._model_forward()
         return "output" if self.fused else None
 
@@ -95,7 +102,8 @@ def test_one_line_per_step_from_execute_model_to_the_sampled_output(tmp_path, mo
     assert out in ("output", "sampled")
     runner.execute_model(step({}))  # schedules no token: not a step
     (got,) = lines(log)
-    fields = {"t", "num_reqs", "num_tokens", "split_layers", "step_s", "model_s", "compiled_graphs", "pp_rank"}
+    fields = {"t", "num_reqs", "num_tokens", "split_layers", "step_s", "model_s", "prep_s", "compiled_graphs",
+              "pp_rank"}
     assert set(got) == (fields if compiled else fields | {"layers_s"})  # no hooks inside a compiled graph
     assert (got["num_reqs"], got["num_tokens"], got["split_layers"], got["pp_rank"]) == (3, 5, [15, 22], 0)
     assert 2 * LAYER_S <= got["model_s"] < 0.3
@@ -103,6 +111,7 @@ def test_one_line_per_step_from_execute_model_to_the_sampled_output(tmp_path, mo
         assert 2 * LAYER_S <= got["layers_s"] <= got["model_s"]
     assert not compiled or not any(layer._forward_hooks for layer in runner.model.model.layers)
     assert got["step_s"] >= got["model_s"] + PREP_S + (0 if fused else SAMPLE_S)
+    assert PREP_S <= got["prep_s"] <= got["step_s"] - got["model_s"]  # the four preparation calls, timed
     assert t0 <= got["t"] <= time.time()
 
 

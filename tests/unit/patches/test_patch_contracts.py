@@ -94,6 +94,13 @@ SIGNATURES = {
         "(self, request: vllm.v1.request.Request, num_tokens: int, retention_interval: int | None = None, *, "
         "replay_boundaries: collections.abc.Sequence[int]) -> None", "vllm_split/engine/kv_range_manager.py"),
     "vllm.v1.worker.gpu_worker:Worker._make_model_runner": ("(self) -> 'GPUModelRunner'", "vllm_split/engine/worker.py"),
+    "vllm.v1.core.block_pool:BlockPool.get_num_free_blocks": ("(self) -> int", "vllm_split/engine/scheduler.py"),
+    # cpu_range_metadata: the CPU scheduler metadata is computed from these, never from a block table
+    "vllm._custom_ops:cpu_attn_get_scheduler_metadata": (
+        "(num_reqs: int, num_heads: int, num_kv_heads: int, head_dim: int, seq_lens: torch.Tensor, dtype: "
+        "torch.dtype, query_start_loc: torch.Tensor, causal: bool, sliding_window_size: int, isa: str, "
+        "enable_kv_split: bool, dynamic_causal: torch.Tensor | None = None, kv_cache_dtype: str = 'auto') -> "
+        "torch.Tensor", "patches/cpu_range_metadata.py"),
     "vllm.model_executor.models.llama:LlamaModel.forward": (
         "(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: "
         "vllm.sequence.IntermediateTensors | None, inputs_embeds: torch.Tensor | None = None, "
@@ -180,6 +187,17 @@ SOURCE_CONTAINS = {
     # kv_ranges wraps the module attribute: the grouping must be looked up at call time
     "vllm.v1.core.kv_cache_utils:get_kv_cache_configs": (
         "global_kv_cache_groups = get_kv_cache_groups(vllm_config", "patches/kv_range_groups.py"),
+    # cpu_range_metadata: vLLM copies one build per step for further groups of equal spec and
+    # builder type when the builder says so (the flag the patch sets on the range groups' builders)
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._build_attention_metadata": (
+        "and builder.supports_update_block_table\n            ):\n                attn_metadata_i = "
+        "builder.update_block_table(", "patches/cpu_range_metadata.py"),
+    # ... and the CPU builder's metadata has no other block-table- or slot-dependent field
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder.build": (
+        "            block_table=block_table_tensor,\n            slot_mapping=slot_mapping,\n"
+        "            scheduler_metadata=scheduler_metadata,", "patches/cpu_range_metadata.py"),
+    # the scheduler reports the block pool to the admission controller (control/kv_budget.py)
+    "vllm.v1.core.block_pool:BlockPool.__init__": ("self.num_gpu_blocks = num_gpu_blocks", "vllm_split/engine/scheduler.py"),
     # skipped ranges hold the null block, which freeing never returns to the free queue
     "vllm.v1.core.block_pool:BlockPool.free_blocks": (
         "if block.ref_cnt == 0 and not block.is_null:", "vllm_split/engine/kv_range_manager.py"),
@@ -255,7 +273,8 @@ def test_cpu_runner_inherits_the_overridden_gpu_runner_methods():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    for name in ("_model_forward", "execute_model", "_may_reorder_batch", "_build_attention_metadata"):
+    for name in ("_model_forward", "execute_model", "_may_reorder_batch", "_build_attention_metadata",
+                 "_update_states", "_prepare_inputs", "_get_slot_mappings"):  # the last three: step_timing.py
         assert getattr(CPUModelRunner, name) is getattr(GPUModelRunner, name), \
             _changed(f"CPUModelRunner.{name}", "vllm_split/engine/runner.py", "check")
 
@@ -418,7 +437,8 @@ def test_cli_version_patch_is_a_no_op_where_vllm_exists(monkeypatch):
 
 def test_patch_modules_document_themselves():
     """Each patch module states Target, Process, Why, Why not subclass, Upstream, Remove when, Pinned version."""
-    for name in ("cli_version", "engine_core_utility", "min_layer", "pp_intermediate_tensors", "kv_range_groups"):
+    for name in ("cli_version", "engine_core_utility", "min_layer", "pp_intermediate_tensors", "kv_range_groups",
+                 "cpu_range_metadata"):
         doc = importlib.import_module(f"vllm_split.patches.{name}").__doc__
         for heading in ("Target:", "Process:", "Why:", "Why not subclass:", "Upstream:", "Remove when:",
                         "Pinned version:"):
