@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from vllm_split.engine.kv_ranges import LayerRange, blocks_needed, needed_ranges  # pure: no vLLM, no torch
+
 
 @dataclass(frozen=True, slots=True)
 class KVState:
@@ -45,13 +47,20 @@ class KVState:
                    free_blocks=int(stats["free_blocks"]), range_ends=tuple(int(e) for e in stats["range_ends"]),
                    measured_at=now)
 
+    @property
+    def ranges(self) -> list[LayerRange]:
+        """The KV ranges as the range manager cuts them (contiguous; a request's need of one
+        depends on its end only, so the first range is taken to start at layer 0)."""
+        return [LayerRange(start, end) for start, end in zip((0, *self.range_ends[:-1]), self.range_ends)]
+
     def ranges_held(self, split_layer: int) -> int:
         """How many KV ranges a request entering at ``split_layer`` holds blocks in."""
-        return sum(1 for end in self.range_ends if end > split_layer)
+        return sum(needed_ranges(self.ranges, split_layer))
 
     def blocks_for(self, num_tokens: int, split_layer: int) -> int:
-        """Blocks ``num_tokens`` tokens of a request at ``split_layer`` take."""
-        return -(-num_tokens // self.block_size) * self.ranges_held(split_layer)
+        """Blocks ``num_tokens`` tokens of a request at ``split_layer`` take (the range manager's
+        count, ``engine/kv_ranges.py:blocks_needed``)."""
+        return blocks_needed(self.ranges, split_layer=split_layer, num_tokens=num_tokens, block_size=self.block_size)
 
 
 @dataclass(frozen=True, slots=True)
