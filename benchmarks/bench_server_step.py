@@ -1,7 +1,7 @@
 """The server's time per engine step with the split layer k, against plain vLLM.
 
     python -m benchmarks.bench_server_step [--quick] [--two-phase] [--plain-reference] [--u-shapes K:M ...]
-        [--out results/bench_server_step.json]
+        [--pipeline-parallel-size N] [--out results/bench_server_step.json]
 
 Interleaved (the default): ONE ``vllm-split serve`` per mode (``--modes``: ``compiled``,
 vLLM's default, and optionally ``eager``, ``--enforce-eager``) serves both ordinary requests,
@@ -30,6 +30,13 @@ worker logs every step (``benchmarks/server_step_runs.py``); "loop" is the model
 baseline's own split of its step. ``recompiles`` counts graphs compiled while the
 benchmark's requests ran (after start-up): it must be 0. The steps go to the compressed
 sidecar ``NAME.rows.json.gz``; the plot is made from the JSON alone (``--plot-only``).
+
+``--pipeline-parallel-size N`` (interleaved, no U shapes): the server runs N pipeline
+stages, one core each; every stage logs its own steps (``pp_rank``), and each summary row is
+one stage's (``stage``): its forward ("loop": the stage's decoder layers, plus the embedding
+on the first and the final norm on the last) and its whole step, split over ordinary, with
+the target ``layer_fraction`` the share of the stage's own layers the split rows run (at
+``k = L/2`` with 2 stages: 0 on stage 0, 1 on stage 1).
 """
 from __future__ import annotations
 
@@ -41,7 +48,7 @@ from pathlib import Path
 
 from benchmarks import report
 from benchmarks.server_step_runs import (key, layer_fraction, recompiles, run_interleaved, run_plain, run_split,
-                                         scenarios, systems)
+                                         scenarios, stage_layers, systems)
 from benchmarks.step_pairs import compare, summarize_pairs
 
 
@@ -73,7 +80,8 @@ def pooled_samples(pairs: list[dict]) -> dict:
 
 def draw(data: dict):
     rows = data["summary"]
-    labels = [f"{r.get('mode', 'eager')[0]} {r['kind'][0]} B{r['batch']} C{r['context']} k={r['system']}" for r in rows]
+    labels = [f"{r.get('mode', 'eager')[0]} {r['kind'][0]} B{r['batch']} C{r['context']} k={r['system']}"
+              + (f" stage {r['stage']}" if "stage" in r else "") for r in rows]
     x = list(range(len(rows)))
     fig, ax = report.subplots(figsize=(max(8, len(rows) * 0.35), 4.5))
     paired = all("step_ratio_median" in r for r in rows)
@@ -85,11 +93,15 @@ def draw(data: dict):
             ax.bar([i + dx for i in x], mid, 0.4, yerr=err, capsize=2, label=f"{label} / ordinary (pairs' median, 95% CI)")
         else:
             ax.bar([i + dx for i in x], [r[field] for r in rows], 0.4, label=f"{label} / plain (same mode)")
-    ax.scatter(x, [r["layer_fraction"] for r in rows], marker="_", s=200, c="k", label="layers run / L ((L-k)/L; U: (m-k)/L)")
+    staged = any("stage" in r for r in rows)
+    ax.scatter(x, [r["layer_fraction"] for r in rows], marker="_", s=200, c="k",
+               label="layers run / the stage's layers" if staged else "layers run / L ((L-k)/L; U: (m-k)/L)")
     ax.scatter(x, [r["step_limit_ratio"] for r in rows], marker="x", c="r", label="step limit")
     ax.set_xticks(x, labels, rotation=90, fontsize=7)
     ax.set_ylabel("ratio to ordinary requests, same server" if paired else "ratio to plain vLLM")
     how = "interleaved pairs" if paired else "two phases"
+    if stages := data.get("pipeline", {}).get("size"):
+        how += f";\n{stages} pipeline stages, each stage's steps against its own steps of ordinary requests"
     ax.set_title(f"Server time per step vs split layer ({data['environment']['vllm']} CPU, SmolLM2-135M; {how})")
     ax.legend(fontsize=7)
     return fig
@@ -115,7 +127,11 @@ def parse_args() -> argparse.Namespace:
                    help="plain vLLM's server for every scenario, then the split server's (not interleaved)")
     p.add_argument("--plain-reference", action="store_true",
                    help="interleaved: first run plain vLLM without the plugin on the same scenarios")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="pipeline stages of the split server, one core each; a summary row per stage")
     args = report.parse_args(p, draw)
+    if args.pipeline_parallel_size > 1 and (args.two_phase or args.plain_reference or args.u_shapes):
+        p.error("--pipeline-parallel-size: interleaved pairs only, without --u-shapes (single-stage)")
     if args.quick:
         args.batches, args.contexts, args.prefills, args.ks = [1, 4], [64], [64], [0, 15]
         args.u_shapes = args.u_shapes or ["7:22"]
@@ -136,7 +152,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     prompts = {c: [rng.randrange(3, 49000) for _ in range(c)] for c in sorted(set(args.contexts) | set(args.prefills))}
     tmp = Path(tempfile.mkdtemp(prefix="bench-step-"))
-    samples, mismatches, recompiled, pairs, reference = {}, {}, {}, [], []
+    samples, mismatches, recompiled, pairs, reference, stages = {}, {}, {}, [], [], {}
     for mode in args.modes:
         plain_log, split_log = tmp / f"plain-{mode}.jsonl", tmp / f"split-{mode}.jsonl"
         if args.two_phase or args.plain_reference:
@@ -149,14 +165,17 @@ def main() -> None:
         else:
             got, mismatches[mode] = run_interleaved(args, model, prompts, split_log, mode=mode)
             pairs += got
-            split = pooled_samples(got)
+            split = pooled_samples(got) if args.pipeline_parallel_size == 1 else {}  # the pairs hold each stage's
+            if args.pipeline_parallel_size > 1:
+                stages[mode] = stage_layers(split_log.with_suffix(".server.log").read_text(errors="replace"),
+                                            args.pipeline_parallel_size)
         samples.update(split)
         recompiled[mode] = {s: recompiles(log) for s, log in (("plain", plain_log), ("split", split_log)) if log.exists()}
     if args.two_phase:
         summary = summarize(samples, args, num_layers)
     else:
-        summary = summarize_pairs(pairs, seed=args.seed,
-                                  layer_fraction=lambda system, batch: layer_fraction(system, args.ks, batch, num_layers))
+        summary = summarize_pairs(pairs, seed=args.seed, layer_fraction=lambda system, batch, stage=None: layer_fraction(
+            system, args.ks, batch, num_layers, None if stage is None else stages[args.modes[0]][stage]))
         # the split server's ordinary steps against plain vLLM without the plugin (--plain-reference)
         reference = summarize(samples, args, num_layers, compared=["ordinary"])
     first = args.modes[0]
@@ -174,12 +193,15 @@ def main() -> None:
     }
     if reference:
         data["ordinary_vs_plain_reference"] = reference
+    if stages:  # each stage's layers [start, end), as its worker logged them
+        data["pipeline"] = {"size": args.pipeline_parallel_size, "stage_layers": stages[first]}
     report.write(args.out, data, rows={"samples": samples, "pairs": pairs}, draw=draw)
     for r in summary:
         pair = (f"; pairs {r['pairs']}: step {r['step_ratio_median']:.3f} [{r['step_ratio_ci95'][0]:.3f}, "
                 f"{r['step_ratio_ci95'][1]:.3f}], loop {r['layers_ratio_median']:.3f} "
                 f"[{r['layers_ratio_ci95'][0]:.3f}, {r['layers_ratio_ci95'][1]:.3f}]") if "pairs" in r else ""
-        print(f"{r['mode']:8s} {r['kind']:7s} B={r['batch']:2d} C={r['context']:4d} k={r['system']:>5s}: loop "
+        where = f" stage {r['stage']}" if "stage" in r else ""
+        print(f"{r['mode']:8s} {r['kind']:7s} B={r['batch']:2d} C={r['context']:4d} k={r['system']:>5s}{where}: loop "
               f"{r['layers_ratio']:.3f} (target {r['layer_fraction']:.3f}), step {r['step_ratio']:.3f} (limit "
               f"{r['step_limit_ratio']:.3f}), {r['steps']} steps{pair}")
     print(f"[bench] token mismatches: {mismatches}; recompiles while serving: {recompiled}; wrote {args.out}")

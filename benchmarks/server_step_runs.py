@@ -17,6 +17,13 @@ are those of exactly that shape. Two ways to measure:
   every scenario, then a vllm-split server; :func:`run_plain` is also the interleaved mode's
   optional reference phase (plain vLLM at its default, minutes away from the pairs).
 
+Pipeline parallelism (``--pipeline-parallel-size N``, interleaved only): the server runs N
+stages, one core each (``VLLM_CPU_OMP_THREADS_BIND``), and every stage's worker logs its own
+line per step (``pp_rank``; ``model_s``: that stage's forward, its share of the decoder
+layers). Each pair is kept as one pair per stage (:func:`by_stage`), each stage's ratios
+against the layers it holds (:func:`stage_layers`, from the server's log;
+:func:`layer_fraction` of the stage).
+
 Split sessions are replayed from activations the client library computed beforehand
 (``harness/replay.py``), against the greedy continuation the ordinary (or plain) requests
 produced; a token that differs counts as a mismatch. A U system (``u{k}-{m}``, from
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -82,13 +90,48 @@ def split_layers_of(system: str, ks: list[int], batch: int) -> list[int]:
     return mixed_layers(ks, batch) if system == "mixed" else [int(system)] * batch
 
 
-def layer_fraction(system: str, ks: list[int], batch: int, num_layers: int) -> float:
+def layer_fraction(system: str, ks: list[int], batch: int, num_layers: int,
+                   stage: tuple[int, int] | None = None) -> float:
     """The token-weighted share of the decoder layers a batch of ``system`` runs (a U shape
-    ``[k, m)``: ``(m - k) / L``)."""
+    ``[k, m)``: ``(m - k) / L``); ``stage``: of a pipeline stage's layers ``[start, end)`` only
+    (a request at ``k`` runs those at or above ``k``)."""
     if (u := u_shape_of(system)) is not None:
+        if stage is not None:
+            raise ValueError("U-shaped sessions are single-stage: no layer fraction per pipeline stage")
         return (u[1] - u[0]) / num_layers
+    start, end = stage or (0, num_layers)
     layers = split_layers_of(system, ks, batch)
-    return sum(num_layers - k for k in layers) / (num_layers * len(layers))
+    return sum(max(0, end - max(k, start)) for k in layers) / ((end - start) * len(layers))
+
+
+def pipeline_server(size: int) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The server arguments and environment of ``size`` pipeline stages (none for 1): one core
+    per stage (without a bind list per worker the CPU build refuses two workers on 2 cores)."""
+    if size == 1:
+        return (), {}
+    return ("--pipeline-parallel-size", str(size)), {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(size)))}
+
+
+STAGE_LINE = re.compile(r"COMPACT forward on this stage's layers \[(\d+), (\d+)\) \(pipeline stage (\d+) of (\d+)\)")
+
+
+def stage_layers(server_log: str, size: int) -> dict[int, tuple[int, int]]:
+    """Each pipeline stage's layers ``[start, end)``, from the line each stage's worker logs when
+    its split steps take the compact forward; every stage must have logged it."""
+    found = {int(m[3]): (int(m[1]), int(m[2])) for m in STAGE_LINE.finditer(server_log) if int(m[4]) == size}
+    if sorted(found) != list(range(size)):
+        raise RuntimeError(f"expected the compact forward on each of {size} stages; the server log names "
+                           f"stages {sorted(found)}")
+    return found
+
+
+def by_stage(pair: dict, size: int) -> list[dict]:
+    """A pair as one pair per pipeline stage (``stage``: the steps' ``pp_rank``); without
+    pipeline parallelism (``size`` 1) the pair itself."""
+    if size == 1:
+        return [pair]
+    return [{**pair, "stage": r, **{w: [s for s in pair[w] if s.get("pp_rank", 0) == r] for w in ("ordinary", "split")}}
+            for r in range(size)]
 
 
 def split_batch(system: str, ks: list[int], batch: int, scripts: dict) -> list:
@@ -145,9 +188,13 @@ def pick(steps: list[dict], sc: dict, *, split: bool | None = None) -> list[dict
 
 
 def recompiles(log: Path) -> int:
-    """Graphs compiled after the first logged step (0: nothing recompiled while serving)."""
-    counts = [s["compiled_graphs"] for s in read_steps(log, 0, float("inf"))]
-    return counts[-1] - counts[0] if counts else 0
+    """Graphs compiled after the first logged step, summed over the workers (pipeline stages:
+    ``pp_rank``; 0: nothing recompiled while serving)."""
+    first, last = {}, {}
+    for s in read_steps(log, 0, float("inf")):
+        first.setdefault(s.get("pp_rank", 0), s["compiled_graphs"])
+        last[s.get("pp_rank", 0)] = s["compiled_graphs"]
+    return sum(last[r] - first[r] for r in last)
 
 
 def key(sc: dict, system: str, mode: str) -> str:
@@ -162,9 +209,11 @@ def truncated(script, n: int):
 def split_server(args, model: Path, log: Path, *, mode: str):
     from harness.server_process import VLLMServer
 
+    pp_args, pp_env = pipeline_server(getattr(args, "pipeline_parallel_size", 1))
     return VLLMServer(model, split=True, log_path=log.with_suffix(".server.log"), eager=mode == "eager",
-                      extra_args=(*COMMON, "--split-batch-wait-ms", str(args.batch_wait_ms), *args.split_args),
-                      env={"VLLM_SPLIT_STEP_LOG": str(log), **SERVER_ENV})
+                      extra_args=(*COMMON, "--split-batch-wait-ms", str(args.batch_wait_ms), *pp_args,
+                                  *args.split_args),
+                      env={"VLLM_SPLIT_STEP_LOG": str(log), **SERVER_ENV, **pp_env})
 
 
 def client_layers(args, model: Path) -> dict:
@@ -237,8 +286,9 @@ def run_split(args, model: Path, prompts: dict, continuations: dict, log: Path, 
 def run_interleaved(args, model: Path, prompts: dict, log: Path, *, mode: str) -> tuple[list[dict], int]:
     """One vllm-split server; per scenario, repeat and system, an ordinary batch and a split
     batch one right after the other (ordinary first in even repeats). Returns (pairs: the two
-    batches' steps of the scenario's shape, token mismatches). The split sessions replay the
-    continuation of the scenario's first ordinary batch (same shape, same server)."""
+    batches' steps of the scenario's shape, one pair per stage under pipeline parallelism,
+    token mismatches). The split sessions replay the continuation of the scenario's first
+    ordinary batch (same shape, same server)."""
     from harness.replay import make_script
 
     layers = client_layers(args, model)
@@ -265,7 +315,7 @@ def run_interleaved(args, model: Path, prompts: dict, log: Path, *, mode: str) -
                             mismatches += replay_checked(server.url, batch, fingerprint=fingerprint, tails=tails,
                                                          model=model)
                         pair[which] = pick(read_steps(log, t0, time.time()), sc, split=which == "split")
-                    pairs.append(pair)
+                    pairs += by_stage(pair, getattr(args, "pipeline_parallel_size", 1))
             done = [p for p in pairs if p["kind"] == sc["kind"] and p["batch"] == sc["batch"]
                     and p["context"] == sc["context"]]
             print(f"  interleaved {key(sc, '*', mode)}: {len(done)} pairs, "

@@ -12,7 +12,8 @@ of ordinary requests (vLLM's own compiled whole-model graph) and a batch of spli
 of the same shape, one right after the other. Each pair gives its own ratios
 (:func:`pair_ratios`), so the machine's drift over minutes (1.3-1.7x here) cancels; a
 scenario's ratio is the median over its pairs with a 95% bootstrap interval of that median
-(:func:`median_interval`), in :func:`summarize_pairs`.
+(:func:`median_interval`), in :func:`summarize_pairs`. Under pipeline parallelism a pair
+holds one stage's steps (``stage``: the workers' ``pp_rank``) and each stage is its own row.
 """
 from __future__ import annotations
 
@@ -82,28 +83,31 @@ def median_interval(values: Sequence[float], *, seed: int = 0, resamples: int = 
 
 
 def group_key(pair: dict) -> tuple:
-    return pair["mode"], pair["kind"], pair["batch"], pair["context"], pair["system"]
+    return pair["mode"], pair["kind"], pair["batch"], pair["context"], pair["system"], pair.get("stage")
 
 
-def summarize_pairs(pairs: Sequence[dict], *, layer_fraction: Callable[[str, int], float],
+def summarize_pairs(pairs: Sequence[dict], *, layer_fraction: Callable[..., float],
                     seed: int = 0) -> list[dict]:
-    """One row per (mode, kind, batch, context, system) of ``pairs`` (in first-seen order): the
-    pooled comparison of all its split steps against all its ordinary steps (the fields of
-    :func:`compare`), and the pairs' own ratios with their medians and intervals.
-    ``layer_fraction(system, batch)``: the share of the layers a batch of ``system`` runs."""
+    """One row per (mode, kind, batch, context, system, stage) of ``pairs`` (in first-seen
+    order): the pooled comparison of all its split steps against all its ordinary steps (the
+    fields of :func:`compare`), and the pairs' own ratios with their medians and intervals.
+    ``layer_fraction(system, batch)``: the share of the layers a batch of ``system`` runs;
+    pairs of a pipeline stage (``stage``): ``layer_fraction(system, batch, stage)``, the share
+    of that stage's layers."""
     groups: dict[tuple, list[dict]] = {}
     for p in pairs:
         groups.setdefault(group_key(p), []).append(p)
     rows = []
-    for (mode, kind, batch, context, system), group in groups.items():
-        frac = layer_fraction(system, batch)
+    for (mode, kind, batch, context, system, stage), group in groups.items():
+        frac = layer_fraction(system, batch) if stage is None else layer_fraction(system, batch, stage)
         ratios = [r for p in group if (r := pair_ratios(p, layer_fraction=frac)) is not None]
         base = [s for p in group for s in p["ordinary"]]
         got = [s for p in group for s in p["split"]]
         if not ratios:
             continue
         row = {"kind": kind, "batch": batch, "context": context, "mode": mode, "system": system,
-               "baseline": "ordinary", **compare(base, got, layer_fraction=frac), "pairs": len(ratios)}
+               **({} if stage is None else {"stage": stage}), "baseline": "ordinary",
+               **compare(base, got, layer_fraction=frac), "pairs": len(ratios)}
         for field in ("step_ratio", "layers_ratio", "step_limit_ratio", "step_minus_limit"):
             values = [r[field] for r in ratios]
             row[f"{field}_median"] = statistics.median(values)

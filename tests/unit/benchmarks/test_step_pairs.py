@@ -1,14 +1,15 @@
 """Pure parts of bench_server_step's interleaved mode: pairs, their ratios and intervals, the
-steps a scenario keeps, the summary and the plot from the JSON."""
+steps a scenario keeps, the summary and the plot from the JSON; pipeline stages' pairs and rows."""
 import argparse
+import json
 import statistics
 
 import pytest
 
 from benchmarks import report
 from benchmarks.bench_server_step import draw, pooled_samples, summarize
-from benchmarks.server_step_runs import (client_ks, decode_tokens, layer_fraction, pick, split_batch,
-                                         split_layers_of, systems, u_shape_of)
+from benchmarks.server_step_runs import (by_stage, client_ks, decode_tokens, layer_fraction, pick, pipeline_server,
+                                         recompiles, split_batch, split_layers_of, stage_layers, systems, u_shape_of)
 from harness.replay import Script
 from benchmarks.step_pairs import compare, median_interval, pair_ratios, quantile, summarize_pairs
 
@@ -137,3 +138,68 @@ def test_interleaved_report_and_plot_from_the_json(tmp_path):
     two_phase = summarize({"compiled|plain|decode|B=4|C=64": [step(0.1, 0.08)], **samples}, a, 30)
     assert {r["system"] for r in two_phase} == {"0", "15"} and all("pairs" not in r for r in two_phase)
     report.write(out, {"environment": {"vllm": "0.32.0"}, "summary": two_phase}, draw=draw)
+
+
+# ---------------------------------------------------------------- pipeline parallelism
+def test_layer_fraction_of_a_pipeline_stage_counts_the_stages_layers_at_or_above_k():
+    stages = {0: (0, 15), 1: (15, 30)}
+    assert [layer_fraction("15", [15], 4, 30, stages[r]) for r in (0, 1)] == [0.0, 1.0]
+    assert [layer_fraction("7", [7], 1, 30, stages[r]) for r in (0, 1)] == [pytest.approx(8 / 15), 1.0]
+    assert [layer_fraction("22", [22], 1, 30, stages[r]) for r in (0, 1)] == [0.0, pytest.approx(8 / 15)]
+    assert layer_fraction("30", [30], 1, 30, stages[1]) == 0.0 and layer_fraction("0", [0], 1, 30, stages[0]) == 1.0
+    assert layer_fraction("mixed", [0, 15], 2, 30, stages[0]) == 0.5  # one row on all 15, one on none
+    assert layer_fraction("15", [15], 4, 30) == 0.5  # no stage: the whole model, as before
+    with pytest.raises(ValueError, match="single-stage"):
+        layer_fraction("u7-22", [7], 1, 30, stages[0])
+
+
+def test_pipeline_server_binds_one_core_per_stage():
+    assert pipeline_server(1) == ((), {})
+    assert pipeline_server(2) == (("--pipeline-parallel-size", "2"), {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+
+
+def test_stage_layers_come_from_each_stages_compact_forward_line():
+    log = ("(EngineCore pid=1) INFO vllm-split: split steps take the COMPACT forward on this stage's layers [15, 30) "
+           "(pipeline stage 1 of 2)\nnoise\n(EngineCore pid=1) INFO vllm-split: split steps take the COMPACT forward"
+           " on this stage's layers [0, 15) (pipeline stage 0 of 2)\n")
+    assert stage_layers(log, 2) == {0: (0, 15), 1: (15, 30)}
+    with pytest.raises(RuntimeError, match=r"each of 2 stages; the server log names stages \[1\]"):
+        stage_layers(log.split("noise")[0], 2)  # a stage that took the exact path (or none logged)
+
+
+def test_pairs_split_by_stage_give_one_row_per_stage_against_its_own_layers():
+    def staged(step_s, model_s, rank, **kw):
+        return {**step(step_s, model_s, reqs=1, tokens=1, **kw), "pp_rank": rank}
+
+    stages = {0: (0, 15), 1: (15, 30)}
+    pairs = []
+    for r, drift in enumerate((1.0, 1.5, 1.2)):  # the machine drifts; each pair's ratios do not
+        pair = {"mode": "compiled", "kind": "decode", "batch": 1, "context": 128, "system": "15", "repeat": r,
+                "order": "ordinary-split",
+                "ordinary": [staged(0.040 * drift, 0.036 * drift, 0), staged(0.050 * drift, 0.045 * drift, 1)],
+                "split": [staged(0.004 * drift, 0.0009 * drift, 0, split_layers=[15]),
+                          staged(0.050 * drift, 0.045 * drift, 1, split_layers=[15])]}
+        assert by_stage(pair, 1) == [pair]  # no pipeline: the pair itself
+        pairs += by_stage(pair, 2)
+    assert [(p["stage"], len(p["ordinary"]), len(p["split"])) for p in pairs[:2]] == [(0, 1, 1), (1, 1, 1)]
+    rows = summarize_pairs(pairs, layer_fraction=lambda s, b, stage=None: layer_fraction(
+        s, [15], b, 30, None if stage is None else stages[stage]))
+    assert [(r["stage"], r["pairs"], r["layer_fraction"]) for r in rows] == [(0, 3, 0.0), (1, 3, 1.0)]
+    s0, s1 = rows
+    assert s0["layers_ratio_median"] == pytest.approx(0.025) and s0["layers_ratio_ci95"] == pytest.approx([0.025] * 2)
+    assert s0["step_ratio_median"] == pytest.approx(0.1)
+    assert s0["step_limit_ratio_median"] == pytest.approx(0.004 / 0.040)  # fixed part only: no layer on stage 0
+    assert s1["layers_ratio_median"] == pytest.approx(1.0) and s1["step_ratio_median"] == pytest.approx(1.0)
+    fig = draw({"environment": {"vllm": "0.32.0"}, "pipeline": {"size": 2, "stage_layers": stages}, "summary": rows})
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["c d B1 C128 k=15 stage 0",
+                                                                     "c d B1 C128 k=15 stage 1"]
+
+
+def test_recompiles_are_counted_per_worker(tmp_path):
+    log = tmp_path / "steps.jsonl"
+    lines = [{"t": 1, "pp_rank": 0, "compiled_graphs": 5}, {"t": 2, "pp_rank": 1, "compiled_graphs": 9},
+             {"t": 3, "pp_rank": 0, "compiled_graphs": 5}, {"t": 4, "pp_rank": 1, "compiled_graphs": 10}]
+    log.write_text("".join(json.dumps(s) + "\n" for s in lines))
+    assert recompiles(log) == 1  # not 10 - 5: the stages' counters are their own
+    log.write_text(json.dumps({"t": 1, "compiled_graphs": 3}) + "\n" + json.dumps({"t": 2, "compiled_graphs": 3}) + "\n")
+    assert recompiles(log) == 0
