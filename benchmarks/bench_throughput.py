@@ -72,8 +72,10 @@ def split_limit(metrics_text: str, num_layers: int) -> dict | None:
 
     vals = {}
     for line in metrics_text.splitlines():
-        m = re.match(r'^vllm_split:(server_step_cost_seconds\{term="(\w+)"\}|server_occupancy|'
-                     r'layers_offloaded_fraction_(sum|count))\s+([-+0-9.eE]+)$', line)
+        # one engine (this benchmark's servers): its series carry engine="0"
+        m = re.match(r'^vllm_split:(server_step_cost_seconds\{term="(\w+)"(?:,engine="0")?\}|'
+                     r'server_occupancy(?:\{engine="0"\})?|'
+                     r'layers_offloaded_fraction_(sum|count)(?:\{engine="0"\})?)\s+([-+0-9.eE]+)$', line)
         if m:
             vals[m.group(2) or m.group(3) or "occupancy"] = float(m.group(4))
     if not {"fixed", "layer", "row", "sum", "count"} <= set(vals) or not vals["count"]:

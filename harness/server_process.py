@@ -71,12 +71,31 @@ def _scrape(url: str, ssl_context: ssl.SSLContext | None = None) -> list[str]:
 
 def split_metrics(url: str, ssl_context: ssl.SSLContext | None = None) -> dict[str, float]:
     """vllm-split's own metrics at ``url``, by name with labels (``name{label="v"}``);
-    ``ssl_context``: an https:// server's (``VLLMServer.ssl_context``)."""
+    ``ssl_context``: an https:// server's (``VLLMServer.ssl_context``). A series with an
+    ``engine`` label is there as exported and, summed over the engines, without that label
+    (``vllm_split:sessions_open`` is the replica's, ``vllm_split:sessions_open{engine="1"}``
+    one engine's)."""
     out: dict[str, float] = {}
     for line in _scrape(url, ssl_context):
-        m = re.match(r"^(vllm_split:[a-z_]+(?:\{[^}]*\})?)\s+([-+0-9.eE]+)$", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
+        m = re.match(r"^(vllm_split:[a-z_]+)(?:\{([^}]*)\})?\s+([-+0-9.eE]+)$", line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+        out[f"{name}{{{labels}}}" if labels else name] = value
+        others = ",".join(p for p in re.findall(r'\w+="[^"]*"', labels) if not p.startswith("engine="))
+        if others != labels:
+            key = f"{name}{{{others}}}" if others else name
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def by_engine(m: dict[str, float], name: str) -> dict[str, float]:
+    """One metric of :func:`split_metrics` per engine label: ``{"0": v0, "1": v1}``."""
+    out = {}
+    for key, value in m.items():
+        hit = re.fullmatch(re.escape(name) + r'\{(?:[^}]*,)?engine="(\d+)"(?:,[^}]*)?\}', key)
+        if hit:
+            out[hit.group(1)] = out.get(hit.group(1), 0.0) + value
     return out
 
 
@@ -90,6 +109,16 @@ def metrics(url: str, ssl_context: ssl.SSLContext | None = None) -> dict[str, fl
         m = re.search(r'^vllm:cache_config_info\{.*num_gpu_blocks="(\d+)"', line)
         if m:
             out["num_gpu_blocks"] = float(m.group(1))
+    return out
+
+
+def vllm_by_engine(url: str, name: str, ssl_context: ssl.SSLContext | None = None) -> dict[str, float]:
+    """vLLM's metric ``name`` (e.g. ``vllm:num_requests_running``) per ``engine`` label (its DP rank)."""
+    out: dict[str, float] = {}
+    for line in _scrape(url, ssl_context):
+        m = re.match(rf'^{re.escape(name)}\{{[^}}]*engine="(\d+)"[^}}]*\}}\s+([-+0-9.eE]+)$', line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
     return out
 
 

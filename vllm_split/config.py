@@ -21,7 +21,8 @@ class SplitConfig:
     # Largest WebSocket frame accepted from a client (bytes). Keep it below the HTTP
     # server's own WebSocket limit (uvicorn: 16 MiB), which drops the connection instead.
     max_frame_bytes: int = 8 * 1024 * 1024
-    # Largest number of split sessions open at once on one API server.
+    # Largest number of split sessions open at once on this replica (several API servers,
+    # --api-server-count: each takes an exact share).
     max_sessions: int = 256
     # Largest prompt (tokens) a split session may send.
     max_prompt_tokens: int = 32768
@@ -50,7 +51,7 @@ class SplitConfig:
     # Seconds a session may last, from connection to its last token; then it is aborted. 0: off.
     session_lifetime_s: int = 3600
     # Admission controller (docs/admission.md): sessions that may wait for admission at once
-    # (0: refuse at once when busy), how long one may wait, the SLA assumed for a client that
+    # (0: refuse at once when busy; shared out like max_sessions), how long one may wait, the SLA assumed for a client that
     # states none, and whether to warm the live cost model up at start-up (1) or not (0).
     admission_queue: int = 64
     admission_wait_ms: int = 5000

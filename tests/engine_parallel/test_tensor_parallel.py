@@ -24,7 +24,6 @@ from harness.server_process import VLLMServer, kv_blocks_in_use, metrics, split_
 from tests.engine_reliability.helpers import opened, wait_idle
 from tests.support.references import PROMPTS, complete
 from tests.support.sessions import local_layers, split_generate
-from tests.support.tiny_models import tiny_model
 from vllm_split.wire import protocol as wire
 
 pytestmark = pytest.mark.engine
@@ -48,16 +47,6 @@ class TPServer:
 
     def steps(self) -> list[dict]:
         return [json.loads(line) for line in self.step_log.read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def llama_dir(model_dir, tmp_path_factory) -> Path:
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    return tiny_model(tmp_path_factory.mktemp("llama-tp"), model_dir, config)
 
 
 @pytest.fixture(scope="module")

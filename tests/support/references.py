@@ -13,11 +13,13 @@ PROMPTS = [
 ]
 
 
-def complete(url: str, model: str, prompt, *, ssl_context=None, **params) -> dict:
-    """``/v1/completions`` of ``prompt``: the first choice (``ssl_context``: an https:// server's)."""
+def complete(url: str, model: str, prompt, *, ssl_context=None, headers: dict[str, str] | None = None,
+             **params) -> dict:
+    """``/v1/completions`` of ``prompt``: the first choice (``ssl_context``: an https:// server's;
+    ``headers``: e.g. vLLM's ``X-data-parallel-rank`` to run it on one engine)."""
     body = {"model": model, "prompt": prompt, "return_token_ids": True, **params}
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(req, timeout=300, context=ssl_context) as r:
         return json.load(r)["choices"][0]
 

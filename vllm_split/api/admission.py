@@ -21,11 +21,13 @@ one-thread executor, waits are asyncio waits. The decisions themselves are the p
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from vllm_split.control.kv_budget import KVState
 from vllm_split.control.live_cost import LiveCostModel
@@ -36,6 +38,7 @@ from vllm_split.planner import SLA, NetworkSpec
 from vllm_split.wire import protocol as wire
 from vllm_split.wire.contract import ErrorCode, StepRecord
 
+logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM's log handlers
 POLL_S = 0.5
 ERROR_WINDOW = 64  # recent split sessions whose measured / predicted TPOT and TTFT set the planning margins
 ERROR_MAX_AGE_S = 30.0  # older measurements no longer count (a few sessions' lifetimes)
@@ -110,14 +113,15 @@ def request_from_open(msg: wire.Open, network: NetworkSpec | None, *, server_dec
 
 
 class StepPoller:
-    """Keeps the live cost model fed from the engine's step records, publishes its fit and
+    """Keeps one engine's live cost model fed from its step records, publishes its fit and
     calls ``on_update`` when the load it measures changed."""
 
     def __init__(self, *, step_stats: Callable[[int], Awaitable[dict | None]], metrics: Any,
-                 on_update: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_update: Callable[[], Awaitable[None]] | None = None, engine: int = 0) -> None:
         self.step_stats = step_stats  # (since_seq) -> {"records": [...]} or None
         self.metrics = metrics
         self.on_update = on_update  # awaited after a poll that changed the measured load
+        self.engine = engine  # the DP rank polled: the metrics' label, and the rank its answers must name
         self.costs = LiveCostModel()
         self.kv: KVState | None = None  # the engine's block pool at the last poll
         self._num_recent = 0  # steps in the load's window at the last poll
@@ -136,6 +140,8 @@ class StepPoller:
         steps. The measured load changed when there are new steps, when steps left its window
         (the engine went quiet) or when KV blocks were freed: then ``on_update`` is awaited."""
         stats = await self.step_stats(self.costs.last_seq)
+        if stats and stats.get("engine", self.engine) != self.engine:  # never plan on another engine's records
+            raise RuntimeError(f"step records of engine {stats['engine']} answered a poll of engine {self.engine}")
         n = self.costs.add(StepRecord.from_list(r) for r in stats["records"]) if stats else 0
         kv_before = self.kv
         if stats:
@@ -144,8 +150,8 @@ class StepPoller:
         if n:
             cost = self.costs.refit()
             for term, value in (("fixed", cost.fixed_s), ("layer", cost.layer_s), ("row", cost.row_s)):
-                self.metrics.server_cost.labels(term=term).set(value)
-        self.metrics.occupancy.set(self.costs.occupancy())
+                self.metrics.server_cost.labels(term=term, engine=str(self.engine)).set(value)
+        self.metrics.occupancy.labels(engine=str(self.engine)).set(self.costs.occupancy())
         num_recent, before = len(self.costs.recent()), self._num_recent
         self._num_recent = num_recent
         if (n or num_recent != before or kv_freed) and self.on_update is not None:
@@ -159,21 +165,35 @@ class StepPoller:
             except asyncio.CancelledError:
                 raise
             except Exception:  # engine busy or restarting: keep the last model
-                pass
+                logger.debug("vllm-split: step poll of engine %d failed", self.engine, exc_info=True)
             await asyncio.sleep(POLL_S)
 
 
 class AdmissionController:
-    """Admits sessions by the policy, queues the ones it makes wait, records the metrics."""
+    """Admits sessions by the policy, queues the ones it makes wait, records the metrics.
 
-    def __init__(self, *, policy: AdmissionPolicy, step_stats: Callable[[int], Awaitable[dict | None]], metrics: Any,
-                 queue: QueueLimits = QueueLimits()) -> None:
+    With several engines (data parallelism, ``step_stats`` one poll per engine) each engine
+    has its own poller, live cost model, block pool and admitted sessions: a newcomer is
+    planned against every engine's load and placed on the one that admits it with the
+    lowest occupancy (:meth:`_choose`); it waits when none admits it and at least one would
+    later, and is refused when every engine refuses it. The latency model's measured errors
+    (``ErrorWindow``) are the replica's: they describe the model, not one engine."""
+
+    def __init__(self, *, policy: AdmissionPolicy,
+                 step_stats: Callable[[int], Awaitable[dict | None]] | Sequence[Callable[[int], Awaitable[dict | None]]],
+                 metrics: Any, queue: QueueLimits = QueueLimits(), engine_ranks: Sequence[int] | None = None,
+                 first_turn: int = 0) -> None:
         self.policy = policy
         self.queue = queue
         self.metrics = metrics
-        self.poller = StepPoller(step_stats=step_stats, metrics=metrics, on_update=self._notify)
-        self.costs = self.poller.costs  # the live model the policy plans from
-        self.inflight: dict[str, InFlight] = {}
+        polls = [step_stats] if callable(step_stats) else list(step_stats)
+        ranks = list(engine_ranks) if engine_ranks is not None else list(range(len(polls)))
+        if not polls or len(ranks) != len(polls):
+            raise ValueError(f"AdmissionController: {len(polls)} step-stats polls for engine ranks {ranks}")
+        self.pollers = [StepPoller(step_stats=poll, metrics=metrics, on_update=self._notify, engine=rank)
+                        for poll, rank in zip(polls, ranks)]
+        self.inflight: dict[str, InFlight] = {}  # every engine's admitted sessions
+        self._engine_of: dict[str, int] = {}  # session -> index of its engine in ``pollers``
         self.queued = 0
         self._changed = asyncio.Condition()  # notified on each event that may admit a waiting session
         self._num_events = 0  # sessions ended and load changes so far (a waiter re-plans when it moved)
@@ -181,51 +201,89 @@ class AdmissionController:
         self._tpot_ratios = ErrorWindow()  # split sessions' with round trips
         self._ttft_ratios = ErrorWindow()
         self._decoded_tpot_ratios = ErrorWindow()  # server-decoded sessions'
+        self._rotation = itertools.count(first_turn)  # ties between equally loaded engines go round
+        for poller in self.pollers:  # every engine's series exist from the start (a dashboard's zero)
+            label = str(poller.engine)
+            metrics.sessions_open.labels(engine=label)
+            metrics.work_done.labels(engine=label)
+            metrics.work_saved.labels(engine=label)
+
+    @property
+    def poller(self) -> StepPoller:
+        """The first engine's poller (the only one without data parallelism)."""
+        return self.pollers[0]
+
+    @property
+    def costs(self) -> LiveCostModel:
+        """The first engine's live cost model (the only one without data parallelism)."""
+        return self.pollers[0].costs
 
     def start(self) -> None:
-        self.poller.start()
+        for poller in self.pollers:
+            poller.start()
 
     async def stop(self) -> None:
-        self.poller.stop()
+        for poller in self.pollers:
+            poller.stop()
         self._executor.shutdown(wait=False)
 
-    def load(self) -> ServerLoad:
+    async def poll_all(self) -> None:
+        await asyncio.gather(*(poller.poll_once() for poller in self.pollers))
+
+    def engine_of(self, session_id: str) -> int:
+        """The engine (index into the engine ranks) an admitted session runs on."""
+        return self._engine_of[session_id]
+
+    def inflight_on(self, engine: int) -> list[InFlight]:
+        return [s for sid, s in self.inflight.items() if self._engine_of.get(sid, 0) == engine]
+
+    def load(self, engine: int = 0) -> ServerLoad:
         now = time.monotonic()  # InFlight.admitted_at's clock; the step records use wall time
-        load = server_load(self.costs, admitted_ages_s=[now - s.admitted_at for s in self.inflight.values()],
+        poller = self.pollers[engine]
+        load = server_load(poller.costs, admitted_ages_s=[now - s.admitted_at for s in self.inflight_on(engine)],
                            num_layers=self.policy.num_layers, now=time.time())
         return replace(load, tpot_error=self._tpot_ratios.error(now), ttft_error=self._ttft_ratios.error(now),
-                       decoded_tpot_error=self._decoded_tpot_ratios.error(now), kv=self.poller.kv)
+                       decoded_tpot_error=self._decoded_tpot_ratios.error(now), kv=poller.kv)
 
     def retry_after_s(self) -> float:
         return retry_after_s(self.inflight.values(), time.monotonic())
 
     async def admit(self, session_id: str, request: AdmissionRequest) -> Admission:
-        """Admit a session (waiting in the bounded queue if needed) or raise AdmissionRefused."""
+        """Admit a session (waiting in the bounded queue if needed) or raise AdmissionRefused;
+        :meth:`engine_of` then names its engine."""
+        engines = range(len(self.pollers))
         if request.split_layer is not None:  # the client fixed k: predict, admit (or refuse a k above its bound)
-            fixed = self.policy.fixed(request, self.load())
-            if isinstance(fixed, Refusal):
-                raise AdmissionRefused(fixed.code, fixed.message, fixed.retry_after_s)
-            return self._register(session_id, request, fixed)
+            loads = [self.load(e) for e in engines]
+            fixed = [self.policy.fixed(request, load) for load in loads]
+            chosen = self._choose(fixed, loads)
+            if chosen is None:
+                raise AdmissionRefused(fixed[0].code, fixed[0].message, fixed[0].retry_after_s)
+            return self._register(session_id, request, fixed[chosen], chosen)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.queue.wait_s
         queued = False
         try:
             while True:
                 seen = self._num_events
-                load = self.load()
-                placed = await loop.run_in_executor(self._executor, self.policy.place, request, load)
+                loads = [self.load(e) for e in engines]
+                placed = [await loop.run_in_executor(self._executor, self.policy.place, request, load) for load in loads]
                 # on the loop from here to _register: the admitted sessions cannot change meanwhile
-                decision = self.policy.decide(request, placed, load=load, inflight=self.inflight.values())
-                if isinstance(decision, Admission):
-                    return self._register(session_id, request, decision)
-                if isinstance(decision, Refusal):
+                decisions = [self.policy.decide(request, p, load=load, inflight=self.inflight_on(e))
+                             for e, (p, load) in enumerate(zip(placed, loads))]
+                chosen = self._choose(decisions, loads)
+                if chosen is not None:
+                    return self._register(session_id, request, decisions[chosen], chosen)
+                waits = [d for d in decisions if not isinstance(d, Refusal)]
+                if not waits:  # every engine refuses it
+                    decision = decisions[0]
                     if decision.code == ErrorCode.SLA_UNREACHABLE:  # a bad request is not counted
                         self._count_refusal(decision.code)
                     raise AdmissionRefused(decision.code, decision.message, decision.retry_after_s)
+                why = waits[0].why
                 if not queued:
                     if self.queued >= self.queue.limit:
                         self._count_refusal("queue_full")
-                        raise AdmissionRefused(ErrorCode.SERVER_BUSY, f"{decision.why} and the admission queue is full "
+                        raise AdmissionRefused(ErrorCode.SERVER_BUSY, f"{why} and the admission queue is full "
                                                f"({self.queue.limit}); retry later", self.retry_after_s())
                     queued = True
                     self.queued += 1
@@ -233,7 +291,7 @@ class AdmissionController:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     self._count_refusal("busy_timeout")
-                    raise AdmissionRefused(ErrorCode.SERVER_BUSY, f"{decision.why}; waited {self.queue.wait_s} s in "
+                    raise AdmissionRefused(ErrorCode.SERVER_BUSY, f"{why}; waited {self.queue.wait_s} s in "
                                            f"the admission queue; retry later", self.retry_after_s())
                 async with self._changed:  # until an event since this plan, or the wait runs out
                     try:
@@ -245,6 +303,17 @@ class AdmissionController:
                 self.queued -= 1
                 self.metrics.queue_length.dec()
 
+    def _choose(self, decisions: Sequence[Any], loads: Sequence[ServerLoad]) -> int | None:
+        """The engine to place on among those whose decision is an ``Admission``: the lowest
+        occupancy (measured plus the admitted sessions not yet measured), then the lowest
+        utilisation, then in turn (None: no engine admits)."""
+        admitted = [e for e, d in enumerate(decisions) if isinstance(d, Admission)]
+        if not admitted:
+            return None
+        turn = next(self._rotation) % len(decisions)
+        return min(admitted, key=lambda e: (round(loads[e].occupancy, 6), round(loads[e].utilization, 6),
+                                            (e - turn) % len(decisions)))
+
     async def _notify(self) -> None:
         """Something that may admit a waiting session happened: wake the queue to re-plan."""
         async with self._changed:
@@ -254,19 +323,24 @@ class AdmissionController:
     def _count_refusal(self, reason: str) -> None:
         self.metrics.refusals.labels(reason=reason).inc()
 
-    def _register(self, session_id: str, request: AdmissionRequest, admission: Admission) -> Admission:
+    def _register(self, session_id: str, request: AdmissionRequest, admission: Admission, engine: int) -> Admission:
         self.inflight[session_id] = InFlight(request, admission, time.monotonic())
+        self._engine_of[session_id] = engine
+        label = str(self.pollers[engine].engine)
+        if len(self.pollers) > 1:
+            logger.info("vllm-split: session %s admitted on engine %s (k = %d)", session_id, label,
+                        admission.split_layer)
         m = self.metrics
         k = admission.split_layer
-        m.sessions_open.inc()
-        m.split_layer.observe(k)
+        m.sessions_open.labels(engine=label).inc()
+        m.split_layer.labels(engine=label).observe(k)
         if admission.server_decode:
-            m.server_decoded.inc()
+            m.server_decoded.labels(engine=label).inc()
         top = self.policy.num_layers if admission.return_layer is None else admission.return_layer
-        m.offloaded_fraction.observe(1 - (top - k) / self.policy.num_layers)
+        m.offloaded_fraction.labels(engine=label).observe(1 - (top - k) / self.policy.num_layers)
         if admission.predicted_ttft_s is not None:
-            m.predicted_ttft.observe(admission.predicted_ttft_s)
-            m.predicted_tpot.observe(admission.predicted_tpot_s)
+            m.predicted_ttft.labels(engine=label).observe(admission.predicted_ttft_s)
+            m.predicted_tpot.labels(engine=label).observe(admission.predicted_tpot_s)
         return admission
 
     async def release(self, session_id: str, *, prompt_tokens: int, output_tokens: int,
@@ -275,28 +349,29 @@ class AdmissionController:
         s = self.inflight.pop(session_id, None)
         if s is None:
             return
+        label = str(self.pollers[self._engine_of.pop(session_id, 0)].engine)
         m = self.metrics
-        m.sessions_open.dec()
+        m.sessions_open.labels(engine=label).dec()
         k, n = s.admission.split_layer, self.policy.num_layers
         top = n if s.admission.return_layer is None else s.admission.return_layer  # U: the server ran [k, m)
         rows = prompt_tokens + max(output_tokens - 1, 0)
-        m.work_done.inc(rows * (top - k))
-        m.work_saved.inc(rows * (n - top + k))
+        m.work_done.labels(engine=label).inc(rows * (top - k))
+        m.work_saved.labels(engine=label).inc(rows * (n - top + k))
         if ttft_s is not None:
-            m.measured_ttft.observe(ttft_s)
+            m.measured_ttft.labels(engine=label).observe(ttft_s)
             if s.admission.predicted_ttft_s and not s.admission.server_decode:
                 self._ttft_ratios.add(ttft_s / s.admission.predicted_ttft_s, time.monotonic())
         if tpot_s is not None:
-            m.measured_tpot.observe(tpot_s)
+            m.measured_tpot.labels(engine=label).observe(tpot_s)
             if s.admission.predicted_tpot_s:
                 ratio = tpot_s / s.admission.predicted_tpot_s
-                m.tpot_ratio.observe(ratio)
+                m.tpot_ratio.labels(engine=label).observe(ratio)
                 (self._decoded_tpot_ratios if s.admission.server_decode else self._tpot_ratios).add(
                     ratio, time.monotonic())
         sla = s.admission.sla
         if sla is not None and ttft_s is not None:
             met = sla.is_met(ttft_s, tpot_s or 0.0, 0.0)
-            m.finished.labels(sla="met" if met else "missed").inc()
+            m.finished.labels(sla="met" if met else "missed", engine=label).inc()
         else:
-            m.finished.labels(sla="none").inc()
+            m.finished.labels(sla="none", engine=label).inc()
         await self._notify()

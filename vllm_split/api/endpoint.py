@@ -9,9 +9,10 @@ session. No tensor math here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from argparse import Namespace
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from fastapi import APIRouter, FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -21,6 +22,7 @@ from vllm_split.wire import contract
 from vllm_split.wire.contract import ErrorCode
 from vllm_split.wire import protocol as wire
 from vllm_split.api.admission import AdmissionController, QueueLimits
+from vllm_split.api.engines import EngineSet, share
 from vllm_split.control.policy import AdmissionPolicy
 from vllm_split.config import SplitConfig
 from vllm_split.wire.fingerprint import model_fingerprint
@@ -38,11 +40,13 @@ router = APIRouter()
 
 
 class SplitService:
-    """Per-app state: the engine client, the model's identity, open sessions."""
+    """Per-app state: the engine client, the model's identity, open sessions. ``config``
+    holds this API server's share of the replica's session and queue limits."""
 
     def __init__(self, *, engine: Any, model: ModelInfo, config: SplitConfig,
-                 controller: AdmissionController | None = None) -> None:
+                 controller: AdmissionController | None = None, engines: EngineSet | None = None) -> None:
         self.engine = engine
+        self.engines = engines
         self.model = model
         self.config = config
         self.controller = controller
@@ -86,7 +90,7 @@ async def split_session(ws: WebSocket) -> None:
         await ws.close(code=1013)
         return
     session = ServerSession(engine=service.engine, model=service.model, config=service.config, send=send,
-                            controller=service.controller)
+                            controller=service.controller, engines=service.engines)
     service.sessions[session.session_id] = session
     close_code = 1000
     try:
@@ -132,6 +136,8 @@ class SplitEndpointPlugin:
             )
         config = SplitConfig.from_additional_config(vllm_config.additional_config)
         config.check_model(num_layers=model_config.hf_config.num_hidden_layers)
+        engines = EngineSet(engine_client)
+        config = _api_server_share(config, engines)
         model_dir = _local_model_dir(model_config.model)
         fingerprint = await asyncio.to_thread(model_fingerprint, model_dir)
         model = ModelInfo(
@@ -143,39 +149,66 @@ class SplitEndpointPlugin:
             vocab_size=model_config.get_vocab_size(),
             u_shape_unsupported=u_shape_unsupported(vllm_config),
         )
-        controller = _controller(engine_client, model, config)
+        controller = _controller(engine_client, engines, model, config)
         if config.warmup:
             from vllm_split.api.warmup import warm_up
 
-            try:
-                await warm_up(engine_client, model, config)
-            except Exception:  # the controller then starts from its prior
-                logger.warning("vllm-split: warm-up failed", exc_info=True)
-        await controller.poller.poll_once()
+            index, count = engines.api_server()
+            for e in range(index, engines.count, count):  # each engine warmed once, by one API server
+                try:
+                    await warm_up(engine_client, model, config, engines=engines, engine_index=e)
+                except Exception:  # the controller then starts from its prior
+                    logger.warning("vllm-split: warm-up of engine %s failed", engines.label(e), exc_info=True)
+        await controller.poll_all()
         controller.start()
-        state.vllm_split = SplitService(engine=engine_client, model=model, config=config, controller=controller)
+        state.vllm_split = SplitService(engine=engine_client, model=model, config=config, controller=controller,
+                                        engines=engines)
         if config.min_layer > 0:
             _refuse_ordinary_requests(engine_client, config.min_layer)
         logger.info("vllm-split: sessions on %s (model %s, %d layers, fingerprint %s)",
                     ROUTE, model_dir, model.num_layers, fingerprint[:16])
 
 
-def _controller(engine_client: Any, model: ModelInfo, config: SplitConfig) -> AdmissionController:
+def _api_server_share(config: SplitConfig, engines: EngineSet) -> SplitConfig:
+    """This API server's share of the replica's ``max_sessions`` and ``admission_queue`` when
+    vLLM runs several (``--api-server-count``): every API server has its own sessions and
+    queue, and vLLM hands a new connection to the least-loaded one, so exact shares keep the
+    replica's limits (docs/scale_out.md says what is per API server)."""
+    index, count = engines.api_server()
+    if count == 1:
+        return config
+    if config.max_sessions < count:
+        raise ValueError(f"vllm-split: max_sessions {config.max_sessions} cannot be shared by {count} API servers "
+                         f"(--api-server-count): give at least {count}")
+    shared = dataclasses.replace(config, max_sessions=share(config.max_sessions, index, count),
+                                 admission_queue=share(config.admission_queue, index, count))
+    logger.info("vllm-split: API server %d of %d takes %d of %d sessions and %d of %d admission-queue places",
+                index, count, shared.max_sessions, config.max_sessions, shared.admission_queue, config.admission_queue)
+    return shared
+
+
+def _controller(engine_client: Any, engines: EngineSet, model: ModelInfo, config: SplitConfig) -> AdmissionController:
     hf_config = engine_client.model_config.hf_config
+    index, count = engines.api_server()
     dtype_bytes = max(1, torch_dtype_bytes(model.dtype))
     policy = AdmissionPolicy(
         model=ModelConfig.from_hf_config(hf_config.to_dict(), name=str(engine_client.model_config.model)),
         hidden_bytes=model.hidden_size * dtype_bytes, min_layer=config.min_layer,
-        max_num_seqs=engine_client.vllm_config.scheduler_config.max_num_seqs,
+        # each API server admits into its share of every engine's request slots
+        max_num_seqs=share(engine_client.vllm_config.scheduler_config.max_num_seqs, index, count) or 1,
         offload_above=config.offload_above_pct / 100, placement=config.placement, gather_max_s=config.gather_max_s,
         min_offload_saving=config.min_offload_saving_pct / 100, privacy_floor=config.privacy_floor,
         default_sla=SLA(ttft_s=config.default_ttft_ms / 1000, tpot_s=config.default_tpot_ms / 1000))
 
-    async def step_stats(since: int) -> dict | None:
-        return await engine_client.engine_core.call_utility_async(contract.UTILITY_STEP_STATS, since)
+    def step_stats(e: int) -> Callable[[int], Awaitable[dict | None]]:
+        async def poll(since: int) -> dict | None:
+            return await engines.call(e, contract.UTILITY_STEP_STATS, since)
+        return poll
 
     return AdmissionController(
-        policy=policy, step_stats=step_stats, metrics=split_metrics(model.num_layers),
+        policy=policy, step_stats=[step_stats(e) for e in range(engines.count)], engine_ranks=engines.ranks,
+        first_turn=index,  # API servers start their ties on different engines
+        metrics=split_metrics(model.num_layers),
         queue=QueueLimits(limit=config.admission_queue, wait_s=config.admission_wait_ms / 1000))
 
 

@@ -2,6 +2,13 @@
 
 Created once per API-server process, after vLLM has chosen single- or multi-process
 collection (``PROMETHEUS_MULTIPROC_DIR``), so they are exported either way.
+
+Every series of a session or of an engine's fit carries the label ``engine``, the DP rank
+the session runs on (vLLM's own per-engine label, same values; ``"0"`` without data
+parallelism: one schema everywhere). Refusals and the admission queue have no engine yet
+and carry none. Under several API servers (``--api-server-count``) the counters and
+histograms add up across their processes, the session gauge is summed (``livesum``) and
+the per-engine fit is the most recent poll (every API server polls every engine).
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ class SplitMetrics:
 
 
 _metrics: SplitMetrics | None = None
+E = ["engine"]  # the DP rank a series is about
 
 
 def split_metrics(num_layers: int) -> SplitMetrics:
@@ -42,35 +50,35 @@ def split_metrics(num_layers: int) -> SplitMetrics:
 
         layer_buckets = tuple(float(k) for k in range(num_layers + 1))
         _metrics = SplitMetrics(
-            sessions_open=Gauge("vllm_split:sessions_open", "Split sessions open", multiprocess_mode="livesum"),
-            split_layer=Histogram("vllm_split:placement_split_layer", "Split layer k of admitted sessions",
+            sessions_open=Gauge("vllm_split:sessions_open", "Split sessions open", E, multiprocess_mode="livesum"),
+            split_layer=Histogram("vllm_split:placement_split_layer", "Split layer k of admitted sessions", E,
                                   buckets=layer_buckets),
             offloaded_fraction=Histogram("vllm_split:layers_offloaded_fraction",
-                                         "Fraction of decoder layers run by the client (k / N)",
+                                         "Fraction of decoder layers run by the client (k / N)", E,
                                          buckets=tuple(i / 10 for i in range(11))),
-            work_done=Counter("vllm_split:server_layer_tokens", "Layer-tokens the server ran for split sessions"),
+            work_done=Counter("vllm_split:server_layer_tokens", "Layer-tokens the server ran for split sessions", E),
             work_saved=Counter("vllm_split:server_layer_tokens_saved",
-                               "Layer-tokens clients ran instead of the server (vs server-only)"),
-            predicted_ttft=Histogram("vllm_split:predicted_ttft_seconds", "Controller's predicted time to first token",
+                               "Layer-tokens clients ran instead of the server (vs server-only)", E),
+            predicted_ttft=Histogram("vllm_split:predicted_ttft_seconds", "Controller's predicted time to first token", E,
                                      buckets=_LATENCY_BUCKETS),
-            measured_ttft=Histogram("vllm_split:measured_ttft_seconds", "Measured time to first token",
+            measured_ttft=Histogram("vllm_split:measured_ttft_seconds", "Measured time to first token", E,
                                     buckets=_LATENCY_BUCKETS),
-            predicted_tpot=Histogram("vllm_split:predicted_tpot_seconds", "Controller's predicted time per output token",
+            predicted_tpot=Histogram("vllm_split:predicted_tpot_seconds", "Controller's predicted time per output token", E,
                                      buckets=_LATENCY_BUCKETS),
-            measured_tpot=Histogram("vllm_split:measured_tpot_seconds", "Measured time per output token",
+            measured_tpot=Histogram("vllm_split:measured_tpot_seconds", "Measured time per output token", E,
                                     buckets=_LATENCY_BUCKETS),
-            tpot_ratio=Histogram("vllm_split:tpot_measured_over_predicted", "Measured / predicted TPOT per session",
+            tpot_ratio=Histogram("vllm_split:tpot_measured_over_predicted", "Measured / predicted TPOT per session", E,
                                  buckets=_RATIO_BUCKETS),
-            finished=Counter("vllm_split:sessions_finished", "Finished sessions by SLA outcome", ["sla"]),
+            finished=Counter("vllm_split:sessions_finished", "Finished sessions by SLA outcome", ["sla", "engine"]),
             refusals=Counter("vllm_split:refusals", "Sessions refused by the admission controller", ["reason"]),
             queue_length=Gauge("vllm_split:admission_queue_length", "Sessions waiting for admission",
                                multiprocess_mode="livesum"),
             server_cost=Gauge("vllm_split:server_step_cost_seconds",
-                              "Live step cost model: fixed per step, per layer call, per layer-row", ["term"],
+                              "Live step cost model: fixed per step, per layer call, per layer-row", ["term", "engine"],
                               multiprocess_mode="mostrecent"),
-            occupancy=Gauge("vllm_split:server_occupancy", "Mean requests per engine step (last seconds)",
+            occupancy=Gauge("vllm_split:server_occupancy", "Mean requests per engine step (last seconds)", E,
                             multiprocess_mode="mostrecent"),
             server_decoded=Counter("vllm_split:sessions_server_decoded",
-                                   "Sessions at k = 0 decoded on the server (token ids in, no round trip per token)"),
+                                   "Sessions at k = 0 decoded on the server (token ids in, no round trip per token)", E),
         )
     return _metrics

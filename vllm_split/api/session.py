@@ -35,6 +35,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from vllm_split.wire import protocol as wire
 from vllm_split.api.admission import AdmissionController, AdmissionRefused, request_from_open
+from vllm_split.api.engines import EngineSet
 from vllm_split.config import SplitConfig
 from vllm_split.control.privacy_floor import effective_floor, floor_violation
 from vllm_split.api.net_probe import ProbeFailed, measure_network
@@ -79,8 +80,11 @@ class ServerSession:
 
     def __init__(self, *, engine: Any, model: ModelInfo, config: SplitConfig,
                  send: Callable[[wire.Message], Awaitable[None]],
-                 controller: AdmissionController | None = None) -> None:
+                 controller: AdmissionController | None = None, engines: EngineSet | None = None,
+                 engine_index: int = 0) -> None:
         self.engine = engine
+        self._engines = engines
+        self.engine_index = engine_index  # the engine (DP rank index) the session runs on; the controller's choice
         self.model = model
         self.config = config
         self.send = send
@@ -103,6 +107,12 @@ class ServerSession:
         # what release() gives back (resources, not phases)
         self._holds_slot = False  # admitted by the controller
         self._rows_in_engine = False  # the scheduler keeps a copy of our activations
+
+    @property
+    def engines(self) -> EngineSet:
+        if self._engines is None:
+            self._engines = EngineSet(self.engine)
+        return self._engines
 
     # ---------------------------------------------------------------- phase
     @property
@@ -228,6 +238,7 @@ class ServerSession:
         except AdmissionRefused as exc:
             raise SessionError(exc.reason, str(exc), fatal=True, retry_after_s=exc.retry_after_s) from None
         self._holds_slot = True
+        self.engine_index = self.controller.engine_of(self.session_id)
         return admission
 
     def _choose_wire_dtype(self, msg: wire.Open) -> str | None:
@@ -332,8 +343,8 @@ class ServerSession:
     async def _deliver(self, start: int, rows: torch.Tensor, turnaround_s: float | None = None) -> None:
         _, _, data = wire.encode_tensor(rows)
         self._rows_in_engine = True
-        err = await self.engine.engine_core.call_utility_async(UTILITY_DELIVER, self.session_id, start, rows.shape[0],
-                                                               data, turnaround_s)
+        err = await self.engines.call(self.engine_index, UTILITY_DELIVER, self.session_id, start, rows.shape[0],
+                                      data, turnaround_s)
         if err:
             raise SessionError(ErrorCode.DELIVERY, err, fatal=True)
 
@@ -366,7 +377,8 @@ class ServerSession:
             await self._deliver(0, prompt)
             tokens_prompt = TokensPrompt(prompt_token_ids=[PLACEHOLDER_TOKEN_ID] * n, cache_salt=self.session_id)
         reason = None
-        async for out in self.engine.generate(tokens_prompt, self.sampling_params(), request_id=f"split-{self.session_id}"):
+        async for out in self.engine.generate(tokens_prompt, self.sampling_params(), request_id=f"split-{self.session_id}",
+                                              **self.engines.pin(self.engine_index)):
             completion = out.outputs[0]
             ids = list(completion.token_ids)
             for j, token_id in enumerate(ids):
@@ -418,6 +430,6 @@ class ServerSession:
         if self._rows_in_engine:
             self._rows_in_engine = False
             try:
-                await self.engine.engine_core.call_utility_async(UTILITY_RELEASE, self.session_id)
+                await self.engines.call(self.engine_index, UTILITY_RELEASE, self.session_id)
             except Exception:  # engine shutting down: nothing left to release
                 logger.debug("vllm-split: release of a session failed", exc_info=True)

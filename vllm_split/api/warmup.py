@@ -15,13 +15,15 @@ from vllm.logger import init_logger
 
 from vllm_split.wire import protocol as wire
 from vllm_split.config import SplitConfig
+from vllm_split.api.engines import EngineSet
 from vllm_split.api.session import ModelInfo, ServerSession
 
 logger = init_logger(f"vllm.{__name__}")
 
 
 async def warm_up(engine, model: ModelInfo, config: SplitConfig, *, prompt_tokens: int = 48,
-                  output_tokens: int = 12) -> None:
+                  output_tokens: int = 12, engines: EngineSet | None = None, engine_index: int = 0) -> None:
+    """Warm engine ``engine_index`` of ``engines`` (one engine: the only one)."""
     layers = sorted({config.min_layer, (config.min_layer + model.num_layers) // 2})
     gen = torch.Generator().manual_seed(0)
     for k in layers:
@@ -31,7 +33,8 @@ async def warm_up(engine, model: ModelInfo, config: SplitConfig, *, prompt_token
             if isinstance(msg, wire.Token) and msg.finish_reason is None:
                 tokens.put_nowait(msg)
 
-        session = ServerSession(engine=engine, model=model, config=config, send=send)
+        session = ServerSession(engine=engine, model=model, config=config, send=send, engines=engines,
+                                engine_index=engine_index)
         sampling = wire.SamplingOptions(max_tokens=output_tokens, ignore_eos=True)
         await session.handle_open(wire.Open(model_fingerprint=model.fingerprint, split_layer=k, sampling=sampling))
         rows = (torch.randn(prompt_tokens + output_tokens, model.hidden_size, generator=gen) * 0.05).to(model.dtype)
@@ -51,4 +54,5 @@ async def warm_up(engine, model: ModelInfo, config: SplitConfig, *, prompt_token
             if not task.done():
                 task.cancel()
             await session.release()
-    logger.info("vllm-split: warm-up ran %d requests (split layers %s)", len(layers), layers)
+    logger.info("vllm-split: warm-up ran %d requests (split layers %s) on engine %d", len(layers), layers,
+                engine_index)

@@ -336,7 +336,8 @@ class SplitSchedulerMixin:
     def split_step_stats(self, since: int) -> dict:
         """Step records newer than ``since``, the queue lengths and the block pool (for the
         controller) and the gather window's counters (totals since start-up)."""
-        return {"num_layers": self.split_num_layers, "records": self.split_steps.since(since),
+        return {"engine": self.vllm_config.parallel_config.data_parallel_index,  # the DP rank (0 without DP)
+                "num_layers": self.split_num_layers, "records": self.split_steps.since(since),
                 "num_running": len(self.running), "num_waiting": len(self.waiting),
                 "kv": self._split_kv_stats(),
                 "gather": self._split_gather_stats(),

@@ -20,7 +20,9 @@ has ``t`` (wall time at the end), ``num_reqs``, ``num_tokens`` and ``split_layer
 (sorted, one per split request), ``return_layers`` (only with U-shaped requests: their
 ``m``, sorted) and ``compiled_graphs`` (torch.compile graphs made in this
 process so far: a number that grows while serving is a recompilation), ``pp_rank`` (the
-pipeline stage of the worker that wrote the line: every stage writes one per step) and, from
+pipeline stage of the worker that wrote the line: every stage writes one per step), ``engine``
+(its DP rank: under data parallelism every engine's worker appends to the same file),
+``split_requests`` (the split requests' ids, sorted) and, from
 the split runner, ``layer_rows``: the rows times decoder layers this worker's forward ran
 (every row on every layer of the stage for plain and exact steps, only the entered rows on
 the compact path; absent where not counted, e.g. U-shaped steps).
@@ -56,6 +58,7 @@ class StepTimingMixin:
         from vllm.distributed import get_pp_group, model_parallel_is_initialized
 
         self._step_pp_rank = get_pp_group().rank_in_group if model_parallel_is_initialized() else 0
+        self._step_engine = self.vllm_config.parallel_config.data_parallel_index  # the DP rank (0 without DP)
 
         if self.vllm_config.compilation_config.mode == CompilationMode.NONE:
             self._layer_timer = LayerTimer()
@@ -101,6 +104,7 @@ class StepTimingMixin:
             "num_reqs": len(scheduler_output.num_scheduled_tokens),
             "num_tokens": scheduler_output.total_num_scheduled_tokens,
             "split_layers": sorted(int(s.split_layer) for s in splits.values()),
+            "split_requests": sorted(splits),
         }
         if returns := sorted(int(s.return_layer) for s in splits.values() if getattr(s, "return_layer", None)):
             info["return_layers"] = returns  # U-shaped requests' m (their rows leave after layer m - 1)
@@ -128,7 +132,8 @@ class StepTimingMixin:
             return
         info, step_s = ended
         line = {"t": time.time(), **info, "step_s": step_s, "model_s": self._model_s, "prep_s": self._prep_s,
-                "compiled_graphs": compiled_graphs(), "pp_rank": self._step_pp_rank}
+                "compiled_graphs": compiled_graphs(), "pp_rank": self._step_pp_rank,
+                "engine": self._step_engine}
         if (layer_rows := getattr(self, "_split_layer_rows", None)) is not None:
             line["layer_rows"] = layer_rows
         if self._layer_timer is not None:

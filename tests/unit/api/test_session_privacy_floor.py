@@ -111,6 +111,9 @@ class DecodingController:
     async def admit(self, session_id, request):
         return Admission(12, "dp", None, None, server_decode=True)
 
+    def engine_of(self, session_id):
+        return 0
+
 
 async def test_the_session_never_decodes_on_the_server_with_a_floor_whatever_admission_says():
     session, peer = await _open(_msg(None, privacy_floor=12), controller=DecodingController())

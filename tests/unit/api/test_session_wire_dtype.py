@@ -184,6 +184,9 @@ class RecordingController:
         self.requests.append(request)
         return Admission(request.split_layer, "fixed", None, None)
 
+    def engine_of(self, session_id):
+        return 0
+
     async def release(self, *args, **kwargs):
         pass
 

@@ -120,12 +120,12 @@ def test_summary_ratios_with_intervals():
 
 def test_split_limit_from_metrics():
     text = "\n".join([
-        'vllm_split:server_step_cost_seconds{term="fixed"} 0.01',
-        'vllm_split:server_step_cost_seconds{term="layer"} 0.002',
-        'vllm_split:server_step_cost_seconds{term="row"} 0.0',
-        "vllm_split:server_occupancy 1.0",
-        "vllm_split:layers_offloaded_fraction_sum 5.0",
-        "vllm_split:layers_offloaded_fraction_count 10.0",
+        'vllm_split:server_step_cost_seconds{term="fixed",engine="0"} 0.01',
+        'vllm_split:server_step_cost_seconds{term="layer",engine="0"} 0.002',
+        'vllm_split:server_step_cost_seconds{term="row",engine="0"} 0.0',
+        'vllm_split:server_occupancy{engine="0"} 1.0',
+        'vllm_split:layers_offloaded_fraction_sum{engine="0"} 5.0',
+        'vllm_split:layers_offloaded_fraction_count{engine="0"} 10.0',
     ])
     lim = split_limit(text, 30)
     assert lim["fixed_share_of_step"] == pytest.approx(0.01 / 0.07)

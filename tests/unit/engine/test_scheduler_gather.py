@@ -43,7 +43,8 @@ class FakeScheduler:
     def __init__(self, additional_config: dict) -> None:
         model_config = SimpleNamespace(get_hidden_size=lambda: HIDDEN, dtype=torch.float32,
                                        hf_config=SimpleNamespace(num_hidden_layers=2))
-        self.vllm_config = SimpleNamespace(model_config=model_config, additional_config=additional_config)
+        self.vllm_config = SimpleNamespace(model_config=model_config, additional_config=additional_config,
+                                           parallel_config=SimpleNamespace(data_parallel_index=0))
         self.running: list = []
         self.waiting = FakeQueue()
         self.requests: dict = {}

@@ -35,7 +35,8 @@ class FakeRunner:
         self.fused = fused
         self.model = None
         mode = CompilationMode.DYNAMO_TRACE_ONCE if compiled else CompilationMode.NONE
-        self.vllm_config = SimpleNamespace(compilation_config=SimpleNamespace(mode=mode))
+        self.vllm_config = SimpleNamespace(compilation_config=SimpleNamespace(mode=mode),
+                                           parallel_config=SimpleNamespace(data_parallel_index=0))
 
     def load_model(self) -> None:
         self.model = SimpleNamespace(model=SimpleNamespace(layers=torch.nn.ModuleList([Sleepy(), Sleepy()])))
@@ -103,9 +104,10 @@ def test_one_line_per_step_from_execute_model_to_the_sampled_output(tmp_path, mo
     runner.execute_model(step({}))  # schedules no token: not a step
     (got,) = lines(log)
     fields = {"t", "num_reqs", "num_tokens", "split_layers", "step_s", "model_s", "prep_s", "compiled_graphs",
-              "pp_rank"}
+              "pp_rank", "engine", "split_requests"}
     assert set(got) == (fields if compiled else fields | {"layers_s"})  # no hooks inside a compiled graph
     assert (got["num_reqs"], got["num_tokens"], got["split_layers"], got["pp_rank"]) == (3, 5, [15, 22], 0)
+    assert (got["split_requests"], got["engine"]) == (["b", "c"], 0)
     assert 2 * LAYER_S <= got["model_s"] < 0.3
     if not compiled:
         assert 2 * LAYER_S <= got["layers_s"] <= got["model_s"]

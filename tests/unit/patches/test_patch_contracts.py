@@ -27,6 +27,9 @@ from vllm.v1.engine.core import EngineCore, EngineCoreProc  # noqa: E402
 SIGNATURES = {
     "vllm.v1.engine.core:EngineCoreProc._convert_msgspec_args": (
         "(method, args)", "patches/engine_core_utility.py"),
+    # data parallelism: a utility call to one engine (vLLM's public call_utility_async goes to all)
+    "vllm.v1.engine.core_client:AsyncMPClient._call_utility_async": (
+        "(self, method: str, *args, engine: bytes) -> Any", "vllm_split/api/engines.py"),
     "vllm.v1.core.sched.scheduler:Scheduler.schedule": (
         "(self, throttle_prefills: bool = False) -> vllm.v1.core.sched.output.SchedulerOutput",
         "vllm_split/engine/scheduler.py"),
@@ -198,6 +201,16 @@ SOURCE_CONTAINS = {
         "            scheduler_metadata=scheduler_metadata,", "patches/cpu_range_metadata.py"),
     # the scheduler reports the block pool to the admission controller (control/kv_budget.py)
     "vllm.v1.core.block_pool:BlockPool.__init__": ("self.num_gpu_blocks = num_gpu_blocks", "vllm_split/engine/scheduler.py"),
+    # data parallelism (vllm_split/api/engines.py): core_engines[e] is the identity of the engine
+    # at engine_ranks_managed[e] ...
+    "vllm.v1.engine.core_client:MPClient.__init__": (
+        'rank.to_bytes(2, "little") for rank in self.engine_ranks_managed', "vllm_split/api/engines.py"),
+    # ... data_parallel_rank indexes the same list when vLLM routes a request ...
+    "vllm.v1.engine.core_client:DPLBAsyncMPClient.get_core_engine_for_request": (
+        "if (eng_index := request.data_parallel_rank) is None", "vllm_split/api/engines.py"),
+    # ... and every API server's client knows its index among them (the limits' shares)
+    "vllm.v1.engine.core_client:AsyncMPClient.__init__": (
+        "self.client_index = client_index", "vllm_split/api/engines.py"),
     # skipped ranges hold the null block, which freeing never returns to the free queue
     "vllm.v1.core.block_pool:BlockPool.free_blocks": (
         "if block.ref_cnt == 0 and not block.is_null:", "vllm_split/engine/kv_range_manager.py"),
@@ -247,6 +260,13 @@ def test_source_contains(target):
     needle, module = SOURCE_CONTAINS[target]
     source = inspect.getsource(_resolve(target, module))
     assert needle in source, f"{_changed(target, module, 'check')}: {needle!r} is gone"
+
+
+def test_generate_pins_a_request_to_an_engine():
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    assert "data_parallel_rank" in inspect.signature(AsyncLLM.generate).parameters, \
+        _changed("AsyncLLM.generate", "vllm_split/api/engines.py", "check") + ": no data_parallel_rank"
 
 
 def test_scheduler_attributes_the_mixin_uses():
