@@ -43,6 +43,7 @@ from vllm_split.wire.tensors import TENSOR_DTYPES, WIRE_DTYPES, decode_tensor, e
 from vllm_split.wire.errors import FINISH_REASONS, _check_reason, _check_bool, _check_float, _check_int, _check_str, _list
 from vllm_split.wire.tensors import _check_wire_dtype, check_rows, rows_payload, rows_quantized, rows_to_tensor
 from vllm_split.wire.ushape import Hidden, check_u_open
+from vllm_split.wire.drafts import Tokens, check_draft_ids, check_max_drafts
 
 if TYPE_CHECKING:
     import torch
@@ -155,7 +156,7 @@ class Open:
     KIND: ClassVar[int] = 1
     # not sent unless used: older servers take the frame
     OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("server_decode", "wire_dtypes", "privacy_floor", "u_shape",
-                                               "return_layer")
+                                               "return_layer", "max_drafts")
     model_fingerprint: str
     split_layer: int | None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
@@ -173,10 +174,13 @@ class Open:
     # final norm, the LM head and sampling; the server returns the layer-m rows (Hidden)
     u_shape: bool = False
     return_layer: int | None = None  # m; None with u_shape and split_layer None: the server chooses
+    # draft tokens the client may send per activation (:mod:`vllm_split.wire.drafts`); 0: none
+    max_drafts: int = 0
 
     def __post_init__(self) -> None:
         _check_str("model_fingerprint", self.model_fingerprint)
         check_u_open(self)
+        check_max_drafts(self.max_drafts)
         _check_bool("server_decode", self.server_decode)
         _check_int("privacy_floor", self.privacy_floor, low=0)
         offered = tuple(_list("wire_dtypes", self.wire_dtypes))
@@ -209,16 +213,23 @@ class Activation:
     """
 
     KIND: ClassVar[int] = 3
+    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("draft_ids",)
     start: int
     dtype: str
     shape: tuple[int, int]
     data: bytes = field(repr=False)
     end_of_prompt: bool = False
+    # a decode activation of a session granted drafts: the draft tokens whose rows follow the
+    # first (the last token's), at positions start + 1, ...
+    draft_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_int("start", self.start, low=0)
         object.__setattr__(self, "shape", check_rows(self.dtype, _list("shape", self.shape), self.data))
         _check_bool("end_of_prompt", self.end_of_prompt)
+        object.__setattr__(self, "draft_ids", check_draft_ids(self.draft_ids, rows=self.shape[0]))
+        if self.draft_ids and self.end_of_prompt:
+            raise ProtocolError("draft_ids: drafts ride on decode activations, not on a prompt chunk")
 
     @property
     def rows(self) -> int:
@@ -226,10 +237,11 @@ class Activation:
 
     @classmethod
     def from_tensor(cls, tensor: "torch.Tensor", *, start: int, end_of_prompt: bool = False,
-                    wire_dtype: str | None = None) -> "Activation":
+                    wire_dtype: str | None = None, draft_ids: tuple[int, ...] = ()) -> "Activation":
         """The rows of a 2-D float tensor, sent in ``wire_dtype`` (None: the tensor's own dtype)."""
         dtype, shape, data = rows_payload(tensor, wire_dtype)
-        return cls(start=start, dtype=dtype, shape=shape, data=data, end_of_prompt=end_of_prompt)
+        return cls(start=start, dtype=dtype, shape=shape, data=data, end_of_prompt=end_of_prompt,
+                   draft_ids=tuple(draft_ids))
 
     def quantized(self) -> quant.QuantizedTensor:
         """An 8-bit activation's codes and scales (views of ``data``, not copies); a float
@@ -300,7 +312,7 @@ class Opened:
 
     KIND: ClassVar[int] = 2
     # not sent unless used: older clients take the frame
-    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("server_decode", "wire_dtype", "return_layer")
+    OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("server_decode", "wire_dtype", "return_layer", "max_drafts")
     session_id: str
     split_layer: int
     num_layers: int
@@ -319,9 +331,13 @@ class Opened:
     # a U-shaped session's m: the server runs [split_layer, return_layer) and answers Hidden
     # frames instead of Token frames; None: not U-shaped
     return_layer: int | None = None
+    # drafts granted per activation (Open.max_drafts, at most the server's own); 0: none, the
+    # session gets Token frames, else Tokens frames
+    max_drafts: int = 0
 
     def __post_init__(self) -> None:
         _check_str("session_id", self.session_id)
+        check_max_drafts(self.max_drafts)
         if self.return_layer is not None:
             _check_int("return_layer", self.return_layer, low=1)
         _check_bool("server_decode", self.server_decode)
@@ -401,11 +417,13 @@ class Error:
             _check_float("retry_after_s", self.retry_after_s, low=0.0)
 
 
-Message = Union[Open, Activation, PromptTokens, ProbeReply, Close, Opened, Probe, Token, Finished, Error, Hidden]
+Message = Union[Open, Activation, PromptTokens, ProbeReply, Close, Opened, Probe, Token, Finished, Error, Hidden,
+                Tokens]
 _KINDS: dict[int, type] = {cls.KIND: cls for cls in (Open, Activation, PromptTokens, ProbeReply, Close, Opened,
-                                                     Probe, Token, Finished, Error, Hidden)}
+                                                     Probe, Token, Finished, Error, Hidden, Tokens)}
 _PAYLOAD_KINDS = (Activation, PromptTokens, ProbeReply, Hidden)  # messages whose ``data`` field is the raw payload
-_DEFAULTS = {(cls, f.name): f.default for cls in (Open, Opened) for f in fields(cls) if f.name in cls.OMIT_DEFAULT}
+_DEFAULTS = {(cls, f.name): f.default for cls in (Open, Opened, Activation) for f in fields(cls)
+             if f.name in cls.OMIT_DEFAULT}
 
 
 # ---------------------------------------------------------------- encode / decode

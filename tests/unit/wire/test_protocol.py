@@ -218,7 +218,7 @@ MALFORMED = [
     ("bad magic", _frame(1, _open_meta(), magic=b"XSPL"), r"bad magic: expected b'VSPL', got b'XSPL'"),
     ("wrong version", _frame(1, _open_meta(), version=2),
      r"protocol version 2 is not supported: this side speaks version 1"),
-    ("unknown kind", _frame(99, {}), r"unknown message kind 99: expected one of \[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11\]"),
+    ("unknown kind", _frame(99, {}), r"unknown message kind 99: expected one of \[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12\]"),
     ("meta longer than frame", _frame(1, b"{}", meta_len=100),
      r"declared metadata length 100 does not fit: frame has 2 bytes after the header"),
     ("meta over limit", _frame(1, b"{}", meta_len=wire.MAX_META_BYTES + 1),
@@ -229,7 +229,7 @@ MALFORMED = [
     ("JSON string", _frame(7, b'"x"'), r"metadata: expected a JSON object, got str"),
     ("unknown field", _frame(1, _open_meta(colour="red")),
      r"Open: unknown field\(s\) \['colour'\]; expected a subset of "
-     r"\['client', 'expected_output_tokens', 'model_fingerprint', 'privacy_floor', 'prompt_tokens', "
+     r"\['client', 'expected_output_tokens', 'max_drafts', 'model_fingerprint', 'privacy_floor', 'prompt_tokens', "
      r"'protocol_version', 'return_layer', 'sampling', 'server_decode', 'sla', 'split_layer', 'u_shape', 'wire_dtypes'\]"),
     ("unknown sampling field", _frame(1, _open_meta(sampling={"temp": 1})),
      r"sampling: unknown field\(s\) \['temp'\]"),
