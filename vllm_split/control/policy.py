@@ -424,10 +424,8 @@ class AdmissionPolicy:
         if held is not None:
             return held
         k, decoded = split_layer_of(placed.placement), is_server_decoded(placed.placement)
-        if (why := self.kv_held(request, k, load, inflight)) is not None:
-            return Wait(why)
-        if self.first_pushed_past_bound(load, inflight, split_layer=k) is not None:
-            return Wait("admitting it would push an admitted session past its TPOT bound")
+        if (wait := self.admitted_hold(request, k, load, inflight)) is not None:
+            return wait
         ttft, tpot, work = self.predict(request, k, load, server_decode=decoded)
         return Admission(k, "server_only" if k == 0 else placed.method, ttft, tpot, server_work=work,
                          sla=self.sla_for(request), server_decode=decoded)
@@ -441,6 +439,17 @@ class AdmissionPolicy:
             return Wait("the SLA cannot be met at the current load")
         if self.max_num_seqs is not None and len(inflight) >= self.max_num_seqs:
             return Wait(f"all {self.max_num_seqs} request slots of the engine are taken")
+        return None
+
+    def admitted_hold(self, request: AdmissionRequest, split_layer: int, load: ServerLoad,
+                      inflight: Collection[InFlight]) -> Wait | None:
+        """What the admitted sessions hold a newcomer at ``split_layer`` back for: the KV memory
+        they are promised (:meth:`kv_held`), then their TPOT bounds
+        (:meth:`first_pushed_past_bound`); None: neither."""
+        if (why := self.kv_held(request, split_layer, load, inflight)) is not None:
+            return Wait(why)
+        if self.first_pushed_past_bound(load, inflight, split_layer=split_layer) is not None:
+            return Wait("admitting it would push an admitted session past its TPOT bound")
         return None
 
     @staticmethod

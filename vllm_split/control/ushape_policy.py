@@ -167,15 +167,13 @@ def decide_u(policy: "AdmissionPolicy", request: "AdmissionRequest", placed: "Pl
              load: ServerLoad, inflight: Collection["InFlight"]) -> "Admission | Wait | Refusal":
     """:meth:`AdmissionPolicy.decide` for a U request (the same waits; what the newcomer adds
     to each step is weighed as its rows from ``k`` up, an upper bound)."""
-    from vllm_split.control.policy import Admission, Wait
+    from vllm_split.control.policy import Admission
 
     held = policy.held(placed, inflight)
     if held is not None:
         return held
     k, m = u_layers_of(placed.placement)
-    if (why := policy.kv_held(request, k, load, inflight)) is not None:
-        return Wait(why)
-    if policy.first_pushed_past_bound(load, inflight, split_layer=k) is not None:
-        return Wait("admitting it would push an admitted session past its TPOT bound")
+    if (wait := policy.admitted_hold(request, k, load, inflight)) is not None:
+        return wait
     ttft, tpot, work = predict_u(policy, request, k, m, load)
     return Admission(k, placed.method, ttft, tpot, server_work=work, sla=policy.sla_for(request), return_layer=m)
