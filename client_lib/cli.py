@@ -2,12 +2,15 @@
 
     vllm-split-client --server http://localhost:8000 --model DIR [--split-layer auto|K] \\
         [--max-layers M] [--ttft 2.0 --tpot 0.2] --prompt "What is the capital of France?" --max-tokens 64 \\
-        [--privacy-floor F] [--wire-dtype auto|float16|int8_mixed|...] [--return-layer auto|M] [--chat] [--timings]
+        [--privacy-floor F] [--wire-dtype auto|float16|int8_mixed|...] [--return-layer auto|M] \\
+        [--draft ngram|none] [--num-drafts N] [--chat] [--timings]
     vllm-split-client serve --server http://localhost:8000 --model DIR [--port 8001]   # OpenAI gateway
 
 ``--return-layer M`` (or ``auto`` with ``--split-layer auto``) makes the session U-shaped
 (``client_lib/ushape.py``): the client also runs layers ``[M, L)``, the LM head and sampling,
-and no token id goes to the server. ``serve`` runs the OpenAI-compatible gateway (``client_lib/gateway``, docs/gateway.md). An
+and no token id goes to the server. ``--draft ngram`` sends up to ``--num-drafts`` prompt-lookup
+draft tokens with each activation, for the server to verify in one step (a server started with
+``--split-drafts``; others grant none). ``serve`` runs the OpenAI-compatible gateway (``client_lib/gateway``, docs/gateway.md). An
 ``https://`` server is reached over ``wss://`` and its certificate verified against the
 system's CAs, or against ``--ca-file PATH`` (``--insecure``: no verification, testing only).
 """
@@ -21,7 +24,7 @@ import statistics
 import sys
 
 from client_lib.local_layers import LocalLayers
-from client_lib.session import PrivacyFloorError, ServerError, SplitSession
+from client_lib.session import PrivacyFloorError, ServerError, SplitSession, check_num_drafts
 from client_lib.wire_policy import DEFAULT_MIN_AGREEMENT
 from vllm_split.wire.contract import ErrorCode
 from vllm_split.wire.protocol import WIRE_DTYPES
@@ -32,6 +35,13 @@ def _existing_file(path: str) -> str:
     if not os.path.isfile(path):
         raise argparse.ArgumentTypeError(f"no such file: {path}")
     return path
+
+
+def _num_drafts(value: str) -> int:
+    try:
+        return check_num_drafts(int(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_tls_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -78,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
                    help="--wire-dtype auto: lowest greedy token match rate with float32 to accept (default "
                         f"{DEFAULT_MIN_AGREEMENT})")
+    p.add_argument("--draft", default="none", choices=["ngram", "none"],
+                   help="draft tokens for the server to verify (speculative decoding, fewer round trips): 'ngram' "
+                        "proposes them by prompt lookup over the prompt and the output so far; default: none")
+    p.add_argument("--num-drafts", type=_num_drafts, default=4, metavar="N",
+                   help="--draft: most draft tokens per activation (1 to 16; the server may grant fewer); default 4")
     p.add_argument("--ttft", type=float, default=None, help="SLA: time to first token (s)")
     p.add_argument("--tpot", type=float, default=None, help="SLA: time per output token (s)")
     p.add_argument("--prompt", required=True)
@@ -130,7 +145,8 @@ async def run(args: argparse.Namespace) -> dict:
                                          sla=sla, expected_output_tokens=args.max_tokens,
                                          wire_dtype=args.wire_dtype, min_agreement=args.min_agreement,
                                          ssl=tls_option(args.ca_file, args.insecure),
-                                         privacy_floor=args.privacy_floor, tail=tail) as session:
+                                         privacy_floor=args.privacy_floor, tail=tail, draft=args.draft,
+                                         num_drafts=args.num_drafts) as session:
         async for event in session.generate(prompt_ids):
             tokens.append(event.token_id)
             text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -155,6 +171,8 @@ async def run(args: argparse.Namespace) -> dict:
         "ttft_s": stats.time_to_first_token,
         "median_local_s_per_token": statistics.median(locals_) if locals_ else None,
         "median_server_network_s_per_token": statistics.median(rtts) if rtts else None,
+        "max_drafts": opened.max_drafts, "round_trips": stats.round_trips, "drafts_sent": stats.drafts_sent,
+        "drafts_accepted": stats.drafts_accepted,
     }
     if opened.predicted_tpot_s is not None:
         sys.stderr.write(
@@ -168,6 +186,9 @@ async def run(args: argparse.Namespace) -> dict:
             f"{(stats.time_to_first_token or 0) * 1e3:.0f} ms; per token: local "
             f"{(summary['median_local_s_per_token'] or 0) * 1e3:.1f} ms, server+network "
             f"{(summary['median_server_network_s_per_token'] or 0) * 1e3:.1f} ms (medians)\n")
+    if args.timings and stats.drafts_sent:
+        sys.stderr.write(f"drafts: {stats.drafts_accepted}/{stats.drafts_sent} accepted; "
+                         f"{stats.tokens_per_round_trip:.2f} tokens per round trip\n")
     if args.json:
         print(json.dumps(summary))
     return summary

@@ -109,6 +109,11 @@ class LocalLayers:
         self.cache = None
         self.num_positions = 0
 
+    def truncate(self, num_positions: int) -> None:
+        """Keep the first ``num_positions`` positions of the KV cache and forget the rest (the
+        rows of drafts the server rejected): the next :meth:`forward` continues from there."""
+        self.num_positions = truncate_cache(self.cache, self.num_positions, num_positions)
+
     @torch.inference_mode()
     def forward(self, token_ids: list[int]) -> torch.Tensor:
         """Hidden states at ``split_layer`` for the next tokens: ``[len(token_ids), hidden]``."""
@@ -124,6 +129,16 @@ class LocalLayers:
         self.num_positions += len(token_ids)
         self.timings.append(StepTiming(rows=len(token_ids), seconds=time.perf_counter() - t0))
         return hidden[0].to("cpu")
+
+
+def truncate_cache(cache, num_positions: int, keep: int) -> int:
+    """Drop the positions from ``keep`` on of a transformers ``DynamicCache`` holding
+    ``num_positions`` (None: no cache, split layer 0); the new position count."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= num_positions:
+        raise ValueError(f"truncate: expected 0 <= num_positions <= {num_positions} (the positions held), got {keep!r}")
+    if cache is not None and keep < num_positions:
+        cache.crop(keep - num_positions)  # negative: remove that many from the end (transformers 4.x and 5.x)
+    return keep
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:

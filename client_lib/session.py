@@ -41,6 +41,21 @@ against the system's CAs; ``ssl=`` takes the path of a CA bundle (or of a self-s
 certificate) to trust instead, or an ``ssl.SSLContext``. ``ssl=False`` turns verification
 off: for tests only, never the default. A certificate that does not verify, or a server that
 does not speak TLS, raises :class:`ServerError` with code ``tls`` naming the URL.
+
+Drafts (``draft="ngram"`` or a :class:`~client_lib.drafts.Drafter`, ``num_drafts=γ``; issue 14):
+the client asks for up to γ draft tokens per activation (``Open.max_drafts``). A server that
+grants them (``Opened.max_drafts = g > 0``) answers with ``Tokens`` frames; after each answer
+the client drops its KV cache's positions past the accepted tokens (``layers.truncate``), asks
+its drafter for up to ``g`` tokens (prompt lookup: n-gram matches over the prompt and output so
+far), runs its layers on the last token and the drafts in one pass and sends the ``1 + d`` rows
+in one ``Activation`` (``draft_ids``). The server verifies them in one engine step and answers
+with the drafts it accepted and one token of its own, so greedy output is unchanged and a round
+trip can bring several tokens. Each token is still one :class:`TokenEvent`, in order. A server
+granting none (``0``: no ``--split-drafts``, server decoding) gets the usual one row per token;
+an older server refuses the ``Open`` (unknown field ``max_drafts``), raised as a
+:class:`ServerError` that says to open with ``draft="none"``. ``drafts_sent``,
+``drafts_accepted`` and ``round_trips`` count them (``GenerationStats``). Only ``generate``
+drafts (it has the prompt's ids); ``stream`` needs ``token_ids=`` for it.
 """
 from __future__ import annotations
 
@@ -52,8 +67,10 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 
+from client_lib.drafts import Drafter, make_drafter
 from client_lib.wire_policy import DEFAULT_MIN_AGREEMENT, offered_wire_dtypes
 from vllm_split.wire import protocol as wire
+from vllm_split.wire.drafts import MAX_DRAFTS, accepted_drafts
 from vllm_split.wire.contract import SESSION_PATH, ErrorCode
 
 if TYPE_CHECKING:
@@ -100,6 +117,13 @@ class GenerationStats:
     time_to_first_token: float | None = None  # from Opened to the first token
     events: list[TokenEvent] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
+    round_trips: int = 0  # answers received (Token or Tokens frames): the prompt's, then one per activation
+    drafts_sent: int = 0  # draft tokens sent (rows beyond the first of each decode activation)
+    drafts_accepted: int = 0  # of those, the ones the server accepted
+
+    @property
+    def tokens_per_round_trip(self) -> float | None:
+        return len(self.events) / self.round_trips if self.round_trips else None
 
     @property
     def time_per_output_token(self) -> float | None:
@@ -111,7 +135,8 @@ class SplitSession:
     def __init__(self, *, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, layers: Any,
                  sampling: wire.SamplingOptions, sla: wire.RequestSLA | None, profile: wire.ClientProfile | None,
                  expected_output_tokens: int | None, link: Any = None, server_decode: bool = True,
-                 wire_dtypes: tuple[str, ...] = (), privacy_floor: int = 0, tail: Any = None) -> None:
+                 wire_dtypes: tuple[str, ...] = (), privacy_floor: int = 0, tail: Any = None,
+                 drafter: Drafter | None = None, num_drafts: int = 0) -> None:
         self._http = http
         self._ws = ws
         self.layers = layers
@@ -124,6 +149,8 @@ class SplitSession:
         self.wire_dtypes = wire_dtypes  # offered at Open, preferred first; () : the tensor's own dtype
         self.privacy_floor = privacy_floor  # sent at Open: no split layer below it is accepted from the server
         self.tail = tail  # U-shaped (client_lib/ushape.py): the client's layers [m, L), norm and LM head
+        self.drafter = drafter  # proposes draft tokens (client_lib/drafts.py); None: no drafts
+        self.num_drafts = num_drafts if drafter is not None else 0  # asked at Open (Open.max_drafts)
         self.opened: wire.Opened | None = None
         self.stats = GenerationStats()
         self._closed = False
@@ -135,7 +162,8 @@ class SplitSession:
                      expected_output_tokens: int | None = None, link: Any = None,
                      server_decode: bool = True, wire_dtype: str | None = None,
                      min_agreement: float = DEFAULT_MIN_AGREEMENT, ssl: SSLOption = None,
-                     privacy_floor: int = 0, tail: Any = None) -> "SplitSession":
+                     privacy_floor: int = 0, tail: Any = None, draft: str | Drafter | None = "none",
+                     num_drafts: int = 4) -> "SplitSession":
         """Connect; open the session now at a fixed ``layers.split_layer``, or, for
         ``split_layer="auto"``, in :meth:`generate` (planning needs the prompt length).
         ``profile`` defaults to this device's measured one when the server chooses; a
@@ -147,8 +175,17 @@ class SplitSession:
         ``privacy_floor``: no split layer below it; above 0 no server decoding is offered
         (module docstring; :func:`check_privacy_floor` runs first). ``tail``: a U-shaped
         session (:mod:`client_lib.ushape`): the client also runs the tail's layers
-        ``[m, L)``, the norm, the LM head and sampling, and no token id goes to the server."""
+        ``[m, L)``, the norm, the LM head and sampling, and no token id goes to the server.
+        ``draft`` (``"none"``, ``"ngram"`` or a :class:`~client_lib.drafts.Drafter`) and
+        ``num_drafts`` (γ, 1 to 16): draft tokens per activation (module docstring)."""
         check_privacy_floor(layers, privacy_floor)
+        drafter = make_drafter(draft, check_num_drafts(num_drafts))
+        if drafter is not None and not callable(getattr(layers, "truncate", None)):
+            raise ValueError(f"draft: {type(layers).__name__} has no truncate(num_positions): drafting needs layers "
+                             f"whose KV cache can drop rejected drafts (LocalLayers, a SharedLayers view)")
+        if drafter is not None and tail is not None:
+            raise ValueError("draft: a U-shaped session (tail) cannot draft: the client samples, so there is nothing "
+                             "for the server to verify; use draft='none'")
         if tail is not None:
             from client_lib.ushape import check_u_layers
 
@@ -172,7 +209,8 @@ class SplitSession:
                 raise tls_error(ws_url, exc) from exc
             session = cls(http=http, ws=ws, layers=layers, sampling=sampling or wire.SamplingOptions(), sla=sla,
                           profile=profile, expected_output_tokens=expected_output_tokens, link=link,
-                          server_decode=server_decode, wire_dtypes=wire_dtypes, privacy_floor=privacy_floor, tail=tail)
+                          server_decode=server_decode, wire_dtypes=wire_dtypes, privacy_floor=privacy_floor, tail=tail,
+                          drafter=drafter, num_drafts=num_drafts)
             if not auto:
                 await session._open(prompt_tokens=None)
         except BaseException:
@@ -190,9 +228,15 @@ class SplitSession:
             sla=self.sla, client=self.profile,
             expected_output_tokens=self.expected_output_tokens, prompt_tokens=prompt_tokens,
             server_decode=self.server_decode, wire_dtypes=self.wire_dtypes, privacy_floor=self.privacy_floor,
-            u_shape=u_shape, return_layer=None if auto or not u_shape else self.tail.return_layer))
+            u_shape=u_shape, return_layer=None if auto or not u_shape else self.tail.return_layer,
+            max_drafts=self.num_drafts))
         while True:  # answer the server's network probes until it decides
-            msg = await self._recv()
+            try:
+                msg = await self._recv()
+            except ServerError as exc:
+                if self.num_drafts and "max_drafts" in str(exc):
+                    raise drafts_refused(exc) from exc
+                raise
             if isinstance(msg, wire.Probe):
                 await self._send(wire.ProbeReply(nonce=msg.nonce, data=bytes(msg.reply_bytes)))
                 continue
@@ -247,6 +291,26 @@ class SplitSession:
             await self.link.downlink(len(wire.encode(msg)))
         return msg
 
+    @property
+    def granted_drafts(self) -> int:
+        """Draft tokens per activation: what the server granted (``Opened.max_drafts``), at most
+        what this client asked; 0 before the session opened, without a drafter or when refused."""
+        if self.opened is None or self.drafter is None:
+            return 0
+        return min(self.opened.max_drafts, self.num_drafts)
+
+    @property
+    def round_trips(self) -> int:
+        return self.stats.round_trips
+
+    @property
+    def drafts_sent(self) -> int:
+        return self.stats.drafts_sent
+
+    @property
+    def drafts_accepted(self) -> int:
+        return self.stats.drafts_accepted
+
     async def _forward(self, token_ids: list[int]):
         aforward = getattr(self.layers, "aforward", None)  # emulated clients compute asynchronously
         return await aforward(token_ids) if aforward is not None else self.layers.forward(token_ids)
@@ -276,22 +340,26 @@ class SplitSession:
         self.layers.reset()
         t_start = time.perf_counter()
         hidden = await self._forward(list(prompt_ids))
-        async for event in self.stream(hidden, chunk_rows=chunk_rows, t_start=t_start):
+        async for event in self.stream(hidden, chunk_rows=chunk_rows, t_start=t_start, token_ids=prompt_ids):
             yield event
 
     async def stream(self, hidden: "torch.Tensor", *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                     t_start: float | None = None) -> AsyncIterator[TokenEvent]:
+                     t_start: float | None = None, token_ids: list[int] | None = None) -> AsyncIterator[TokenEvent]:
         """Send prompt rows already computed (``hidden``, the hidden states at the split
         layer of every prompt position, with ``self.layers``' cache holding them), then
         stream tokens, computing each token's row with ``self.layers``. The resume path
-        (``client_lib/resume.py``) uses this to replay the rows it kept."""
+        (``client_lib/resume.py``) uses this to replay the rows it kept. ``token_ids``: the
+        ids of those positions, which a drafter needs (None: no drafts are sent)."""
         if self.opened.server_decode:
             raise ValueError("this session is decoded on the server (Opened.server_decode): it takes the prompt's "
                              "token ids (generate), not rows; open it with server_decode=False to send rows")
+        if token_ids is not None and len(token_ids) != hidden.shape[0]:
+            raise ValueError(f"token_ids: {len(token_ids)} ids for {hidden.shape[0]} rows")
         t_start = time.perf_counter() if t_start is None else t_start
         local = time.perf_counter() - t_start
         await self._send_prompt(hidden, chunk_rows=chunk_rows)
-        async for event in self._tokens(hidden.shape[0], t_start=t_start, local=local, decode_locally=True):
+        async for event in self._tokens(hidden.shape[0], t_start=t_start, local=local, decode_locally=True,
+                                        context=None if token_ids is None else list(token_ids)):
             yield event
 
     async def _send_prompt(self, hidden: "torch.Tensor", *, chunk_rows: int) -> None:
@@ -304,36 +372,94 @@ class SplitSession:
             await self._send(wire.Activation.from_tensor(hidden[begin:end], start=begin, end_of_prompt=end == n,
                                                          wire_dtype=fmt))
 
-    async def _tokens(self, n: int, *, t_start: float, local: float, decode_locally: bool) -> AsyncIterator[TokenEvent]:
+    async def _tokens(self, n: int, *, t_start: float, local: float, decode_locally: bool,
+                      context: list[int] | None = None) -> AsyncIterator[TokenEvent]:
         """The tokens after a prompt of ``n`` positions went; with ``decode_locally`` each
-        token's row is computed and sent back (a split session), else the server decodes."""
+        answer's last token's row is computed and sent back (a split session), with drafts
+        when the session was granted them and ``context`` (the prompt's ids) is known; else
+        the server decodes. An answer is a ``Token`` or, for a session granted drafts, a
+        ``Tokens`` frame (the accepted drafts, then the server's own token)."""
         sent_at = time.perf_counter()
         self.stats.num_prompt_tokens = n
+        granted = self.granted_drafts if context is not None else 0
+        if granted:
+            self.drafter.reset()
+        drafts: list[int] = []  # the drafts of the activation in flight
         while True:
             msg = await self._recv()
             if isinstance(msg, wire.Finished):
                 self.stats.finish_reason = msg.finish_reason
                 self.stats.num_output_tokens = msg.num_output_tokens
                 return
-            if not isinstance(msg, wire.Token):
-                raise ServerError("protocol", f"expected Token or Finished, got {type(msg).__name__}", True)
+            if isinstance(msg, wire.Token):
+                index, ids = msg.index, (msg.token_id,)
+            elif isinstance(msg, wire.Tokens):
+                index, ids = msg.index, msg.token_ids
+            else:
+                raise ServerError("protocol", f"expected Token, Tokens or Finished, got {type(msg).__name__}", True)
+            if granted:
+                self._check_answer(index, ids, drafts)
             now = time.perf_counter()
-            self.stats.token_times.append(now)
+            self.stats.round_trips += 1
             if self.stats.time_to_first_token is None:
                 self.stats.time_to_first_token = now - t_start
-            event = TokenEvent(index=msg.index, token_id=msg.token_id, finish_reason=msg.finish_reason,
-                               local_seconds=local, round_trip_seconds=now - sent_at)
-            self.stats.events.append(event)
-            yield event
+            for i, token_id in enumerate(ids):
+                self.stats.token_times.append(now)
+                last = i == len(ids) - 1
+                event = TokenEvent(index=index + i, token_id=token_id, finish_reason=msg.finish_reason if last else None,
+                                   local_seconds=local, round_trip_seconds=now - sent_at)
+                self.stats.events.append(event)
+                yield event
             if msg.finish_reason is None and decode_locally:
+                index_last = index + len(ids) - 1
+                position = n + index_last  # the last token's; the KV cache is valid before it
+                drafts = []
                 t0 = time.perf_counter()
-                row = await self._forward([msg.token_id])
+                if granted:
+                    context.extend(ids)
+                    self.drafter.accept(ids)
+                    self.layers.truncate(position)
+                    # at most what the server granted, and no draft past max_tokens (its own token comes on top)
+                    cap = max(0, min(granted, self.sampling.max_tokens - (index_last + 1) - 1))
+                    drafts = [int(d) for d in self.drafter.propose(context, cap)][:cap] if cap else []
+                rows = await self._forward([ids[-1], *drafts])
                 local = time.perf_counter() - t0
-                await self._send(wire.Activation.from_tensor(row, start=n + msg.index,
-                                                             wire_dtype=self.opened.wire_dtype))
+                await self._send(wire.Activation.from_tensor(rows, start=position, wire_dtype=self.opened.wire_dtype,
+                                                             draft_ids=tuple(drafts)))
+                self.stats.drafts_sent += len(drafts)
                 sent_at = time.perf_counter()
             else:
                 sent_at = now  # server decoded: the next token's wait starts now
+
+    def _check_answer(self, index: int, ids: tuple[int, ...], drafts: list[int]) -> None:
+        """A drafting session's answer continues the output where it stands and accepts a prefix
+        of the drafts sent: the server's rejection sampler emits a draft only where it accepted
+        it, so any other answer is a server (or protocol) fault, and this client's KV cache and
+        positions would go wrong."""
+        if index != len(self.stats.events):
+            raise ServerError("protocol", f"expected the answer for output index {len(self.stats.events)}, got index "
+                                          f"{index}", True)
+        accepted = accepted_drafts(drafts, ids)
+        if accepted != len(ids) - 1:
+            raise ServerError("protocol", f"the answer at output index {index} has tokens {list(ids)}: expected the "
+                                          f"first {len(ids) - 1} of the drafts sent {drafts} then the server's own "
+                                          f"token, but draft {accepted} differs (only {accepted} accepted)", True)
+        self.stats.drafts_accepted += accepted
+
+
+def check_num_drafts(num_drafts: int) -> int:
+    """``num_drafts``: an int in [1, MAX_DRAFTS]."""
+    if isinstance(num_drafts, bool) or not isinstance(num_drafts, int) or not 1 <= num_drafts <= MAX_DRAFTS:
+        raise ValueError(f"num_drafts: expected an int from 1 to {MAX_DRAFTS}, got {num_drafts!r}")
+    return num_drafts
+
+
+def drafts_refused(exc: ServerError) -> ServerError:
+    """The error for an Open with ``max_drafts`` that the server refused: an older server that
+    does not know the field (or one that refuses drafts outright)."""
+    return ServerError(exc.code, f"{exc} -- this server does not take client drafts (Open.max_drafts; it predates "
+                                 f"them): open the session with draft='none' (--draft none)", exc.fatal,
+                       exc.retry_after_s)
 
 
 def check_privacy_floor(layers: Any, privacy_floor: int) -> None:

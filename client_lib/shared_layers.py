@@ -6,7 +6,7 @@ instance would overwrite each other's context. :class:`SharedLayers` holds one l
 ``LocalLayers`` (weights loaded once) and gives each session a :class:`LayerView`: its own
 KV cache, position count and split layer over the shared weights. A view has what
 :class:`~client_lib.session.SplitSession` uses of ``LocalLayers`` (``fingerprint``,
-``auto``, ``max_layers``, ``split_layer``, ``use_split_layer``, ``reset``, ``forward``)
+``auto``, ``max_layers``, ``split_layer``, ``use_split_layer``, ``reset``, ``truncate``, ``forward``)
 plus ``aforward``, which the session prefers.
 
 Forward passes are serialised: ``aforward`` waits its turn on an ``asyncio.Lock`` (first
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from client_lib.local_layers import LocalLayers, LocalLayersError
+from client_lib.local_layers import LocalLayers, LocalLayersError, truncate_cache
 
 
 class SharedLayers:
@@ -106,6 +106,11 @@ class LayerView:
         """Forget this view's KV cache (start a new sequence)."""
         self.cache = None
         self.num_positions = 0
+
+    def truncate(self, num_positions: int) -> None:
+        """Keep this view's first ``num_positions`` KV positions (drop rejected drafts' rows).
+        No pass of this view runs meanwhile: its session awaits each ``aforward``."""
+        self.num_positions = truncate_cache(self.cache, self.num_positions, num_positions)
 
     def forward(self, token_ids: list[int]) -> torch.Tensor:
         """Blocking forward pass (waits for any other view's pass to end)."""

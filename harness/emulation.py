@@ -78,17 +78,35 @@ class ReplayLayers:
     def reset(self) -> None:
         self.num_positions = 0
 
+    def truncate(self, num_positions: int) -> None:
+        """Forget the positions from ``num_positions`` on (rejected drafts), like ``LocalLayers``."""
+        if not 0 <= num_positions <= self.num_positions:
+            raise ValueError(f"truncate: expected 0 <= num_positions <= {self.num_positions}, got {num_positions}")
+        self.num_positions = num_positions
+
     async def aforward(self, token_ids: list[int]) -> torch.Tensor:
+        """The script's rows for the next positions. A decode call with several tokens is the last
+        token and drafts: only the first must match the script. A draft's row is the script's row
+        at its position whether or not the draft is right: a wrong draft's row only reaches
+        positions after the first rejection, which the server discards (zeros past the script)."""
         start, n = self.num_positions, len(token_ids)
-        expected = self.token_ids[start : start + n]
-        if list(token_ids) != expected and self.mismatch is None:
-            self.mismatch = f"position {start}: got tokens {list(token_ids)}, the script has {expected}"
+        checked = n if start == 0 or n == 1 else 1
+        expected = self.token_ids[start : start + checked]
+        if list(token_ids[:checked]) != expected and self.mismatch is None:
+            self.mismatch = f"position {start}: got tokens {list(token_ids[:checked])}, the script has {expected}"
         if self.split_layer:  # a client holding no layer (max_layers=0) states no layer times
-            per_layer = (self.profile.layer_decode_s if n == 1 and start > 0
-                         else self.profile.layer_prefill_s_per_token * n)
+            if start == 0:
+                per_layer = self.profile.layer_prefill_s_per_token * n
+            elif n == 1:
+                per_layer = self.profile.layer_decode_s
+            else:  # the last token and drafts in one pass: at least a decode step
+                per_layer = max(self.profile.layer_decode_s, self.profile.layer_prefill_s_per_token * n)
             await asyncio.sleep(per_layer * self.split_layer)
         self.num_positions += n
-        return self.states[self.split_layer, start : start + n]
+        rows = self.states[self.split_layer, start : start + n]
+        if rows.shape[0] < n:
+            rows = torch.cat([rows, rows.new_zeros(n - rows.shape[0], rows.shape[1])])
+        return rows
 
 
 @dataclass
@@ -122,15 +140,17 @@ async def make_script(url: str, model_dir, prompt_ids: list[int], num_tokens: in
 
 async def run_emulated(url: str, script: Script, *, profile: wire.ClientProfile, link: EmulatedLink | None,
                        sla: wire.RequestSLA | None, max_tokens: int, split_layer: int | str = "auto",
-                       server_decode: bool = True):
+                       server_decode: bool = True, draft="none", num_drafts: int = 4):
     """One emulated client's whole session: (session with its Opened and stats, tokens, layers).
-    ``server_decode``: the client offers server decoding at ``k = 0`` (the library's default)."""
+    ``server_decode``: the client offers server decoding at ``k = 0`` (the library's default);
+    ``draft``, ``num_drafts``: ``SplitSession.create``'s (drafts, issue 14)."""
     from client_lib.session import SplitSession
 
     layers = script.layers(profile, split_layer)
     tokens = []
     async with await SplitSession.create(url, layers, sampling=wire.SamplingOptions(max_tokens=max_tokens, ignore_eos=True),
-                                         sla=sla, profile=profile, link=link, server_decode=server_decode) as session:
+                                         sla=sla, profile=profile, link=link, server_decode=server_decode,
+                                         draft=draft, num_drafts=num_drafts) as session:
         async for event in session.generate(script.prompt_ids):
             tokens.append(event.token_id)
     return session, tokens, layers
