@@ -32,7 +32,11 @@ from vllm_split.wire import protocol as wire
 pytestmark = pytest.mark.engine
 MAX_TOKENS = 16
 SPLIT_LAYERS = (0, 1, 3, 5, 6)  # one per prompt; 6 = every layer on the client
-DP_ARGS = ("--data-parallel-size", "2", "--api-server-count", "2")
+# a generous default SLA and queue wait: sessions are placed by the engines' load, not held
+# back by a TPOT bound that a busy CI machine misses (seen: one auto session of six refused
+# after its 5 s wait while the others kept their bounds)
+DP_ARGS = ("--data-parallel-size", "2", "--api-server-count", "2", "--split-default-tpot-ms", "5000",
+           "--split-default-ttft-ms", "60000", "--split-admission-wait-ms", "60000")
 DP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per engine (this machine has two)
 ENGINES = ("0", "1")
 
