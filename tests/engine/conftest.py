@@ -46,10 +46,11 @@ def reference(model_dir, tokenizer, tmp_path_factory) -> Reference:
 # gathered default and grouped, which defers requests below a split layer every other
 # step); VLLM_SPLIT_TEST_COMPOSITIONS=gathered,mixed,grouped,auto runs them all.
 COMPOSITIONS = os.environ.get("VLLM_SPLIT_TEST_COMPOSITIONS", "gathered,grouped").split(",")
-# Modules whose tests do not depend on how a step is composed (refusals of bad input, the
-# wire's 8-bit codec): they run on the first composition only, unless
+# A step's composition matters only when sessions at different split layers (or ordinary
+# requests) share the engine: on the later compositions only the tests that run them at once
+# are repeated (one session alone is composed the same way by every policy), unless
 # VLLM_SPLIT_TEST_ALL_MODULES=1 (CI's time: about 5 of its minutes).
-FIRST_COMPOSITION_ONLY = ("test_bad_input.py", "test_wire_8bit.py")
+MIXED_BATCH_TESTS = ("test_four_concurrent_sessions_at_different_k", "test_server_decoded_beside_split_and_ordinary_requests")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -60,7 +61,7 @@ def pytest_collection_modifyitems(config, items):
         spec = getattr(item, "callspec", None)
         composition = spec.params.get("split_server") if spec else None
         later = composition is not None and composition != COMPOSITIONS[0]
-        (drop if later and item.path.name in FIRST_COMPOSITION_ONLY else keep).append(item)
+        (drop if later and item.originalname not in MIXED_BATCH_TESTS else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
