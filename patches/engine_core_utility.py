@@ -27,10 +27,12 @@ from vllm_split.wire.contract import UTILITY_STEP_STATS as STEP_STATS
 
 
 def _deliver(self: Any, session_id: str, start: int, num_rows: int, data: bytes,
-             turnaround_s: float | None = None) -> str | None:
+             turnaround_s: float | None = None, draft_ids: tuple[int, ...] | list[int] = ()) -> str | None:
     scheduler = self.scheduler
     if not hasattr(scheduler, "split_deliver"):
         return "vllm-split: the engine does not run the split scheduler"
+    if draft_ids:
+        return scheduler.split_deliver(session_id, start, num_rows, data, turnaround_s, tuple(draft_ids))
     return scheduler.split_deliver(session_id, start, num_rows, data, turnaround_s)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from vllm_split.wire.drafts import MAX_DRAFTS
 from vllm_split.wire.protocol import WIRE_DTYPES
 
 CONFIG_KEY = "vllm_split"
@@ -97,6 +98,12 @@ class SplitConfig:
     # request at split_layer k holds no KV blocks in the ranges wholly below k (ordinary
     # requests hold all). 1: off (one group, vLLM's own layout).
     kv_ranges: int = 1
+    # Client-drafted speculative decoding (docs/design/issue14_drafts.md): the most draft
+    # tokens a split session may send with each decode activation (verified in one engine
+    # step by vLLM's rejection sampler); needs vLLM's spec config with the no-op
+    # ``vllm_split.engine.drafts.ClientDrafts`` proposer and at least this many speculative
+    # tokens (``vllm-split serve --split-drafts K`` adds it). 0: off, no spec config.
+    drafts: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -115,9 +122,11 @@ class SplitConfig:
                 continue
             low = 0 if f.name in ("batch_wait_ms", "min_layer", "idle_timeout_s", "session_lifetime_s",
                                   "admission_queue", "admission_wait_ms", "warmup", "offload_above_pct",
-                                  "server_decode", "min_offload_saving_pct", "privacy_floor") else 1
+                                  "server_decode", "min_offload_saving_pct", "privacy_floor", "drafts") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SplitConfigError(f"{CONFIG_KEY}.{f.name}: expected an integer >= {low}, got {value!r}")
+        if self.drafts > MAX_DRAFTS:
+            raise SplitConfigError(f"{CONFIG_KEY}.drafts: expected an integer from 0 to {MAX_DRAFTS}, got {self.drafts}")
 
     def check_model(self, *, num_layers: int) -> None:
         """Start-up: the options bounded by the served model's depth (``num_layers`` decoder layers)."""

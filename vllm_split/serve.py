@@ -5,7 +5,9 @@ It is exactly ``vllm serve`` plus what enabling vllm-split means:
 * ``VLLM_PLUGINS`` gains ``vllm_split`` (vLLM loads endpoint plugins only when named there),
 * ``--scheduler-cls vllm_split.engine.scheduler.SplitScheduler`` and
   ``--worker-cls vllm_split.engine.worker.SplitWorker`` (unless given),
-* ``--split-*`` options become ``--additional-config '{"vllm_split": {...}}'``.
+* ``--split-*`` options become ``--additional-config '{"vllm_split": {...}}'``;
+  ``--split-drafts K`` (client-drafted speculative decoding, 0..16) also adds
+  ``--speculative-config`` with the plugin's no-op proposer and K speculative tokens.
 
 It also works on the CPU build, whose own ``vllm`` console script is broken
 (``patches/cli_version.py``). ``--print-command`` shows the equivalent stock command.
@@ -19,7 +21,8 @@ import os
 import shlex
 import sys
 
-from vllm_split.config import CONFIG_KEY
+from vllm_split.config import CONFIG_KEY, SplitConfig, SplitConfigError
+from vllm_split.engine.drafts import speculative_config
 
 SPLIT_FLAGS = {
     "--scheduler-cls": "vllm_split.engine.scheduler.SplitScheduler",
@@ -47,6 +50,15 @@ def build_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     for flag, value in SPLIT_FLAGS.items():
         if not any(a == flag or a.startswith(flag + "=") for a in args):
             args += [flag, value]
+    drafts = options.get("drafts", 0)
+    if drafts:
+        if any(a == "--speculative-config" or a.startswith("--speculative-config=") for a in args):
+            raise SystemExit("vllm-split: --split-drafts sets --speculative-config itself: give one of them")
+        try:
+            SplitConfig(drafts=drafts)
+        except SplitConfigError as exc:
+            raise SystemExit(f"vllm-split: --split-drafts: {exc}") from None
+        args += ["--speculative-config", speculative_config(drafts)]
     if options:
         args += ["--additional-config", json.dumps({CONFIG_KEY: options})]
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]

@@ -162,3 +162,28 @@ def test_the_privacy_floor_is_a_serve_option_checked_against_the_models_depth(no
         cfg.check_model(num_layers=11)
     with pytest.raises(SplitConfigError, match=r"vllm_split\.privacy_floor: expected an integer >= 0, got -1"):
         SplitConfig(privacy_floor=-1)
+
+
+def test_split_drafts_adds_the_client_drafts_spec_config(no_plugins_env):
+    assert SplitConfig().drafts == 0
+    cmd, _ = build_command(["serve", "m", "--split-drafts", "4"])
+    i = cmd.index("--speculative-config")
+    assert json.loads(cmd[i + 1]) == {"method": "custom_class", "model": "vllm_split.engine.drafts.ClientDrafts",
+                                      "num_speculative_tokens": 4}
+    j = cmd.index("--additional-config")
+    assert SplitConfig.from_additional_config(json.loads(cmd[j + 1])).drafts == 4
+    cmd, _ = build_command(["serve", "m", "--split-drafts=0"])  # 0: off, no spec config (min_p etc. stay allowed)
+    assert "--speculative-config" not in cmd
+    assert "--speculative-config" not in build_command(["serve", "m"])[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--split-drafts", "17"], r"--split-drafts: vllm_split\.drafts: expected an integer from 0 to 16, got 17"),
+    (["--split-drafts", "many"], r"--split-drafts: vllm_split\.drafts: expected an integer >= 0, got 'many'"),
+    (["--split-drafts", "2", "--speculative-config", "{}"], r"--split-drafts sets --speculative-config itself"),
+])
+def test_split_drafts_refusals(no_plugins_env, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        build_command(["serve", "m", *argv])
+    with pytest.raises(SplitConfigError, match=r"vllm_split\.drafts: expected an integer from 0 to 16, got 17"):
+        SplitConfig(drafts=17)

@@ -25,6 +25,7 @@ from vllm_split.api.admission import AdmissionController, QueueLimits
 from vllm_split.api.engines import EngineSet, share
 from vllm_split.control.policy import AdmissionPolicy
 from vllm_split.config import SplitConfig
+from vllm_split.engine.drafts import server_drafts
 from vllm_split.wire.fingerprint import model_fingerprint
 from vllm_split.planner import SLA
 from vllm_split.planner.model_configs import ModelConfig
@@ -136,6 +137,7 @@ class SplitEndpointPlugin:
             )
         config = SplitConfig.from_additional_config(vllm_config.additional_config)
         config.check_model(num_layers=model_config.hf_config.num_hidden_layers)
+        server_drafts(config, vllm_config.speculative_config)  # drafts need the ClientDrafts spec config
         engines = EngineSet(engine_client)
         config = _api_server_share(config, engines)
         model_dir = _local_model_dir(model_config.model)

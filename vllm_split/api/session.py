@@ -10,6 +10,12 @@ runs in the engine as an ordinary request, tokens streamed without an activation
 A privacy floor (the server's ``privacy_floor`` option, the client's ``Open.privacy_floor``;
 :mod:`vllm_split.control.privacy_floor`) refuses a fixed split layer below it at Open and
 rules server decoding out.
+Client drafts (docs/design/issue14_drafts.md): a session granted them (``Opened.max_drafts``:
+the client's ``Open.max_drafts``, at most the server's ``drafts`` option; none for U-shaped
+or server-decoded sessions) sends with each decode activation the rows of up to that many
+draft tokens and their ids; the engine verifies them in one step and the session answers
+each engine output with one ``Tokens`` frame (the accepted drafts, then the engine's token)
+instead of ``Token`` frames.
 The activations' wire dtype is negotiated at Open (:meth:`ServerSession._choose_wire_dtype`):
 the first of the client's ``Open.wire_dtypes`` that this server accepts; 8-bit rows are
 decoded into the model's dtype, and a row in another dtype than the negotiated one is refused.
@@ -97,6 +103,7 @@ class ServerSession:
         self.tpot_bound_s: float | None = None  # the TPOT the session is held to (the scheduler composes steps by it)
         self.server_decode = False  # k = 0 and decoded on the server: token ids in, no activations
         self.wire_dtype: str | None = None  # negotiated at Open; None: any float format
+        self.max_drafts = 0  # drafts granted per decode activation (0: none, Token frames)
         self.prompt_ids: list[int] = []
         self.prompt_rows: list[torch.Tensor] = []
         self.num_prompt_rows = 0
@@ -200,6 +207,7 @@ class ServerSession:
         self.server_decode = floor == 0 and self.return_layer is None and (  # the token ids go to the server only without a floor
             admission.server_decode if admission is not None else
             msg.server_decode and msg.split_layer == 0 and bool(self.config.server_decode))
+        self.max_drafts = self._grant_drafts(msg)
         self._enter(SessionPhase.PROMPTING)
         await self.send(wire.Opened(
             session_id=self.session_id, split_layer=self.split_layer, num_layers=self.model.num_layers,
@@ -209,8 +217,17 @@ class ServerSession:
             predicted_ttft_s=admission.predicted_ttft_s if admission else None,
             predicted_tpot_s=admission.predicted_tpot_s if admission else None,
             server_decode=self.server_decode, wire_dtype=self.wire_dtype, return_layer=self.return_layer,
+            max_drafts=self.max_drafts,
         ))
         self._opened_at = time.perf_counter()
+
+    def _grant_drafts(self, msg: wire.Open) -> int:
+        """Drafts per decode activation: what the client asked for, at most the server's K;
+        none where the engine does not sample the session's tokens from its rows (U-shaped:
+        the client samples) or gets no rows (server decoded)."""
+        if self.return_layer is not None or msg.u_shape or self.server_decode:
+            return 0
+        return min(msg.max_drafts, self.config.drafts)
 
     def _check_split_layer(self, split_layer: int, *, client_floor: int) -> None:
         """A fixed split layer is one this server holds and at or above both privacy floors
@@ -296,6 +313,9 @@ class ServerSession:
             raise SessionError(ErrorCode.OUT_OF_TURN, f"expected a prompt Activation, got {type(msg).__name__}")
         if msg.start != self.num_prompt_rows:
             raise SessionError(ErrorCode.OUT_OF_TURN, f"prompt chunk starts at position {msg.start}, expected {self.num_prompt_rows}")
+        if msg.draft_ids:
+            raise SessionError(ErrorCode.BAD_REQUEST, f"prompt chunk at position {msg.start} carries draft_ids: drafts "
+                                                      f"ride on decode activations only")
         total = self.num_prompt_rows + msg.rows
         self._check_prompt_length(total)
         self.prompt_rows.append(self._rows(msg))
@@ -332,19 +352,39 @@ class ServerSession:
         """PREFILLING or DECODING: the client's activation for the token it was sent last."""
         if not isinstance(msg, wire.Activation):
             raise SessionError(ErrorCode.OUT_OF_TURN, f"expected an Activation, got {type(msg).__name__}")
-        if self.expected_start is None or msg.start != self.expected_start or msg.rows != 1:
-            want = "no activation now (waiting for the next token)" if self.expected_start is None else f"1 row at position {self.expected_start}"
+        if msg.draft_ids:
+            self._check_drafts(msg)
+        if self.expected_start is None or msg.start != self.expected_start or msg.rows != 1 + len(msg.draft_ids):
+            rows = "1 row" if not self.max_drafts else f"1 to {1 + self.max_drafts} rows (1 + drafts)"
+            want = "no activation now (waiting for the next token)" if self.expected_start is None else f"{rows} at position {self.expected_start}"
             raise SessionError(ErrorCode.OUT_OF_TURN, f"activation of {msg.rows} row(s) at position {msg.start}: expected {want}")
         rows = self._rows(msg)
         self.expected_start = None
         turnaround = time.perf_counter() - self._token_times[-1] if self._token_times else None
-        await self._deliver(msg.start, rows, turnaround)
+        await self._deliver(msg.start, rows, turnaround, msg.draft_ids)
 
-    async def _deliver(self, start: int, rows: torch.Tensor, turnaround_s: float | None = None) -> None:
+    def _check_drafts(self, msg: wire.Activation) -> None:
+        """A decode activation's drafts: granted at Open, at most that many, in the vocabulary."""
+        if not self.max_drafts:
+            raise SessionError(ErrorCode.BAD_REQUEST, f"activation at position {msg.start} carries "
+                                                      f"{len(msg.draft_ids)} draft(s), but this session was granted "
+                                                      f"none (Opened.max_drafts = 0): send 1 row and no draft_ids")
+        if len(msg.draft_ids) > self.max_drafts:
+            raise SessionError(ErrorCode.BAD_REQUEST, f"activation at position {msg.start} carries "
+                                                      f"{len(msg.draft_ids)} drafts, this session was granted at most "
+                                                      f"{self.max_drafts} (Opened.max_drafts)")
+        vocab = self.model.vocab_size
+        if vocab is not None and max(msg.draft_ids) >= vocab:
+            raise SessionError(ErrorCode.BAD_REQUEST, f"draft token id {max(msg.draft_ids)} is out of the model's "
+                                                      f"vocabulary (expected ids < {vocab})")
+
+    async def _deliver(self, start: int, rows: torch.Tensor, turnaround_s: float | None = None,
+                       draft_ids: tuple[int, ...] = ()) -> None:
         _, _, data = wire.encode_tensor(rows)
         self._rows_in_engine = True
+        extra = (tuple(draft_ids),) if draft_ids else ()  # the utility's optional last argument
         err = await self.engines.call(self.engine_index, UTILITY_DELIVER, self.session_id, start, rows.shape[0],
-                                      data, turnaround_s)
+                                      data, turnaround_s, *extra)
         if err:
             raise SessionError(ErrorCode.DELIVERY, err, fatal=True)
 
@@ -381,6 +421,12 @@ class ServerSession:
                                               **self.engines.pin(self.engine_index)):
             completion = out.outputs[0]
             ids = list(completion.token_ids)
+            if self.max_drafts:
+                reason = await self._send_tokens(ids, n=n, finished=out.finished,
+                                                 finish_reason=completion.finish_reason)
+                if out.finished:
+                    break
+                continue
             for j, token_id in enumerate(ids):
                 last = out.finished and j == len(ids) - 1
                 reason = (completion.finish_reason or "stop") if last else None
@@ -400,6 +446,23 @@ class ServerSession:
         self.finish()
         await self.send(wire.Finished(finish_reason=reason or "abort", num_prompt_tokens=n,
                                       num_output_tokens=self.num_output_tokens))
+
+    async def _send_tokens(self, ids: list[int], *, n: int, finished: bool, finish_reason: str | None) -> str | None:
+        """A session granted drafts: one engine output (one verification step: the accepted
+        drafts and the engine's next token) as one ``Tokens`` frame; the client's next
+        activation starts at the last token's position. Returns the finish reason."""
+        reason = (finish_reason or "stop") if finished else None
+        if not ids:
+            return reason
+        index = self.num_output_tokens
+        if index == 0:
+            self._enter(SessionPhase.DECODING)
+        self.num_output_tokens += len(ids)
+        if reason is None:
+            self.expected_start = n + self.num_output_tokens - 1
+        await self.send(wire.Tokens(index=index, token_ids=tuple(int(t) for t in ids), finish_reason=reason))
+        self._token_times.extend([time.perf_counter()] * len(ids))  # TPOT: the mean gap per token
+        return reason
 
     async def _send_hidden(self, out: Any, *, index: int, end: int, finish_reason: str | None) -> None:
         """A U-shaped session's answer for output ``index``: its layer-m rows, never the token."""

@@ -3,7 +3,8 @@
 Every row a client sent for a live request is kept until the request ends: a preempted
 request is recomputed from scratch, so its prompt and decode activations must still be
 here. Rows are appended in position order; the scheduler asks how many have arrived and
-slices the ones a step needs.
+slices the ones a step needs. Rows of client drafts that the engine rejected are cut off
+(:meth:`ActivationStore.truncate`) before the client sends the next ones.
 """
 from __future__ import annotations
 
@@ -71,6 +72,15 @@ class ActivationStore:
         have = self._num_rows.get(session_id, 0)
         assert start + count <= have, f"{session_id}: rows [{start}, {start + count}) of {have}"
         return self._buffers[session_id][start : start + count].clone()
+
+    def truncate(self, session_id: str, num_rows: int) -> None:
+        """Keep the rows of positions ``[0, num_rows)`` (client drafts: drop rejected ones, so
+        the next delivery continues at ``num_rows``); no-op for a session with no more rows."""
+        if num_rows < 0:
+            raise ValueError(f"{session_id}: cannot keep {num_rows} rows")
+        have = self._num_rows.get(session_id)
+        if have is not None and num_rows < have:
+            self._num_rows[session_id] = num_rows
 
     def release(self, session_id: str) -> bool:
         self._buffers.pop(session_id, None)

@@ -28,6 +28,15 @@ asks the roofline model which of the three serves the running batch best, again 
 the running set changes and every ``RECHOOSE_STEPS`` steps, with its step costs refitted on
 the last ``COST_FIT_STEPS`` steps' engine time. The model's turnarounds are the API
 server's (each decode delivery carries the time since its session's token left).
+
+Client drafts (``drafts`` option, K > 0; docs/design/issue14_drafts.md): a decode delivery
+may carry the rows of up to K draft tokens after its first row, and their ids. At the top
+of ``schedule()`` every split request's ``spec_token_ids`` is set to its delivered drafts
+(running requests) or ``[]``, before the held check, so vLLM schedules 1 + d tokens,
+verifies the drafts with its rejection sampler and rolls ``num_computed_tokens`` back;
+after ``update_from_output`` the rows of rejected (or unscheduled) drafts are dropped from
+the store. Positions vLLM pads with ``-1`` drafts (a waiting request with one token left)
+get zero rows: they are always rejected. Without a speculative config none of this runs.
 """
 from __future__ import annotations
 
@@ -46,6 +55,7 @@ from vllm_split.version import check_vllm_version
 from vllm_split.config import SplitConfig
 from vllm_split.wire.contract import EXTRA_ARGS_KEY
 from vllm_split.engine.activations import ActivationStore, DeliveryError, SplitInput
+from vllm_split.engine.drafts import server_drafts
 from vllm_split.control.live_cost import StepCost, fit_step_cost
 from vllm_split.engine.composition import Choice, RooflineCost, Row, choose
 from vllm_split.engine import kv_range_manager
@@ -135,12 +145,26 @@ class SplitSchedulerMixin:
         self.split_kv_ranges = (kv_range_manager.install(self.kv_cache_manager, self._split_k_of,
                                                           num_ranges=config.kv_ranges)
                                 if config.kv_ranges > 1 else None)
+        # client drafts: K (0: none); with any speculative config split requests' spec_token_ids
+        # are ours to set (none but their client's drafts), else nothing below runs
+        spec_config = getattr(self.vllm_config, "speculative_config", None)
+        self.split_num_drafts = server_drafts(config, spec_config)
+        self._split_spec = spec_config is not None
+        self._split_drafts: dict[str, list[int]] = {}  # session id -> delivered drafts not yet verified
+        self.split_draft_counts = {"steps": 0, "drafted": 0, "accepted": 0, "rejected": 0, "padded": 0}
 
     # ---------------------------------------------------------------- deliveries
     def split_deliver(self, session_id: str, start: int, num_rows: int, data: bytes,
-                      turnaround_s: float | None = None) -> str | None:
+                      turnaround_s: float | None = None, draft_ids: tuple[int, ...] | list[int] = ()) -> str | None:
         """Store rows (raw bytes in the model dtype); returns an error message or None.
-        ``turnaround_s``: for a decode row, the API server's time from its token to it."""
+        ``turnaround_s``: for a decode row, the API server's time from its token to it.
+        ``draft_ids``: a decode delivery's draft tokens (at most K), whose rows follow its first."""
+        if draft_ids:
+            if len(draft_ids) > self.split_num_drafts:
+                return (f"session {session_id}: {len(draft_ids)} drafts, this server verifies at most "
+                        f"{self.split_num_drafts}")
+            if num_rows != 1 + len(draft_ids):
+                return f"session {session_id}: {len(draft_ids)} drafts need {1 + len(draft_ids)} rows, got {num_rows}"
         try:
             rows = torch.frombuffer(bytearray(data), dtype=self.split_store.dtype)
             rows = rows.reshape(num_rows, self.split_store.hidden_size)
@@ -150,7 +174,9 @@ class SplitSchedulerMixin:
             self.split_store.append(session_id, start=start, rows=rows)
         except DeliveryError as exc:
             return str(exc)
-        if turnaround_s is not None and num_rows == 1 and turnaround_s >= 0:
+        if draft_ids:
+            self._split_drafts[session_id] = [int(t) for t in draft_ids]
+        if turnaround_s is not None and num_rows == 1 + len(draft_ids) and turnaround_s >= 0:
             self._split_turnarounds.setdefault(session_id, deque(maxlen=TURNAROUND_SAMPLES)).append(turnaround_s)
         req_id = self._split_session_reqs.get(session_id)
         request = self.requests.get(req_id) if req_id is not None else None
@@ -160,6 +186,7 @@ class SplitSchedulerMixin:
 
     def split_release(self, session_id: str) -> bool:
         """Drop a session's activations (its request has ended or never started)."""
+        self._split_drafts.pop(session_id, None)
         return self.split_store.release(session_id)
 
     # ---------------------------------------------------------------- gating
@@ -167,7 +194,10 @@ class SplitSchedulerMixin:
         info = self.split_requests.get(request.request_id)
         if info is None:
             return False
-        needed = request.num_tokens_with_spec + request.num_output_placeholders
+        if self._split_spec:  # its own drafts only, whatever vLLM's proposer path left in spec_token_ids
+            needed = request.num_tokens + len(self._split_spec_ids(request, info[0])) + request.num_output_placeholders
+        else:
+            needed = request.num_tokens_with_spec + request.num_output_placeholders
         return self.split_store.num_rows(info[0]) < needed
 
     def add_request(self, request: Any) -> None:
@@ -273,7 +303,31 @@ class SplitSchedulerMixin:
         self._split_high_next = not (high and (defer or not low))  # after a high step, a low one
         return defer
 
+    def _split_set_drafts(self) -> None:
+        """Spec config on: each split request's ``spec_token_ids`` are its client's drafts
+        (running requests with only their last token left to compute, cut to K) or none,
+        whatever else wrote them (the proposer's zero-id drafts near ``max_model_len``, a
+        preemption); the held check then waits for their rows. A waiting request, or one still
+        recomputing after a preemption, verifies none (vLLM would append them to the chunk)."""
+        for request in self.running:
+            info = self.split_requests.get(request.request_id)
+            if info is not None:
+                request.spec_token_ids = self._split_spec_ids(request, info[0])
+        for request in self.waiting:
+            if request.request_id in self.split_requests and request.spec_token_ids:
+                request.spec_token_ids = []
+
+    def _split_spec_ids(self, request: Any, session_id: str) -> list[int]:
+        """The drafts a split request verifies in its next step: its client's (at most K),
+        once only its last token is left to compute; else none."""
+        drafts = self._split_drafts.get(session_id)
+        if drafts and request.num_computed_tokens >= request.num_tokens - 1:
+            return drafts[: self.split_num_drafts]
+        return []
+
     def schedule(self, *args: Any, **kwargs: Any):
+        if self._split_spec and self.split_requests:
+            self._split_set_drafts()
         choice = self._split_compose()
         held_running = [r for r in self.running if self._split_is_held(r)]
         if choice.mode == "grouped":
@@ -313,14 +367,24 @@ class SplitSchedulerMixin:
 
     def update_from_output(self, scheduler_output: Any, *args: Any, **kwargs: Any):
         self.split_steps.finished(id(scheduler_output))
-        returned = getattr(args[0] if args else kwargs.get("model_runner_output"), "split_returned", None)
+        runner_output = args[0] if args else kwargs.get("model_runner_output")
+        returned = getattr(runner_output, "split_returned", None)
         for req_id, (start, rows) in (returned or {}).items():
             if req_id in self._split_return_layers:
+                if self._split_spec and (pad := scheduler_output.scheduled_spec_decode_tokens.get(req_id)):
+                    rows = rows[: rows.shape[0] - len(pad)]  # vLLM's -1 padding: not positions of the request
                 try:
                     self.split_returns.add(req_id, start, rows)
                 except ValueError as exc:  # the session sees the gap and fails alone, the engine goes on
                     logger.warning("vllm-split: %s", exc)
+        before = self._split_before_update(scheduler_output) if self._split_drafts else None
+        verified = ([(req_id, drafts) for req_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items()
+                     if req_id in self.split_requests] if self._split_spec and self.split_requests else None)
         outputs = super().update_from_output(scheduler_output, *args, **kwargs)
+        if verified:
+            self._split_count_drafts(verified, runner_output)
+        if before:
+            self._split_after_update(before)
         if self.split_returns:
             for engine_outputs in outputs.values():
                 self.split_returns.attach(engine_outputs.outputs)
@@ -333,6 +397,48 @@ class SplitSchedulerMixin:
                         self.split_gather.token_sent(out.request_id, now)
         return outputs
 
+    def _split_before_update(self, scheduler_output: Any) -> list[tuple[str, Any, int]]:
+        """(session, request, num_tokens) of the scheduled split requests with drafts pending."""
+        scheduled = scheduler_output.num_scheduled_tokens
+        before = []
+        for session_id in self._split_drafts:
+            req_id = self._split_session_reqs.get(session_id)
+            if req_id in scheduled and (request := self.requests.get(req_id)) is not None:
+                before.append((session_id, request, request.num_tokens))
+        return before
+
+    def _split_after_update(self, before: list[tuple[str, Any, int]]) -> None:
+        """A request with drafts that got its tokens this step (the verification, or a
+        preempted request's recompute): its rows beyond the last token's position are rejected
+        or unverified drafts (vLLM rolled ``num_computed_tokens`` back past them): drop them
+        and the drafts. A step that ended a prefill chunk without a token keeps both."""
+        for session_id, request, num_tokens in before:
+            if request.num_tokens > num_tokens and request.request_id in self.split_requests:
+                self.split_store.truncate(session_id, request.num_tokens - 1)
+                self._split_drafts.pop(session_id, None)
+
+    def _split_count_drafts(self, verified: list[tuple[str, list[int]]], runner_output: Any) -> None:
+        """Draft rows of the split requests this step verified (``verified``: request id,
+        scheduled drafts): drafted (the clients'), accepted (by the rejection sampler: the
+        request's sampled tokens less one), rejected; ``padded``: vLLM's ``-1`` padding rows
+        (zero rows, always rejected)."""
+        counts = self.split_draft_counts
+        index = getattr(runner_output, "req_id_to_index", None) or {}
+        sampled = getattr(runner_output, "sampled_token_ids", None)
+        drafted = False
+        for req_id, drafts in verified:
+            if drafts and drafts[0] == -1:
+                counts["padded"] += len(drafts)
+                continue
+            i = index.get(req_id)
+            accepted = max(len(sampled[i]) - 1, 0) if sampled is not None and i is not None else 0
+            accepted = min(accepted, len(drafts))
+            counts["drafted"] += len(drafts)
+            counts["accepted"] += accepted
+            counts["rejected"] += len(drafts) - accepted
+            drafted = True
+        counts["steps"] += drafted
+
     def split_step_stats(self, since: int) -> dict:
         """Step records newer than ``since``, the queue lengths and the block pool (for the
         controller) and the gather window's counters (totals since start-up)."""
@@ -341,7 +447,8 @@ class SplitSchedulerMixin:
                 "num_running": len(self.running), "num_waiting": len(self.waiting),
                 "kv": self._split_kv_stats(),
                 "gather": self._split_gather_stats(),
-                "composition": {"mode": self.split_composition, "steps": dict(self.split_composition_steps)}}
+                "composition": {"mode": self.split_composition, "steps": dict(self.split_composition_steps)},
+                "drafts": {"k": self.split_num_drafts, **self.split_draft_counts}}
 
     def _split_kv_stats(self) -> dict:
         """The block pool (``control/kv_budget.py:KVState``): block size, usable (the null block
@@ -365,9 +472,18 @@ class SplitSchedulerMixin:
             request = self.requests[req_id]
             # _update_after_schedule has already advanced num_computed_tokens by count
             start = request.num_computed_tokens - count
+            have = self.split_store.num_rows(info[0])
+            if start + count <= have or not self._split_spec:
+                hidden = self.split_store.rows(info[0], start=start, count=count)
+            else:  # vLLM's -1 draft padding: positions without rows, always rejected
+                pad = output.scheduled_spec_decode_tokens.get(req_id) or ()
+                assert start + count - have <= sum(1 for t in pad if t == -1), \
+                    f"{req_id}: rows [{start}, {start + count}) of {have}, padding {list(pad)}"
+                hidden = torch.zeros((count, self.split_store.hidden_size), dtype=self.split_store.dtype)
+                if have > start:
+                    hidden[: have - start] = self.split_store.rows(info[0], start=start, count=have - start)
             inputs[req_id] = SplitInput(
-                split_layer=info[1],
-                hidden=self.split_store.rows(info[0], start=start, count=count),
+                split_layer=info[1], hidden=hidden,
                 start=start, return_layer=self._split_return_layers.get(req_id),
             )
         return inputs
@@ -383,6 +499,7 @@ class SplitSchedulerMixin:
         info = self.split_requests.pop(request.request_id, None)
         if info is not None:
             self.split_store.release(info[0])
+            self._split_drafts.pop(info[0], None)
             self._split_session_reqs.pop(info[0], None)
             self._split_bounds.pop(request.request_id, None)
             self._split_turnarounds.pop(info[0], None)

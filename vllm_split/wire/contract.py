@@ -25,8 +25,10 @@ EXTRA_ARGS_KEY = "vllm_split"
 RETURN_KEY = "vllm_split_returned"
 
 # EngineCore utility methods (call_utility_async names) the plugin adds.
-# (session_id, start, num_rows, data, turnaround_s) -> error or None; turnaround_s: for a
-# decode row, seconds from its session's token leaving the API server to this row arriving
+# (session_id, start, num_rows, data, turnaround_s[, draft_ids]) -> error or None; turnaround_s:
+# for a decode row, seconds from its session's token leaving the API server to this row
+# arriving; draft_ids (optional, a session granted drafts): the draft tokens whose rows
+# follow the first (num_rows = 1 + len(draft_ids))
 UTILITY_DELIVER = "vllm_split_deliver"
 UTILITY_RELEASE = "vllm_split_release"  # (session_id) -> bool
 UTILITY_STEP_STATS = "vllm_split_step_stats"  # (since_seq) -> {"records": [...], ...} or None

@@ -101,3 +101,20 @@ def test_rows_are_cast_to_the_store_dtype(store_dtype, in_dtype):
     got = store.rows("s", start=0, count=3)
     assert got.dtype == store_dtype
     assert torch.equal(got, rows.to(store_dtype))
+
+
+def test_truncate_drops_rejected_draft_rows_so_the_next_delivery_continues_there():
+    store = ActivationStore(hidden_size=H, dtype=torch.float32)
+    store.append("s", start=0, rows=_rows(0, 5))
+    store.append("s", start=5, rows=_rows(50, 4))  # the last token's row and 3 drafts
+    store.truncate("s", 7)  # one draft accepted: positions 7 and 8 are stale
+    assert store.num_rows("s") == 7
+    with pytest.raises(DeliveryError, match=r"activation starts at position 9, expected 7"):
+        store.append("s", start=9, rows=_rows(9, 1))
+    store.append("s", start=7, rows=_rows(70, 2))
+    assert torch.equal(store.rows("s", start=5, count=4), torch.cat([_rows(50, 2), _rows(70, 2)]))
+    store.truncate("s", 20)  # never grows
+    store.truncate("unknown", 3)  # nothing to cut
+    assert store.num_rows("s") == 9 and "unknown" not in store
+    with pytest.raises(ValueError, match=r"cannot keep -1 rows"):
+        store.truncate("s", -1)

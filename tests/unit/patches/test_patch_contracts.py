@@ -214,6 +214,15 @@ SOURCE_CONTAINS = {
     # skipped ranges hold the null block, which freeing never returns to the free queue
     "vllm.v1.core.block_pool:BlockPool.free_blocks": (
         "if block.ref_cnt == 0 and not block.is_null:", "vllm_split/engine/kv_range_manager.py"),
+    # client drafts: vLLM rolls a request back past its rejected drafts (the scheduler then cuts
+    # their rows from the store) ...
+    "vllm.v1.core.sched.scheduler:Scheduler.update_from_output": (
+        "request.num_computed_tokens -= num_rejected", "vllm_split/engine/scheduler.py"),
+    "vllm.v1.spec_decode.custom_class_proposer:create_custom_proposer": (
+        "instance = user_class(vllm_config)", "vllm_split/engine/drafts.py"),
+    # ... and the CPU runner calls the proposer's load_model unchecked (ClientDrafts has one)
+    "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model": (
+        "self.drafter.load_model(self.model)", "vllm_split/engine/drafts.py"),
 }
 
 

@@ -1,0 +1,175 @@
+"""Client-drafted speculative decoding on a real vLLM engine (``--split-drafts 4``): a raw
+client sends, with each decode activation, the rows of up to 4 draft tokens computed by its
+own layers; the server verifies them in one engine step (vLLM's rejection sampler) and
+answers one ``Tokens`` frame per step. Oracle drafts (the reference continuation, or it with
+tokens corrupted: rejections at the first and a middle draft) at k in {0, 7, 15, 29}: the
+output equals the unsplit greedy reference token for token, and the frames show exactly the
+accepted drafts. The client recomputes its rows from scratch each round (no KV rollback).
+One engine start for the module."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from harness.server_process import VLLMServer, metrics, split_metrics
+from tests.engine_reliability.helpers import wait_idle
+from tests.support.references import PROMPTS, complete, transformers_greedy
+from tests.support.sessions import RawSession, answer_tokens, local_layers
+from vllm_split.wire import protocol as wire
+from vllm_split.wire.drafts import accepted_drafts
+
+pytestmark = pytest.mark.engine
+
+K_SERVER = 4  # --split-drafts
+MAX_TOKENS = 16
+KS = (0, 7, 15, 29)
+NUM_PROMPTS = 2
+CORRUPT = (2, 8)  # output indices whose draft is wrong: a middle draft of round 1, the first of round 3
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("drafts") / "server.log"
+    with VLLMServer(model_dir, split=True, log_path=log, extra_args=("--split-drafts", str(K_SERVER))) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer) -> list[list[int]]:
+    return [tokenizer(p)["input_ids"] for p in PROMPTS[:NUM_PROMPTS]]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, prompt_ids) -> list[list[int]]:
+    return transformers_greedy(model_dir, prompt_ids, MAX_TOKENS)
+
+
+def oracle(reference: list[int], corrupt: tuple[int, ...] = ()):
+    """Drafts after ``tokens``: the reference's next ones, those at ``corrupt`` indices wrong."""
+    def propose(tokens: list[int], n: int) -> list[int]:
+        i = len(tokens)
+        return [(reference[j] + 1) % 49152 if j in corrupt else reference[j] for j in range(i, i + n)]
+    return propose
+
+
+async def drafted_session(url: str, layers, prompt: list[int], propose, *, gamma: int = K_SERVER):
+    """A raw session granted drafts: (tokens, Tokens frames, drafts sent before each frame)."""
+    async with await RawSession.connect(url) as raw:
+        await raw.send(wire.Open(model_fingerprint=layers.fingerprint, split_layer=layers.split_layer,
+                                 max_drafts=gamma, sampling=wire.SamplingOptions(max_tokens=MAX_TOKENS,
+                                                                                 ignore_eos=True)))
+        opened = await raw.recv()
+        assert isinstance(opened, wire.Opened) and opened.max_drafts == min(gamma, K_SERVER), opened
+        layers.reset()
+        await raw.send(wire.Activation.from_tensor(layers.forward(prompt), start=0, end_of_prompt=True))
+        tokens, frames, sent = [], [], [()]
+        while True:
+            msg = await raw.recv()
+            if isinstance(msg, wire.Finished):
+                assert (msg.finish_reason, msg.num_output_tokens) == ("length", MAX_TOKENS)
+                return tokens, frames, sent
+            assert isinstance(msg, wire.Tokens) and msg.index == len(tokens), msg
+            frames.append(msg)
+            tokens += msg.token_ids
+            if msg.finish_reason is not None:
+                continue
+            drafts = propose(tokens, min(opened.max_drafts, MAX_TOKENS - len(tokens) - 1))
+            layers.reset()  # rows from scratch: the accepted sequence, then the drafts
+            hidden = layers.forward(prompt + tokens + drafts)
+            rows = hidden[hidden.shape[0] - 1 - len(drafts):]
+            await raw.send(wire.Activation.from_tensor(rows, start=len(prompt) + len(tokens) - 1,
+                                                       draft_ids=tuple(drafts)))
+            sent.append(tuple(drafts))
+
+
+def counted(frames, sent) -> tuple[int, int]:
+    """(accepted, rejected) drafts, from what was sent and each answer."""
+    accepted = sum(accepted_drafts(list(d), f.token_ids) for d, f in zip(sent, frames))
+    return accepted, sum(len(d) for d in sent) - accepted
+
+
+def spec_counters(url: str) -> tuple[float, float]:
+    """vLLM's own spec-decode counters: (draft tokens, accepted tokens)."""
+    m = metrics(url)
+    return (m.get("vllm:spec_decode_num_draft_tokens_total", 0.0),
+            m.get("vllm:spec_decode_num_accepted_tokens_total", 0.0))
+
+
+async def counters_reach(url: str, expected: tuple[float, float], timeout: float = 5.0) -> tuple[float, float]:
+    """The counters once they show ``expected`` (the frontend records them after the outputs), or at the timeout."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = await asyncio.to_thread(spec_counters, url)
+        if got == expected or asyncio.get_running_loop().time() > deadline:
+            return got
+        await asyncio.sleep(0.2)
+
+
+def test_ordinary_requests_on_the_drafts_server_are_exact(server, model_dir, prompt_ids, reference):
+    for ids, expected in zip(prompt_ids, reference):
+        got = complete(server.url, str(model_dir), ids, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+        assert got["token_ids"] == expected
+
+
+@pytest.mark.parametrize("k", KS)
+async def test_drafted_greedy_sessions_equal_the_unsplit_engine(k, server, model_dir, prompt_ids, reference):
+    layers = local_layers(model_dir, k)
+    drafted0, accepted0 = spec_counters(server.url)
+    total_accepted = total_rejected = 0
+    for ids, expected in zip(prompt_ids, reference):
+        # (a) the reference continuation: every draft accepted, the bonus token each step
+        tokens, frames, sent = await drafted_session(server.url, layers, ids, oracle(expected))
+        assert tokens == expected, f"k={k}: all-accepted drafts diverged"
+        assert [len(f.token_ids) for f in frames] == [1, 5, 5, 5]
+        assert counted(frames, sent) == (12, 0)
+        # (b) corrupted drafts: rejected at a middle draft, then at a first one
+        tokens, frames, sent = await drafted_session(server.url, layers, ids, oracle(expected, CORRUPT))
+        assert tokens == expected, f"k={k}: corrupted drafts diverged"
+        assert [len(f.token_ids) for f in frames] == [1, 2, 5, 1, 5, 2]
+        accepted, rejected = counted(frames, sent)
+        assert (accepted, rejected) == (10, 3 + 4)
+        total_accepted += 12 + accepted
+        total_rejected += rejected
+    # vLLM's own spec-decode counters saw exactly these drafts (ordinary requests draft none)
+    expected = (drafted0 + total_accepted + total_rejected, accepted0 + total_accepted)
+    assert await counters_reach(server.url, expected) == expected
+
+
+async def test_concurrent_drafted_sessions_at_different_split_layers(server, model_dir, prompt_ids, reference):
+    jobs = [drafted_session(server.url, local_layers(model_dir, k), prompt_ids[i % NUM_PROMPTS],
+                            oracle(reference[i % NUM_PROMPTS], CORRUPT if i % 2 else ()))
+            for i, k in enumerate(KS)]
+    results = await asyncio.gather(*jobs)
+    for i, (tokens, _, _) in enumerate(results):
+        assert tokens == reference[i % NUM_PROMPTS], f"session {i} (k={KS[i]}) diverged"
+
+
+async def test_a_session_without_drafts_keeps_token_frames_and_drafts_are_refused(server, model_dir, prompt_ids,
+                                                                                 reference):
+    layers = local_layers(model_dir, 15)
+    ids = prompt_ids[0]
+    async with await RawSession.connect(server.url) as raw:
+        await raw.send(wire.Open(model_fingerprint=layers.fingerprint, split_layer=15,
+                                 sampling=wire.SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True)))
+        opened = await raw.recv()
+        assert isinstance(opened, wire.Opened) and opened.max_drafts == 0
+        layers.reset()
+        await raw.send(wire.Activation.from_tensor(layers.forward(ids), start=0, end_of_prompt=True))
+        first = await raw.recv()
+        assert isinstance(first, wire.Token) and first.index == 0
+        rows = layers.forward([first.token_id, reference[0][1]])
+        await raw.send(wire.Activation.from_tensor(rows, start=len(ids), draft_ids=(reference[0][1],)))
+        err = await raw.recv()
+        assert isinstance(err, wire.Error) and (err.code, err.fatal) == ("bad_request", False), err
+        assert "granted none (Opened.max_drafts = 0)" in err.message
+        layers.reset()
+        row = layers.forward(ids + [first.token_id])[-1:]
+        await raw.send(wire.Activation.from_tensor(row, start=len(ids)))
+        tokens, finished = await answer_tokens(raw, layers, len(ids))
+    assert [first.token_id] + tokens == reference[0] and finished.num_output_tokens == MAX_TOKENS
+
+
+async def test_every_session_ended_and_the_server_is_idle(server):
+    await wait_idle(server.url, timeout=30)
+    assert split_metrics(server.url).get("vllm_split:sessions_open", 0.0) == 0.0
