@@ -170,6 +170,36 @@ async def test_a_session_without_drafts_keeps_token_frames_and_drafts_are_refuse
     assert [first.token_id] + tokens == reference[0] and finished.num_output_tokens == MAX_TOKENS
 
 
+REPETITIVE = ("Copy the list exactly, twice:\n"
+              "apples, pears, plums, grapes, lemons, limes, figs, dates, cherries, melons.\n"
+              "apples, pears, plums, grapes, lemons, limes, figs, dates, cherries, melons.\n"
+              "apples, pears, plums,")
+
+
+async def test_the_client_librarys_ngram_drafts_are_exact_and_save_round_trips(server, model_dir, tokenizer):
+    """The client library end to end: ``SplitSession(draft="ngram")`` drafts by prompt lookup,
+    rolls its KV cache back past rejected drafts (``LocalLayers.truncate``), and its output
+    equals the unsplit greedy reference with fewer round trips than tokens."""
+    from client_lib import LocalLayers, SamplingOptions, SplitSession
+
+    ids = tokenizer(REPETITIVE)["input_ids"]
+    (expected,) = transformers_greedy(model_dir, [ids], MAX_TOKENS)
+
+    async def one(k: int):
+        tokens = []
+        async with await SplitSession.create(server.url, LocalLayers(model_dir, split_layer=k), server_decode=False,
+                                             sampling=SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True),
+                                             draft="ngram", num_drafts=K_SERVER) as session:
+            async for event in session.generate(ids):
+                tokens.append(event.token_id)
+        return tokens, session
+
+    for tokens, session in await asyncio.gather(one(7), one(15)):
+        assert tokens == expected, f"k={session.opened.split_layer}: drafted output diverged"
+        assert session.granted_drafts == K_SERVER and session.drafts_accepted > 0
+        assert session.round_trips < len(tokens), (session.round_trips, len(tokens))
+
+
 async def test_every_session_ended_and_the_server_is_idle(server):
     await wait_idle(server.url, timeout=30)
     assert split_metrics(server.url).get("vllm_split:sessions_open", 0.0) == 0.0
