@@ -114,12 +114,12 @@ def metrics(url: str, ssl_context: ssl.SSLContext | None = None) -> dict[str, fl
 
 def vllm_by_engine(url: str, name: str, ssl_context: ssl.SSLContext | None = None) -> dict[str, float]:
     """vLLM's metric ``name`` (e.g. ``vllm:num_requests_running``) per ``engine`` label (its DP rank)."""
-    out: dict[str, float] = {}
-    for line in _scrape(url, ssl_context):
-        m = re.match(rf'^{re.escape(name)}\{{[^}}]*engine="(\d+)"[^}}]*\}}\s+([-+0-9.eE]+)$', line)
+    series = {}
+    for line in _scrape(url, ssl_context):  # every series by its exported name with labels
+        m = re.match(r"^([a-zA-Z_:][\w:]*\{[^}]*\})\s+([-+0-9.eE]+)$", line)
         if m:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
-    return out
+            series[m.group(1)] = float(m.group(2))
+    return by_engine(series, name)
 
 
 def kv_blocks_in_use(m: dict[str, float]) -> int:
