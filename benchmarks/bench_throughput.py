@@ -1,4 +1,4 @@
-"""Throughput at the same SLA: plain vLLM vs split (server-only, greedy, DP) on identical arrivals.
+"""Throughput at the same SLA: plain vLLM vs split (server-only, greedy, DP, DP with drafts) on identical arrivals.
 
     python -m benchmarks.bench_throughput [--workload benchmarks/workloads/default.json]
         [--quick] [--systems plain,split_dp] [--no-sweep] [--out results/bench_throughput.json]
@@ -14,6 +14,9 @@ request has an SLA and a client of a device class on a network (the workload fil
 * ``split_greedy``: the admission controller with the greedy placement rule.
 * ``split_dp``: the admission controller with the DP (the product's default); the best of
   a small sweep of the split server's knobs (greedy and server-only get the same settings).
+* ``split_drafts``: split DP with client drafts (issue 14): the emulated client drafts by
+  prompt lookup over the prompt and the tokens so far, 4 per activation, on a server started
+  with ``--split-drafts 4`` (the split settings chosen for the DP).
 
 Clients are emulated (``harness.emulation``): exact replayed activations, the waits their
 device class and network would take; a device class's per-layer time is a sourced multiple
@@ -58,7 +61,7 @@ SPLIT_SWEEP = (("--max-num-seqs", "128", "--max-num-batched-tokens", "512"),
                ("--max-num-seqs", "128", "--max-num-batched-tokens", "512", "--split-offload-above-pct", "0"))
 # The order the systems run in: DP, the product, right after plain (whose maximum rate sets
 # the crossover's), so a run cut short still has the headline.
-RUN_ORDER = ("plain", "split_dp", "split_greedy", "split_server_only")
+RUN_ORDER = ("plain", "split_dp", "split_greedy", "split_server_only", "split_drafts")
 CROSSOVER_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
@@ -263,7 +266,8 @@ def k_by_device(samples: dict, system: str) -> dict:
 def main() -> None:
     p = report.parser("bench_throughput", __doc__, quick="CI smoke: plain and split_dp, one short rate", plot=True)
     p.add_argument("--workload", type=Path, default=report.ROOT / "benchmarks" / "workloads" / "default.json")
-    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--systems", default=None, help=f"comma-separated, of {', '.join(SYSTEMS)} (default: all; "
+                   "--quick: plain,split_dp)")
     p.add_argument("--eager", action="store_true", help="run every server with --enforce-eager (labelled eager)")
     p.add_argument("--rates", default=None, help="comma-separated starting rates instead of the workload's (which are scaled by the measured speed)")
     p.add_argument("--traces", type=int, default=3, help="arrival traces (seeds) per rate (default: %(default)s)")
@@ -281,7 +285,8 @@ def main() -> None:
 
     torch.set_num_threads(1)  # emulated clients share the machine with the server
     w = load_workload(args.workload)
-    systems = ["plain", "split_dp"] if args.quick else [s.strip() for s in args.systems.split(",")]
+    chosen_systems = args.systems or ("plain,split_dp" if args.quick else ",".join(SYSTEMS))
+    systems = [s.strip() for s in chosen_systems.split(",")]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         raise SystemExit(f"unknown system(s) {unknown}; known: {list(SYSTEMS)}")
@@ -338,7 +343,8 @@ def main() -> None:
                 "workload": w, "server_layer_times": bench.server_layer, "client_profiles": bench.profiles(),
                 "rate_grid": bench.rate_grid,
                 "sweeps": screens, "systems": results, "crossover": crossover,
-                "k_by_device": {s: k_by_device(bench.samples, s) for s in ("split_dp", "split_greedy") if s in results},
+                "k_by_device": {s: k_by_device(bench.samples, s) for s in ("split_dp", "split_greedy", "split_drafts")
+                                if s in results},
                 "summary": summary(results, crossover), "complete": system == systems[-1]}
         report.write(args.out, data, rows={"samples": bench.samples}, draw=draw)  # after each system: a crash loses one
     print(json.dumps(data["summary"], indent=1))

@@ -29,6 +29,10 @@ SYSTEMS = {
     "split_server_only": {"split": True, "args": (), "k": 0, "server_decode": False},
     "split_greedy": {"split": True, "args": ("--split-placement", "greedy"), "k": "auto"},
     "split_dp": {"split": True, "args": (), "k": "auto"},
+    # the DP with client drafts (issue 14): prompt-lookup drafts, 4 per activation, verified
+    # by the engine's speculative decoding (``--split-drafts 4``; the planner still plans as
+    # without drafts: one token per round trip)
+    "split_drafts": {"split": True, "args": ("--split-drafts", "4"), "k": "auto", "draft": "ngram"},
 }
 
 
@@ -136,7 +140,8 @@ async def run_one(system: str, url: str, model: str, req: dict, w: dict, scripts
             profile = wire.ClientProfile(**device)
             session, tokens, layers = await run_emulated(
                 url, script, profile=profile, link=link, sla=wire.RequestSLA(**rtype["sla"]), max_tokens=n_out,
-                split_layer=SYSTEMS[system]["k"], server_decode=SYSTEMS[system].get("server_decode", True))
+                split_layer=SYSTEMS[system]["k"], server_decode=SYSTEMS[system].get("server_decode", True),
+                draft=SYSTEMS[system].get("draft", "none"))
             times = session.stats.token_times
             k = session.opened.split_layer
             out["exact"] = tokens == script.expected[:n_out] and layers.mismatch is None
@@ -146,6 +151,8 @@ async def run_one(system: str, url: str, model: str, req: dict, w: dict, scripts
             out["predicted_ttft_s"] = session.opened.predicted_ttft_s
             out["predicted_tpot_s"] = session.opened.predicted_tpot_s
             out["after_open_ttft_s"] = session.stats.time_to_first_token  # from Opened to the first token
+            out["round_trips"] = session.stats.round_trips
+            out["drafts_sent"], out["drafts_accepted"] = session.stats.drafts_sent, session.stats.drafts_accepted
             out["client_s"] = k * (device["layer_prefill_s_per_token"] * len(script.prompt_ids)
                                    + device["layer_decode_s"] * max(len(times) - 1, 0))
     except ServerError as exc:
@@ -219,8 +226,21 @@ def summarise(samples: list[dict], *, rate: float, arrival_s: float, wall_s: flo
             "wrong_outputs": sum(1 for s in samples if s["exact"] is False),
             "mean_split_layer": statistics.mean(ks) if ks else None,
             "server_decoded": sum(1 for s in completed if s.get("server_decode")),
+            # round-trip sessions only (a server-decoded session has one answer per token by construction)
+            "tokens_per_round_trip": _ratio(sum(s["output_tokens"] for s in completed if _round_trip(s)),
+                                            sum(s["round_trips"] for s in completed if _round_trip(s))),
+            "draft_acceptance": _ratio(sum(s.get("drafts_accepted", 0) for s in completed),
+                                       sum(s.get("drafts_sent", 0) for s in completed)),
             "ttft_p50_s": pct([s["ttft_s"] for s in completed], 50), "tpot_p50_s": pct([s["tpot_s"] for s in completed], 50),
             "tpot_p90_s": pct([s["tpot_s"] for s in completed], 90)}
+
+
+def _round_trip(s: dict) -> bool:
+    return bool(s.get("round_trips")) and not s.get("server_decode")
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
 
 
 def pct(values, q):
