@@ -3,14 +3,16 @@
     vllm-split-client --server http://localhost:8000 --model DIR [--split-layer auto|K] \\
         [--max-layers M] [--ttft 2.0 --tpot 0.2] --prompt "What is the capital of France?" --max-tokens 64 \\
         [--privacy-floor F] [--wire-dtype auto|float16|int8_mixed|...] [--return-layer auto|M] \\
-        [--draft ngram|none] [--num-drafts N] [--chat] [--timings]
+        [--draft ngram|none] [--num-drafts N] [--request-type TYPE] [--chat] [--timings]
     vllm-split-client serve --server http://localhost:8000 --model DIR [--port 8001]   # OpenAI gateway
 
 ``--return-layer M`` (or ``auto`` with ``--split-layer auto``) makes the session U-shaped
 (``client_lib/ushape.py``): the client also runs layers ``[M, L)``, the LM head and sampling,
 and no token id goes to the server. ``--draft ngram`` sends up to ``--num-drafts`` prompt-lookup
 draft tokens with each activation, for the server to verify in one step (a server started with
-``--split-drafts``; others grant none). ``serve`` runs the OpenAI-compatible gateway (``client_lib/gateway``, docs/gateway.md). An
+``--split-drafts``; others grant none); ``--request-type`` labels the kind of request, for which the
+server measures how many drafts it accepts. ``serve`` runs the OpenAI-compatible gateway
+(``client_lib/gateway``, docs/gateway.md). An
 ``https://`` server is reached over ``wss://`` and its certificate verified against the
 system's CAs, or against ``--ca-file PATH`` (``--insecure``: no verification, testing only).
 """
@@ -27,6 +29,7 @@ from client_lib.local_layers import LocalLayers
 from client_lib.session import PrivacyFloorError, ServerError, SplitSession, check_num_drafts
 from client_lib.wire_policy import DEFAULT_MIN_AGREEMENT
 from vllm_split.wire.contract import ErrorCode
+from vllm_split.wire.drafts import check_request_type
 from vllm_split.wire.protocol import WIRE_DTYPES
 from vllm_split.wire.protocol import RequestSLA, SamplingOptions
 
@@ -35,6 +38,14 @@ def _existing_file(path: str) -> str:
     if not os.path.isfile(path):
         raise argparse.ArgumentTypeError(f"no such file: {path}")
     return path
+
+
+def _request_type(value: str) -> str:
+    try:
+        check_request_type(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _num_drafts(value: str) -> int:
@@ -93,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "proposes them by prompt lookup over the prompt and the output so far; default: none")
     p.add_argument("--num-drafts", type=_num_drafts, default=4, metavar="N",
                    help="--draft: most draft tokens per activation (1 to 16; the server may grant fewer); default 4")
+    p.add_argument("--request-type", type=_request_type, default="", metavar="TYPE",
+                   help="the kind of request (e.g. code, chat; up to 32 characters): the server plans drafts with "
+                        "the tokens per round trip it measured for the type; default: none")
     p.add_argument("--ttft", type=float, default=None, help="SLA: time to first token (s)")
     p.add_argument("--tpot", type=float, default=None, help="SLA: time per output token (s)")
     p.add_argument("--prompt", required=True)
@@ -146,7 +160,7 @@ async def run(args: argparse.Namespace) -> dict:
                                          wire_dtype=args.wire_dtype, min_agreement=args.min_agreement,
                                          ssl=tls_option(args.ca_file, args.insecure),
                                          privacy_floor=args.privacy_floor, tail=tail, draft=args.draft,
-                                         num_drafts=args.num_drafts) as session:
+                                         num_drafts=args.num_drafts, request_type=args.request_type) as session:
         async for event in session.generate(prompt_ids):
             tokens.append(event.token_id)
             text = tokenizer.decode(tokens, skip_special_tokens=True)

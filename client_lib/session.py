@@ -55,7 +55,9 @@ granting none (``0``: no ``--split-drafts``, server decoding) gets the usual one
 an older server refuses the ``Open`` (unknown field ``max_drafts``), raised as a
 :class:`ServerError` that says to open with ``draft="none"``. ``drafts_sent``,
 ``drafts_accepted`` and ``round_trips`` count them (``GenerationStats``). Only ``generate``
-drafts (it has the prompt's ids); ``stream`` needs ``token_ids=`` for it.
+drafts (it has the prompt's ids); ``stream`` needs ``token_ids=`` for it. ``request_type``
+(e.g. ``"code"``, ``"chat"``; ``Open.request_type``) labels the kind of request: the server's
+admission plans a drafted session with the tokens per round trip it measured for the type.
 """
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ import aiohttp
 from client_lib.drafts import Drafter, make_drafter
 from client_lib.wire_policy import DEFAULT_MIN_AGREEMENT, offered_wire_dtypes
 from vllm_split.wire import protocol as wire
-from vllm_split.wire.drafts import MAX_DRAFTS, accepted_drafts
+from vllm_split.wire.drafts import MAX_DRAFTS, accepted_drafts, check_request_type
 from vllm_split.wire.contract import SESSION_PATH, ErrorCode
 
 if TYPE_CHECKING:
@@ -136,7 +138,7 @@ class SplitSession:
                  sampling: wire.SamplingOptions, sla: wire.RequestSLA | None, profile: wire.ClientProfile | None,
                  expected_output_tokens: int | None, link: Any = None, server_decode: bool = True,
                  wire_dtypes: tuple[str, ...] = (), privacy_floor: int = 0, tail: Any = None,
-                 drafter: Drafter | None = None, num_drafts: int = 0) -> None:
+                 drafter: Drafter | None = None, num_drafts: int = 0, request_type: str = "") -> None:
         self._http = http
         self._ws = ws
         self.layers = layers
@@ -151,6 +153,7 @@ class SplitSession:
         self.tail = tail  # U-shaped (client_lib/ushape.py): the client's layers [m, L), norm and LM head
         self.drafter = drafter  # proposes draft tokens (client_lib/drafts.py); None: no drafts
         self.num_drafts = num_drafts if drafter is not None else 0  # asked at Open (Open.max_drafts)
+        self.request_type = request_type  # sent at Open: the server measures drafts' acceptance per type
         self.opened: wire.Opened | None = None
         self.stats = GenerationStats()
         self._closed = False
@@ -163,7 +166,7 @@ class SplitSession:
                      server_decode: bool = True, wire_dtype: str | None = None,
                      min_agreement: float = DEFAULT_MIN_AGREEMENT, ssl: SSLOption = None,
                      privacy_floor: int = 0, tail: Any = None, draft: str | Drafter | None = "none",
-                     num_drafts: int = 4) -> "SplitSession":
+                     num_drafts: int = 4, request_type: str = "") -> "SplitSession":
         """Connect; open the session now at a fixed ``layers.split_layer``, or, for
         ``split_layer="auto"``, in :meth:`generate` (planning needs the prompt length).
         ``profile`` defaults to this device's measured one when the server chooses; a
@@ -177,8 +180,10 @@ class SplitSession:
         session (:mod:`client_lib.ushape`): the client also runs the tail's layers
         ``[m, L)``, the norm, the LM head and sampling, and no token id goes to the server.
         ``draft`` (``"none"``, ``"ngram"`` or a :class:`~client_lib.drafts.Drafter`) and
-        ``num_drafts`` (γ, 1 to 16): draft tokens per activation (module docstring)."""
+        ``num_drafts`` (γ, 1 to 16): draft tokens per activation (module docstring).
+        ``request_type``: the kind of request, 0 to 32 printable characters (module docstring)."""
         check_privacy_floor(layers, privacy_floor)
+        check_request_type(request_type)  # before connecting
         drafter = make_drafter(draft, check_num_drafts(num_drafts))
         if drafter is not None and not callable(getattr(layers, "truncate", None)):
             raise ValueError(f"draft: {type(layers).__name__} has no truncate(num_positions): drafting needs layers "
@@ -210,7 +215,7 @@ class SplitSession:
             session = cls(http=http, ws=ws, layers=layers, sampling=sampling or wire.SamplingOptions(), sla=sla,
                           profile=profile, expected_output_tokens=expected_output_tokens, link=link,
                           server_decode=server_decode, wire_dtypes=wire_dtypes, privacy_floor=privacy_floor, tail=tail,
-                          drafter=drafter, num_drafts=num_drafts)
+                          drafter=drafter, num_drafts=num_drafts, request_type=request_type)
             if not auto:
                 await session._open(prompt_tokens=None)
         except BaseException:
@@ -229,13 +234,14 @@ class SplitSession:
             expected_output_tokens=self.expected_output_tokens, prompt_tokens=prompt_tokens,
             server_decode=self.server_decode, wire_dtypes=self.wire_dtypes, privacy_floor=self.privacy_floor,
             u_shape=u_shape, return_layer=None if auto or not u_shape else self.tail.return_layer,
-            max_drafts=self.num_drafts))
+            max_drafts=self.num_drafts, request_type=self.request_type))
         while True:  # answer the server's network probes until it decides
             try:
                 msg = await self._recv()
             except ServerError as exc:
-                if self.num_drafts and "max_drafts" in str(exc):
-                    raise drafts_refused(exc) from exc
+                refused = open_refused(exc, num_drafts=self.num_drafts, request_type=self.request_type)
+                if refused is not exc:
+                    raise refused from exc
                 raise
             if isinstance(msg, wire.Probe):
                 await self._send(wire.ProbeReply(nonce=msg.nonce, data=bytes(msg.reply_bytes)))
@@ -452,6 +458,19 @@ def check_num_drafts(num_drafts: int) -> int:
     if isinstance(num_drafts, bool) or not isinstance(num_drafts, int) or not 1 <= num_drafts <= MAX_DRAFTS:
         raise ValueError(f"num_drafts: expected an int from 1 to {MAX_DRAFTS}, got {num_drafts!r}")
     return num_drafts
+
+
+def open_refused(exc: ServerError, *, num_drafts: int, request_type: str) -> ServerError:
+    """An Open refused for a field this client sent that the server does not know (an older
+    server): the error saying what to leave out; ``exc`` itself for any other refusal."""
+    unknown = str(exc).split("; expected", 1)[0]  # the fields named unknown, not the list of known ones
+    if num_drafts and "max_drafts" in unknown:
+        return drafts_refused(exc)
+    if request_type and "request_type" in unknown:
+        return ServerError(exc.code, f"{exc} -- this server does not take request types (Open.request_type; it "
+                                     f"predates them): open the session without one (request_type='')", exc.fatal,
+                           exc.retry_after_s)
+    return exc
 
 
 def drafts_refused(exc: ServerError) -> ServerError:

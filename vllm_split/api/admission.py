@@ -15,8 +15,9 @@ one-thread executor, waits are asyncio waits. The decisions themselves are the p
   refused with ``server_busy`` and a ``retry_after_s``), the planning executor, the
   measured errors of the latency model (:class:`ErrorWindow`: the last ``ERROR_WINDOW``
   split sessions' measured / predicted TPOT and TTFT that ended within ``ERROR_MAX_AGE_S``,
-  the policy's planning margins) and the metrics on vLLM's
-  ``/metrics`` (:mod:`vllm_split.api.metrics`).
+  the policy's planning margins), the measured tokens per round trip of drafted sessions per
+  request type (:class:`DraftWindows`: a newcomer granted drafts is planned with its type's)
+  and the metrics on vLLM's ``/metrics`` (:mod:`vllm_split.api.metrics`).
 """
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Sequence
 
+from vllm_split.control.drafting import expected_tokens_per_round_trip, measured_tokens_per_round_trip
 from vllm_split.control.kv_budget import KVState
 from vllm_split.control.live_cost import LiveCostModel
 from vllm_split.control.policy import (Admission, AdmissionPolicy, AdmissionRequest, ClientFlops, InFlight, Refusal,
@@ -42,24 +44,55 @@ logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM's log handl
 POLL_S = 0.5
 ERROR_WINDOW = 64  # recent split sessions whose measured / predicted TPOT and TTFT set the planning margins
 ERROR_MAX_AGE_S = 30.0  # older measurements no longer count (a few sessions' lifetimes)
+DRAFTS_MAX_AGE_S = 600.0  # tokens per round trip: a property of the workload, not of the load
+MAX_REQUEST_TYPES = 64  # request types whose acceptance is kept (the least recently measured goes)
 
 
 class ErrorWindow:
     """Measured / predicted ratios of one kind of session (a latency and a placement kind):
     the margin is :func:`model_error` over the last ``ERROR_WINDOW`` that ended within
-    ``ERROR_MAX_AGE_S``. The age limit keeps the controller live: a margin learnt in an
+    ``max_age_s`` (``ERROR_MAX_AGE_S``). The age limit keeps the controller live: a margin learnt in an
     overload makes newcomers wait and be refused, so no session ends and nothing new is
     measured; kept for good, it would refuse every newcomer for good (seen: 0 of 49 met at
-    a rate the server had met 99% of). With no fresh evidence the margin returns to 1."""
+    a rate the server had met 99% of). With no fresh evidence the margin returns to 1.
+    :class:`DraftWindows` keeps other measurements (tokens per round trip) the same way."""
 
-    def __init__(self) -> None:
-        self._samples: deque[tuple[float, float]] = deque(maxlen=ERROR_WINDOW)  # (ended at, ratio)
+    def __init__(self, max_age_s: float = ERROR_MAX_AGE_S) -> None:
+        self.max_age_s = max_age_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=ERROR_WINDOW)  # (ended at, value)
 
     def add(self, ratio: float, now: float) -> None:
         self._samples.append((now, ratio))
 
+    def fresh(self, now: float) -> list[float]:
+        """The kept values that ended within ``max_age_s`` of ``now``."""
+        return [r for t, r in self._samples if now - t <= self.max_age_s]
+
     def error(self, now: float) -> float:
-        return model_error([r for t, r in self._samples if now - t <= ERROR_MAX_AGE_S])
+        return model_error(self.fresh(now))
+
+
+class DraftWindows:
+    """Finished drafted sessions' measured tokens per round trip, one window per request type
+    (``Open.request_type``; ``""`` is a type too), each an :class:`ErrorWindow` of the last
+    ``ERROR_WINDOW`` within ``DRAFTS_MAX_AGE_S``; at most ``MAX_REQUEST_TYPES`` types (a
+    client's free text cannot grow it without bound). A newcomer of a type is planned with
+    :func:`expected_tokens_per_round_trip` of its window: a low quantile once there are a
+    few, None (as without drafts) before."""
+
+    def __init__(self) -> None:
+        self._by_type: OrderedDict[str, ErrorWindow] = OrderedDict()
+
+    def add(self, request_type: str, tokens_per_round_trip: float, now: float) -> None:
+        window = self._by_type.pop(request_type, None) or ErrorWindow(DRAFTS_MAX_AGE_S)
+        window.add(tokens_per_round_trip, now)
+        self._by_type[request_type] = window  # the most recently measured last
+        while len(self._by_type) > MAX_REQUEST_TYPES:
+            self._by_type.popitem(last=False)
+
+    def expected(self, request_type: str, now: float) -> float | None:
+        window = self._by_type.get(request_type)
+        return None if window is None else expected_tokens_per_round_trip(window.fresh(now))
 
 
 class AdmissionRefused(Exception):
@@ -82,15 +115,27 @@ class QueueLimits:
                              f"wait_s={self.wait_s!r}")
 
 
+def granted_drafts(msg: wire.Open, server_drafts: int) -> int:
+    """Drafts per activation a session of ``msg`` gets unless it is server decoded (then
+    none): what the client asked (``Open.max_drafts``), at most the server's ``drafts``
+    option; none for a U-shaped one (the client samples: nothing to verify). The session's
+    grant (``Opened.max_drafts``) and the policy's ``AdmissionRequest.num_drafts`` both."""
+    return 0 if msg.u_shape else min(msg.max_drafts, server_drafts)
+
+
 def request_from_open(msg: wire.Open, network: NetworkSpec | None, *, server_decode_allowed: bool = True,
-                      wire_dtype: str | None = None, hidden_size: int | None = None) -> AdmissionRequest:
+                      wire_dtype: str | None = None, hidden_size: int | None = None,
+                      server_drafts: int = 0) -> AdmissionRequest:
     """The policy's description of the request ``msg`` opens (``network``: as measured on
     its connection, None when it was not probed). The client's memory bound
     (``ClientProfile.max_layers``) goes with its speed, its privacy floor
     (``Open.privacy_floor``) as it is; its offer of server decoding counts where the server
     allows it (``SplitConfig.server_decode``). ``wire_dtype``: the one the
     server accepted from the client's offer (None: none negotiated, the policy's default row
-    size); with the model's ``hidden_size`` it sets the bytes one row costs on the wire."""
+    size); with the model's ``hidden_size`` it sets the bytes one row costs on the wire.
+    ``server_drafts``: the server's ``drafts`` option; the drafts granted (:func:`granted_drafts`)
+    and ``Open.request_type`` go as they are (the controller adds the type's measured tokens
+    per round trip when it admits)."""
     if wire_dtype is not None and hidden_size is None:
         raise ValueError(f"request_from_open: wire_dtype {wire_dtype!r} needs the model's hidden_size")
     client: ClientCosts | ClientFlops | None = None
@@ -109,7 +154,8 @@ def request_from_open(msg: wire.Open, network: NetworkSpec | None, *, server_dec
         client=client, network=network, split_layer=msg.split_layer,
         server_decode=msg.server_decode and server_decode_allowed,
         row_bytes=None if wire_dtype is None else wire.row_bytes(wire_dtype, hidden_size),
-        privacy_floor=msg.privacy_floor, u_shape=msg.u_shape, return_layer=msg.return_layer)
+        privacy_floor=msg.privacy_floor, u_shape=msg.u_shape, return_layer=msg.return_layer,
+        num_drafts=granted_drafts(msg, server_drafts), request_type=msg.request_type)
 
 
 class StepPoller:
@@ -201,6 +247,8 @@ class AdmissionController:
         self._tpot_ratios = ErrorWindow()  # split sessions' with round trips
         self._ttft_ratios = ErrorWindow()
         self._decoded_tpot_ratios = ErrorWindow()  # server-decoded sessions'
+        self._drafted_tpot_ratios = ErrorWindow()  # sessions granted drafts' (draft-aware predictions)
+        self._drafts = DraftWindows()  # drafted sessions' tokens per round trip, per request type
         self._rotation = itertools.count(first_turn)  # ties between equally loaded engines go round
         for poller in self.pollers:  # every engine's series exist from the start (a dashboard's zero)
             label = str(poller.engine)
@@ -243,14 +291,24 @@ class AdmissionController:
         load = server_load(poller.costs, admitted_ages_s=[now - s.admitted_at for s in self.inflight_on(engine)],
                            num_layers=self.policy.num_layers, now=time.time())
         return replace(load, tpot_error=self._tpot_ratios.error(now), ttft_error=self._ttft_ratios.error(now),
-                       decoded_tpot_error=self._decoded_tpot_ratios.error(now), kv=poller.kv)
+                       decoded_tpot_error=self._decoded_tpot_ratios.error(now),
+                       drafted_tpot_error=self._drafted_tpot_ratios.error(now), kv=poller.kv)
 
     def retry_after_s(self) -> float:
         return retry_after_s(self.inflight.values(), time.monotonic())
 
+    def with_measured_drafts(self, request: AdmissionRequest) -> AdmissionRequest:
+        """``request`` with its type's measured tokens per round trip when it is granted drafts
+        (None: too few measured, planned as without drafts)."""
+        if not request.num_drafts:
+            return request
+        return replace(request, tokens_per_round_trip=self._drafts.expected(request.request_type, time.monotonic()))
+
     async def admit(self, session_id: str, request: AdmissionRequest) -> Admission:
         """Admit a session (waiting in the bounded queue if needed) or raise AdmissionRefused;
-        :meth:`engine_of` then names its engine."""
+        :meth:`engine_of` then names its engine. A request granted drafts is planned with its
+        type's measured tokens per round trip (:meth:`with_measured_drafts`)."""
+        request = self.with_measured_drafts(request)
         engines = range(len(self.pollers))
         if request.split_layer is not None:  # the client fixed k: predict, admit (or refuse a k above its bound)
             loads = [self.load(e) for e in engines]
@@ -344,8 +402,12 @@ class AdmissionController:
         return admission
 
     async def release(self, session_id: str, *, prompt_tokens: int, output_tokens: int,
-                      ttft_s: float | None, tpot_s: float | None) -> None:
-        """A session ended: record what it cost and how it went, wake the queue."""
+                      ttft_s: float | None, tpot_s: float | None, answers: int | None = None,
+                      decode_rows: int | None = None) -> None:
+        """A session ended: record what it cost and how it went, wake the queue. A session
+        granted drafts says how many answers (``Tokens`` frames) it sent and how many decode
+        rows it was delivered (``1 + d`` per activation): its tokens per round trip join its
+        request type's window, and its rows, rejected drafts included, are the work counted."""
         s = self.inflight.pop(session_id, None)
         if s is None:
             return
@@ -354,7 +416,7 @@ class AdmissionController:
         m.sessions_open.labels(engine=label).dec()
         k, n = s.admission.split_layer, self.policy.num_layers
         top = n if s.admission.return_layer is None else s.admission.return_layer  # U: the server ran [k, m)
-        rows = prompt_tokens + max(output_tokens - 1, 0)
+        rows = prompt_tokens + (max(output_tokens - 1, 0) if decode_rows is None else decode_rows)
         m.work_done.labels(engine=label).inc(rows * (top - k))
         m.work_saved.labels(engine=label).inc(rows * (n - top + k))
         if ttft_s is not None:
@@ -366,8 +428,8 @@ class AdmissionController:
             if s.admission.predicted_tpot_s:
                 ratio = tpot_s / s.admission.predicted_tpot_s
                 m.tpot_ratio.labels(engine=label).observe(ratio)
-                (self._decoded_tpot_ratios if s.admission.server_decode else self._tpot_ratios).add(
-                    ratio, time.monotonic())
+                self._tpot_window(s).add(ratio, time.monotonic())
+        self._record_drafts(s, label, output_tokens=output_tokens, answers=answers)
         sla = s.admission.sla
         if sla is not None and ttft_s is not None:
             met = sla.is_met(ttft_s, tpot_s or 0.0, 0.0)
@@ -375,3 +437,18 @@ class AdmissionController:
         else:
             m.finished.labels(sla="none", engine=label).inc()
         await self._notify()
+
+    def _tpot_window(self, s: InFlight) -> ErrorWindow:
+        """The TPOT margin window of ``s``'s kind (the same split as ``AdmissionPolicy.tpot_error``)."""
+        if s.admission.server_decode:
+            return self._decoded_tpot_ratios
+        return self._drafted_tpot_ratios if s.request.num_drafts else self._tpot_ratios
+
+    def _record_drafts(self, s: InFlight, label: str, *, output_tokens: int, answers: int | None) -> None:
+        """A session that drafted: its tokens per decode round trip, to its type's window and the metric."""
+        if not s.request.num_drafts or s.admission.server_decode or answers is None:
+            return
+        measured = measured_tokens_per_round_trip(output_tokens=output_tokens, answers=answers)
+        if measured is not None:
+            self._drafts.add(s.request.request_type, measured, time.monotonic())
+            self.metrics.tokens_per_round_trip.labels(engine=label).observe(measured)

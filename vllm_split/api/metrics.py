@@ -17,6 +17,7 @@ from typing import Any
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 _RATIO_BUCKETS = (0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0)
+_TOKENS_PER_ROUND_TRIP_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 9.0, 17.0)  # at most 1 + 16 drafts
 
 
 @dataclass
@@ -37,6 +38,7 @@ class SplitMetrics:
     server_cost: Any
     occupancy: Any
     server_decoded: Any
+    tokens_per_round_trip: Any
 
 
 _metrics: SplitMetrics | None = None
@@ -80,5 +82,9 @@ def split_metrics(num_layers: int) -> SplitMetrics:
                             multiprocess_mode="mostrecent"),
             server_decoded=Counter("vllm_split:sessions_server_decoded",
                                    "Sessions at k = 0 decoded on the server (token ids in, no round trip per token)", E),
+            # per engine only: the request type is the client's free text, not a label
+            tokens_per_round_trip=Histogram("vllm_split:tokens_per_round_trip",
+                                            "Output tokens per decode round trip of finished sessions granted drafts",
+                                            E, buckets=_TOKENS_PER_ROUND_TRIP_BUCKETS),
         )
     return _metrics

@@ -15,7 +15,9 @@ the client's ``Open.max_drafts``, at most the server's ``drafts`` option; none f
 or server-decoded sessions) sends with each decode activation the rows of up to that many
 draft tokens and their ids; the engine verifies them in one step and the session answers
 each engine output with one ``Tokens`` frame (the accepted drafts, then the engine's token)
-instead of ``Token`` frames.
+instead of ``Token`` frames. It counts its answers and the decode rows it was delivered; at
+release the admission controller learns the session's tokens per round trip (for the next
+sessions of its ``Open.request_type``) and the rows it cost, rejected drafts included.
 The activations' wire dtype is negotiated at Open (:meth:`ServerSession._choose_wire_dtype`):
 the first of the client's ``Open.wire_dtypes`` that this server accepts; 8-bit rows are
 decoded into the model's dtype, and a row in another dtype than the negotiated one is refused.
@@ -40,7 +42,7 @@ from vllm.logger import init_logger
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from vllm_split.wire import protocol as wire
-from vllm_split.api.admission import AdmissionController, AdmissionRefused, request_from_open
+from vllm_split.api.admission import AdmissionController, AdmissionRefused, granted_drafts, request_from_open
 from vllm_split.api.engines import EngineSet
 from vllm_split.config import SplitConfig
 from vllm_split.control.privacy_floor import effective_floor, floor_violation
@@ -109,6 +111,8 @@ class ServerSession:
         self.num_prompt_rows = 0
         self.expected_start: int | None = None  # DECODING: position of the activation we wait for
         self.num_output_tokens = 0
+        self.num_answers = 0  # Tokens frames sent (a session granted drafts: one per engine step)
+        self.num_decode_rows = 0  # rows of the decode activations delivered (1 + drafts each)
         self._opened_at: float | None = None
         self._token_times: list[float] = []
         # what release() gives back (resources, not phases)
@@ -225,9 +229,9 @@ class ServerSession:
         """Drafts per decode activation: what the client asked for, at most the server's K;
         none where the engine does not sample the session's tokens from its rows (U-shaped:
         the client samples) or gets no rows (server decoded)."""
-        if self.return_layer is not None or msg.u_shape or self.server_decode:
+        if self.return_layer is not None or self.server_decode:
             return 0
-        return min(msg.max_drafts, self.config.drafts)
+        return granted_drafts(msg, self.config.drafts)  # what the admission policy planned with
 
     def _check_split_layer(self, split_layer: int, *, client_floor: int) -> None:
         """A fixed split layer is one this server holds and at or above both privacy floors
@@ -250,7 +254,8 @@ class ServerSession:
         self._enter(SessionPhase.ADMITTING)
         try:
             request = request_from_open(msg, network, server_decode_allowed=bool(self.config.server_decode),
-                                        wire_dtype=self.wire_dtype, hidden_size=self.model.hidden_size)
+                                        wire_dtype=self.wire_dtype, hidden_size=self.model.hidden_size,
+                                        server_drafts=self.config.drafts)
             admission = await self.controller.admit(self.session_id, request)
         except AdmissionRefused as exc:
             raise SessionError(exc.reason, str(exc), fatal=True, retry_after_s=exc.retry_after_s) from None
@@ -360,6 +365,7 @@ class ServerSession:
             raise SessionError(ErrorCode.OUT_OF_TURN, f"activation of {msg.rows} row(s) at position {msg.start}: expected {want}")
         rows = self._rows(msg)
         self.expected_start = None
+        self.num_decode_rows += msg.rows
         turnaround = time.perf_counter() - self._token_times[-1] if self._token_times else None
         await self._deliver(msg.start, rows, turnaround, msg.draft_ids)
 
@@ -461,6 +467,7 @@ class ServerSession:
         if reason is None:
             self.expected_start = n + self.num_output_tokens - 1
         await self.send(wire.Tokens(index=index, token_ids=tuple(int(t) for t in ids), finish_reason=reason))
+        self.num_answers += 1
         self._token_times.extend([time.perf_counter()] * len(ids))  # TPOT: the mean gap per token
         return reason
 
@@ -488,8 +495,9 @@ class ServerSession:
         if self._holds_slot:
             self._holds_slot = False
             ttft, tpot = self.measured_latencies()
+            drafted = dict(answers=self.num_answers, decode_rows=self.num_decode_rows) if self.max_drafts else {}
             await self.controller.release(self.session_id, prompt_tokens=self.num_prompt_rows,
-                                          output_tokens=self.num_output_tokens, ttft_s=ttft, tpot_s=tpot)
+                                          output_tokens=self.num_output_tokens, ttft_s=ttft, tpot_s=tpot, **drafted)
         if self._rows_in_engine:
             self._rows_in_engine = False
             try:

@@ -40,7 +40,18 @@ sessions (``decoded_tpot_error``: the model sees the step at admission, not the 
 that join after, so near saturation it is optimistic; calibrated, a newcomer waits in the
 queue instead of joining a batch in which everyone misses). Predictions stay the model's
 own (the errors are measured against them); the check that an admitted session keeps its
-bound multiplies its prediction by its kind's error.
+bound multiplies its prediction by its kind's error. Sessions granted drafts are a kind of
+their own (``drafted_tpot_error``): their predictions count the drafts, so mixing their
+ratios with the others' would make either margin wrong.
+
+Client drafts (:mod:`vllm_split.control.drafting`). A request granted ``γ`` drafts
+(``AdmissionRequest.num_drafts``) whose type's tokens per round trip ``E`` the controller
+has measured (``tokens_per_round_trip``) is planned over a graph of one round trip (``1 + γ``
+rows through the client's pass, the uplink and the server's step, ``E`` tokens back) against
+``E`` times its TPOT bound, and predicted at its round trip over ``E`` per token; its server
+work counts every row it sends, the rejected drafts too. Before ``E`` is measured it is
+planned as without drafts (no gain promised); what it adds to each step of the admitted
+sessions is ``1 + γ`` rows from the start. Server decoding and U shapes never draft.
 
 Decisions: :class:`Admission` (split layer, how it was chosen, predicted TTFT and TPOT,
 server work); :class:`Wait` (it could be admitted on a less loaded server, when a request
@@ -55,6 +66,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
+from vllm_split.control.drafting import Drafting, answer_bytes, per_round_trip, per_token, rows_of
 from vllm_split.control.kv_budget import Promise, kv_wait
 from vllm_split.control.live_cost import LiveCostModel
 from vllm_split.control.request_graph import (TOKEN_BYTES, ClientCosts, RequestGraphInputs, ServerLoad, busy_fraction,
@@ -106,8 +118,22 @@ class AdmissionRequest:
     privacy_floor: int = 0  # the client's: no split layer below it, no server decoding when > 0
     u_shape: bool = False  # the client also runs [m, L) and the head (control/ushape_policy.py)
     return_layer: int | None = None  # a U request's m, fixed with split_layer; None: the server chooses
+    num_drafts: int = 0  # drafts per activation it is granted unless server decoded (0: none; never for U)
+    request_type: str = ""  # the client's label (Open.request_type): its acceptance is measured per type
+    # tokens per round trip to plan it with: its type's measured (the controller's); None: not
+    # measured yet, planned as without drafts
+    tokens_per_round_trip: float | None = None
 
     def __post_init__(self) -> None:
+        g, e = self.num_drafts, self.tokens_per_round_trip
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0 or (g and self.u_shape):
+            raise AdmissionInputError(f"AdmissionRequest.num_drafts: expected an int >= 0, and 0 for a U request "
+                                      f"(the client samples), got {g!r} (u_shape {self.u_shape})")
+        if e is not None and (isinstance(e, bool) or not isinstance(e, (int, float)) or e < 1):
+            raise AdmissionInputError(f"AdmissionRequest.tokens_per_round_trip: expected None or a number >= 1, "
+                                      f"got {e!r}")
+        if not isinstance(self.request_type, str):
+            raise AdmissionInputError(f"AdmissionRequest.request_type: expected a string, got {self.request_type!r}")
         if self.return_layer is not None and (not self.u_shape or self.split_layer is None
                                               or not self.split_layer < self.return_layer):
             raise AdmissionInputError(f"AdmissionRequest.return_layer {self.return_layer!r}: expected a U request "
@@ -125,6 +151,21 @@ class AdmissionRequest:
         f = self.privacy_floor
         if isinstance(f, bool) or not isinstance(f, int) or f < 0:
             raise AdmissionInputError(f"AdmissionRequest.privacy_floor: expected an int >= 0, got {f!r}")
+
+    @property
+    def drafting(self) -> Drafting | None:
+        """Its round trip as planned when it is not server decoded: its granted drafts and its
+        type's measured tokens per round trip (at most ``1 + num_drafts``); None without drafts
+        or before its type's acceptance is measured (planned as one token per round trip)."""
+        if not self.num_drafts or self.tokens_per_round_trip is None:
+            return None
+        return Drafting(self.num_drafts, min(float(self.tokens_per_round_trip), 1.0 + self.num_drafts))
+
+    def step_rows(self, *, server_decode: bool = False) -> int:
+        """Rows it adds to each decode step it is in: its last token's and, granted drafts, up
+        to ``num_drafts`` more, counted whether or not its acceptance is measured yet (the
+        cost to the others is the rows it may send); 1 when server decoded."""
+        return 1 if server_decode else 1 + self.num_drafts
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,29 +289,43 @@ class AdmissionPolicy:
         return min(self.gather_max_s, GATHER_FRACTION * load.recent_step_s)
 
     def turnaround_s(self, request: AdmissionRequest, client: ClientCosts, split_layer: int) -> float:
-        """From a token leaving the server to the client's next activation arriving."""
-        network = request.network
+        """From an answer leaving the server to the client's next activation arriving (a
+        drafted one: ``E`` tokens down, one pass over ``1 + γ`` rows, ``1 + γ`` rows up)."""
+        network, drafting = request.network, request.drafting
         assert network is not None
-        return (split_layer * client.decode_s + network.uplink_s(self.row_bytes(request))
-                + network.downlink_s(TOKEN_BYTES))
+        r = rows_of(drafting)
+        return (split_layer * client.pass_s(r) + network.uplink_s(self.row_bytes(request) * r)
+                + network.downlink_s(answer_bytes(TOKEN_BYTES, drafting)))
+
+    @staticmethod
+    def tpot_error(request: AdmissionRequest, load: ServerLoad, *, server_decode: bool = False) -> float:
+        """The measured TPOT error of ``request``'s kind: server decoded, granted drafts (its
+        predictions are draft-aware) or one token per round trip."""
+        if server_decode:
+            return load.decoded_tpot_error
+        return load.drafted_tpot_error if request.num_drafts else load.tpot_error
 
     # ---------------------------------------------------------------- predictions
     def predict(self, request: AdmissionRequest, split_layer: int, load: ServerLoad, *,
                 server_decode: bool = False) -> tuple[float, float, float]:
         """Expected (TTFT, TPOT, server work) at ``split_layer``: the graph's latencies plus
         the wait for the step in progress (half a step for the prompt, :func:`decode_wait_s`
-        per token; none for a session the server decodes, which is in every step). Needs the
-        request's client costs and network."""
+        per token; none for a session the server decodes, which is in every step); a drafted
+        session's TPOT is its round trip over its tokens per round trip
+        (:mod:`vllm_split.control.drafting`). Needs the request's client costs and network."""
         client, network = self.client_costs(request), request.network
         if client is None or network is None:
             raise AdmissionInputError("predict: expected a request with the client's costs and a measured network, "
                                       f"got client={client!r}, network={network!r}")
-        graph = request_graph(self.graph_inputs(request), load, client, embed_on_server=server_decode)
+        drafting = None if server_decode else request.drafting
+        graph = request_graph(self.graph_inputs(request), load, client, embed_on_server=server_decode,
+                              drafting=drafting)
         k = SERVER_DECODE_SPLIT if server_decode else split_layer
         ttft, tpot, _, work = evaluate(graph, network, placement_for(k, self.num_layers))
         wait = 0.0 if server_decode else decode_wait_s(load, self.turnaround_s(request, client, split_layer),
                                                        self.gather_s(load))
-        return ttft + 0.5 * busy_fraction(load) * load.recent_step_s, tpot + wait, work
+        # a drafted session's graph and wait are per round trip: per token, over E
+        return ttft + 0.5 * busy_fraction(load) * load.recent_step_s, per_token(tpot + wait, drafting), work
 
     def server_decodes(self, request: AdmissionRequest, split_layer: int) -> bool:
         """Whether a session at ``split_layer`` runs decoded on the server: at ``k = 0``, when
@@ -334,7 +389,7 @@ class AdmissionPolicy:
         return Refusal(ErrorCode.SLA_UNREACHABLE, (
             f"no split layer{at} meets the SLA (TTFT <= {sla.ttft_s} s, TPOT <= {sla.tpot_s} s) even on an "
             f"idle server: the best this client can get is TTFT {best.ttft_s:.3f} s and TPOT "
-            f"{best.tpot_s:.3f} s (split layer {split_layer_of(best.placement)}); "
+            f"{self._per_token(best, request):.3f} s (split layer {split_layer_of(best.placement)}); "
             f"{self._what_limits(request, sla, idle)}"))
 
     def _what_limits(self, request: AdmissionRequest, sla: SLA, idle: ServerLoad) -> str:
@@ -350,6 +405,11 @@ class AdmissionPolicy:
         return (f"the client's memory bound limits it: it holds at most {bound} decoder layers (client.max_layers), "
                 f"split layer {split_layer_of(least.placement)} would meet the SLA; hold more layers or relax the SLA")
 
+    @staticmethod
+    def _per_token(result: PlanResult, request: AdmissionRequest) -> float:
+        """A plan's TPOT per output token (a drafted graph's is per round trip)."""
+        return result.tpot_s if is_server_decoded(result.placement) else per_token(result.tpot_s, request.drafting)
+
     def _plan(self, request: AdmissionRequest, sla: SLA, load: ServerLoad, *, spare: bool) -> PlanResult:
         """With ``spare`` (the server has compute to spare) the least offloaded placement
         meeting the SLA from ``k = max(floor, load.min_split_layer)`` up (it adds no layer
@@ -357,7 +417,9 @@ class AdmissionPolicy:
         DP's least-server-work placement, or the planner's greedy prefix rule from
         ``k = floor``. Server decoding (when the client offered it) stands for ``k = 0``: the
         same server work without a round trip per token, so it replaces ``k = 0`` wherever
-        that is chosen, and is chosen when it alone meets the SLA."""
+        that is chosen, and is chosen when it alone meets the SLA. A drafted request's graphs
+        are of round trips, planned against ``E`` times its TPOT bound (:func:`per_round_trip`);
+        its results' TPOT is per round trip (:meth:`_per_token`)."""
         client = self.client_costs(request)
         assert client is not None and request.network is not None  # place() checked
         inputs, worst = self.graph_inputs(request), busy_fraction(load) * load.recent_step_s
@@ -366,15 +428,17 @@ class AdmissionPolicy:
             g = request_graph(inputs, load, client, wait_s=worst, decode_wait=0.0, embed_on_server=True)
             decoded = result_for(g, request.network, calibrated(sla, load.decoded_tpot_error),
                                  placement_for(SERVER_DECODE_SPLIT, self.num_layers), method="server_decode")
-        sla = calibrated(sla, load.tpot_error, load.ttft_error)  # round trips: plan with the model's measured error
-        graph = request_graph(inputs, load, client, wait_s=worst)
+        drafting = request.drafting  # None: one token per round trip (no drafts, or none measured yet)
+        # round trips: plan with the model's measured error, a drafted graph per round trip
+        sla = per_round_trip(calibrated(sla, self.tpot_error(request, load), load.ttft_error), drafting)
+        graph = request_graph(inputs, load, client, wait_s=worst, drafting=drafting)
         # the placements whose activations the gather window waits for pay no decode wait:
         # a second graph, the client bounded to the split layers fast enough for it
         k_gather = self._gathered_split_layer(request, client, load)
         gathered = None
         if k_gather is not None:
             bounded = replace(client, max_layers=k_gather)
-            gathered = request_graph(inputs, load, bounded, wait_s=worst, decode_wait=0.0)
+            gathered = request_graph(inputs, load, bounded, wait_s=worst, decode_wait=0.0, drafting=drafting)
         if spare:
             if decoded is not None and decoded.feasible and load.min_split_layer == 0:
                 return replace(decoded, method="least_offload")
@@ -424,7 +488,7 @@ class AdmissionPolicy:
         if held is not None:
             return held
         k, decoded = split_layer_of(placed.placement), is_server_decoded(placed.placement)
-        if (wait := self.admitted_hold(request, k, load, inflight)) is not None:
+        if (wait := self.admitted_hold(request, k, load, inflight, server_decode=decoded)) is not None:
             return wait
         ttft, tpot, work = self.predict(request, k, load, server_decode=decoded)
         return Admission(k, "server_only" if k == 0 else placed.method, ttft, tpot, server_work=work,
@@ -442,13 +506,14 @@ class AdmissionPolicy:
         return None
 
     def admitted_hold(self, request: AdmissionRequest, split_layer: int, load: ServerLoad,
-                      inflight: Collection[InFlight]) -> Wait | None:
+                      inflight: Collection[InFlight], *, server_decode: bool = False) -> Wait | None:
         """What the admitted sessions hold a newcomer at ``split_layer`` back for: the KV memory
         they are promised (:meth:`kv_held`), then their TPOT bounds
-        (:meth:`first_pushed_past_bound`); None: neither."""
+        (:meth:`first_pushed_past_bound`, with the rows it adds to each step); None: neither."""
         if (why := self.kv_held(request, split_layer, load, inflight)) is not None:
             return Wait(why)
-        if self.first_pushed_past_bound(load, inflight, split_layer=split_layer) is not None:
+        rows = request.step_rows(server_decode=server_decode)
+        if self.first_pushed_past_bound(load, inflight, split_layer=split_layer, rows=rows) is not None:
             return Wait("admitting it would push an admitted session past its TPOT bound")
         return None
 
@@ -460,30 +525,32 @@ class AdmissionPolicy:
         return kv_wait(load.kv, total_tokens=request.prompt_tokens + request.expected_output_tokens,
                        split_layer=split_layer, promises=[s.promise() for s in inflight])
 
-    def added_step_s(self, load: ServerLoad, split_layer: int) -> float:
-        """What a newcomer at ``split_layer`` adds to each step at ``load``: its decode row
+    def added_step_s(self, load: ServerLoad, split_layer: int, rows: int = 1) -> float:
+        """What a newcomer at ``split_layer`` adds to each step at ``load``: its decode
+        ``rows`` (1, or a drafted session's ``1 + γ``: :meth:`AdmissionRequest.step_rows`)
         through layers ``[split_layer, N)`` and the layer calls below the running steps'
         lowest split layer (``load.min_split_layer``) that the steps then run for it."""
         c = load.cost
-        return (c.row_s * (self.num_layers - split_layer)
+        return (c.row_s * rows * (self.num_layers - split_layer)
                 + c.layer_s * max(0, load.min_split_layer - split_layer))
 
     def first_pushed_past_bound(self, load: ServerLoad, inflight: Iterable[InFlight], *,
-                                split_layer: int) -> InFlight | None:
+                                split_layer: int, rows: int = 1) -> InFlight | None:
         """The first admitted session that meets its TPOT bound at ``load`` and would miss it
         with a newcomer at ``split_layer`` in the batch: the recent step longer by
-        :meth:`added_step_s`, one more request per step; both predictions times the measured
-        error of the session's kind (server-decoded or with round trips). A session over its
+        :meth:`added_step_s` (the newcomer's ``rows`` per step), one more request per step;
+        both predictions times the measured error of the session's kind (:meth:`tpot_error`:
+        server-decoded, drafted or one token per round trip). A session over its
         bound already is not the newcomer's doing and does not hold it back (nor does one
         without an SLA or a profile: nothing to predict)."""
         joined = replace(load, occupancy=load.occupancy + 1.0,
-                         recent_step_s=load.recent_step_s + self.added_step_s(load, split_layer))
+                         recent_step_s=load.recent_step_s + self.added_step_s(load, split_layer, rows))
         for s in inflight:
             sla, req, k = s.admission.sla, s.request, s.admission.split_layer
             if sla is None or sla.tpot_s is None or req.client is None or req.network is None:
                 continue
             decoded = s.admission.server_decode
-            error = max(1.0, load.decoded_tpot_error if decoded else load.tpot_error)
+            error = max(1.0, self.tpot_error(req, load, server_decode=decoded))
             if (error * self.predict(req, k, load, server_decode=decoded)[1] <= sla.tpot_s
                     < error * self.predict(req, k, joined, server_decode=decoded)[1]):
                 return s

@@ -29,11 +29,21 @@ cannot run on the server; layers at or above the client's ``max_layers`` (what i
 in memory) cannot run on the client. A node on a side that cannot run it costs
 ``FORBIDDEN_S``, more than any SLA the wire accepts (at most 3600 s), so no planner finds
 such a placement feasible.
+
+A drafted session (``drafting``, :mod:`vllm_split.control.drafting`) has a graph of one
+*round trip* instead of one token: ``r = 1 + γ`` rows go through the client's layers in one
+pass (``max(decode, prefill per token * r)`` per layer: the pass costs at least a decode step)
+and across the uplink, a server layer costs ``layer_s + row_s * (B + r)``, the answer brings
+``E`` tokens, and the request's server work counts ``(n - 1) * r / E`` decode rows (the
+rejected drafts are server work) in ``(n - 1) / E`` steps. The graph's ``num_output_tokens``
+is ``1 + ceil((n - 1) / E)``, so its e2e is TTFT plus one round trip per round trip; its TPOT
+is per round trip (the policy compares it with ``E`` times the per-token bound).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_split.control.drafting import Drafting, answer_bytes, graph_output_tokens, rows_of
 from vllm_split.control.kv_budget import KVState
 from vllm_split.control.live_cost import StepCost
 from vllm_split.planner import LayerGraph, LayerNode, Placement
@@ -68,6 +78,11 @@ class ClientCosts:
         prefill = node_cost(model, "block", phase="prefill", tokens=context, context=0).flops / context
         return cls(prefill_s_per_token=prefill / flops_per_s, decode_s=decode / flops_per_s, max_layers=max_layers)
 
+    def pass_s(self, rows: int = 1) -> float:
+        """One decoder layer over ``rows`` new rows (a decode step, or a drafted round trip's
+        one pass over the last token and its drafts): at least a decode step."""
+        return self.decode_s if rows == 1 else max(self.decode_s, self.prefill_s_per_token * rows)
+
     def holds(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` fits in the client's memory bound."""
         return self.max_layers is None or layer < self.max_layers
@@ -83,6 +98,7 @@ class ServerLoad:
     tpot_error: float = 1.0  # measured / predicted TPOT of recent split sessions (a high quantile, >= 1)
     ttft_error: float = 1.0  # the same for TTFT
     decoded_tpot_error: float = 1.0  # the same for the TPOT of recent server-decoded sessions
+    drafted_tpot_error: float = 1.0  # the same for recent sessions granted drafts (against draft-aware predictions)
     kv: KVState | None = None  # the engine's block pool as last reported (control/kv_budget.py)
 
 
@@ -119,15 +135,19 @@ def decode_wait_s(load: ServerLoad, turnaround_s: float, gather_s: float = 0.0) 
 
 
 def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts, *,
-                  wait_s: float = 0.0, decode_wait: float | None = None, embed_on_server: bool = False) -> LayerGraph:
+                  wait_s: float = 0.0, decode_wait: float | None = None, embed_on_server: bool = False,
+                  drafting: Drafting | None = None) -> LayerGraph:
     """The graph at ``load``; the head pays ``wait_s`` for the step in progress, in the decode
     pass ``decode_wait`` instead when given (0 for placements the gather window waits for,
     and for server decoding). ``embed_on_server``: the embedding may run on the server (free
-    there: a lookup), for a client that offered server decoding."""
+    there: a lookup), for a client that offered server decoding. ``drafting``: the decode
+    pass is one round trip of a drafted session (module docstring); None: one token."""
     c, b, p, n_out = load.cost, load.occupancy, req.prompt_len, req.output_len
     wait, dwait = wait_s, wait_s if decode_wait is None else decode_wait
-    row_work = c.row_s * (p + n_out - 1)
-    call_work = c.layer_s * (1 + (n_out - 1) / (b + 1))  # this request's share of the layer's calls
+    r = rows_of(drafting)
+    steps = n_out - 1 if drafting is None else drafting.decode_round_trips(n_out)  # decode steps it is in
+    row_work = c.row_s * (p + steps * r)
+    call_work = c.layer_s * (1 + steps / (b + 1))  # this request's share of the layer's calls
     shared = c.layer_s + c.row_s * b  # a layer the others' steps run anyway: this request waits for it too
     embed_server_s = 0.0 if embed_on_server else FORBIDDEN_S
     nodes = [LayerNode("embed", 0.0, 0.0, embed_server_s, embed_server_s, 0.0)]
@@ -137,18 +157,19 @@ def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts
         nodes.append(LayerNode(
             f"layer{layer}",
             client_prefill_s=client.prefill_s_per_token * p + shared * runs_anyway if client_ok else FORBIDDEN_S,
-            client_decode_s=client.decode_s + shared * runs_anyway if client_ok else FORBIDDEN_S,
+            client_decode_s=client.pass_s(r) + shared * runs_anyway if client_ok else FORBIDDEN_S,
             server_prefill_s=c.layer_s + c.row_s * (p + b) if server_ok else FORBIDDEN_S,
-            server_decode_s=c.layer_s + c.row_s * (b + 1) if server_ok else FORBIDDEN_S,
+            server_decode_s=c.layer_s + c.row_s * (b + r) if server_ok else FORBIDDEN_S,
             server_work=row_work + (0.0 if runs_anyway else call_work),
         ))
     nodes.append(LayerNode("head", FORBIDDEN_S, FORBIDDEN_S, c.fixed_s + wait, c.fixed_s + dwait,
-                           c.fixed_s * (1 + (n_out - 1) / (b + 1))))
+                           c.fixed_s * (1 + steps / (b + 1))))
     rows = req.hidden_bytes
+    answer = answer_bytes(TOKEN_BYTES, drafting)
     prefill = [p * TOKEN_BYTES] + [p * rows] * (len(nodes) - 1) + [TOKEN_BYTES]
-    decode = [TOKEN_BYTES] + [rows] * (len(nodes) - 1) + [TOKEN_BYTES]
-    return LayerGraph(nodes=tuple(nodes), prefill_edge_bytes=tuple(prefill),
-                      decode_edge_bytes=tuple(decode), num_output_tokens=n_out)
+    decode = [answer] + [rows * r] * (len(nodes) - 1) + [answer]
+    return LayerGraph(nodes=tuple(nodes), prefill_edge_bytes=tuple(prefill), decode_edge_bytes=tuple(decode),
+                      num_output_tokens=graph_output_tokens(n_out, drafting))
 
 
 SERVER_DECODE_SPLIT = -1  # placement_for(SERVER_DECODE_SPLIT): every node, the embedding too, on the server

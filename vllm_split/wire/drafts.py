@@ -5,7 +5,9 @@ sends, after each answer, the layer-``k`` rows of its last token *and* of up to
 ``max_drafts`` draft tokens in one ``Activation`` (``draft_ids``: the drafts' ids, one row
 each after the first); the server verifies them in one engine step (vLLM's rejection
 sampler) and answers with one ``Tokens`` frame: the accepted drafts and the next token.
-Sessions without drafts keep ``Token`` frames. Imports without vLLM or torch.
+Sessions without drafts keep ``Token`` frames. ``Open.request_type`` labels the kind of
+request (the server plans a drafted session with the tokens per round trip it measured for
+that type). Imports without vLLM or torch.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import ClassVar
 from vllm_split.wire.errors import ProtocolError, _check_int, _check_reason, _list
 
 MAX_DRAFTS = 16  # draft tokens per activation, at most (the server grants at most its own K)
+MAX_REQUEST_TYPE_CHARS = 32  # Open.request_type
 
 
 def check_draft_ids(draft_ids, *, rows: int) -> tuple[int, ...]:
@@ -37,6 +40,14 @@ def check_max_drafts(value: int) -> None:
     _check_int("max_drafts", value, low=0)
     if value > MAX_DRAFTS:
         raise ProtocolError(f"max_drafts: expected at most {MAX_DRAFTS}, got {value}")
+
+
+def check_request_type(value) -> None:
+    """``Open.request_type``: the client's label for the kind of request ("code", "chat"; ""
+    none), by which the server measures acceptance of drafts: 0 to 32 printable characters."""
+    if not isinstance(value, str) or len(value) > MAX_REQUEST_TYPE_CHARS or not value.isprintable():
+        raise ProtocolError(f"request_type: expected 0 to {MAX_REQUEST_TYPE_CHARS} printable characters, "
+                            f"got {value!r:.60}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,7 @@ from vllm_split.wire.tensors import TENSOR_DTYPES, WIRE_DTYPES, decode_tensor, e
 from vllm_split.wire.errors import FINISH_REASONS, _check_reason, _check_bool, _check_float, _check_int, _check_str, _list
 from vllm_split.wire.tensors import _check_wire_dtype, check_rows, rows_payload, rows_quantized, rows_to_tensor
 from vllm_split.wire.ushape import Hidden, check_u_open
-from vllm_split.wire.drafts import Tokens, check_draft_ids, check_max_drafts
+from vllm_split.wire.drafts import Tokens, check_draft_ids, check_max_drafts, check_request_type
 
 if TYPE_CHECKING:
     import torch
@@ -156,7 +156,7 @@ class Open:
     KIND: ClassVar[int] = 1
     # not sent unless used: older servers take the frame
     OMIT_DEFAULT: ClassVar[tuple[str, ...]] = ("server_decode", "wire_dtypes", "privacy_floor", "u_shape",
-                                               "return_layer", "max_drafts")
+                                               "return_layer", "max_drafts", "request_type")
     model_fingerprint: str
     split_layer: int | None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
@@ -176,11 +176,15 @@ class Open:
     return_layer: int | None = None  # m; None with u_shape and split_layer None: the server chooses
     # draft tokens the client may send per activation (:mod:`vllm_split.wire.drafts`); 0: none
     max_drafts: int = 0
+    # the kind of request ("code", "chat"; 0 to 32 printable characters): the server plans
+    # drafts with the tokens per round trip it measured for the type; "": no label
+    request_type: str = ""
 
     def __post_init__(self) -> None:
         _check_str("model_fingerprint", self.model_fingerprint)
         check_u_open(self)
         check_max_drafts(self.max_drafts)
+        check_request_type(self.request_type)
         _check_bool("server_decode", self.server_decode)
         _check_int("privacy_floor", self.privacy_floor, low=0)
         offered = tuple(_list("wire_dtypes", self.wire_dtypes))

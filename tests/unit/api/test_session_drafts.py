@@ -75,11 +75,13 @@ class DraftClient:
     sent: list = field(default_factory=list)
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     server_decode: bool = False
+    request_type: str = ""
 
     def start(self) -> None:
         self.inbox.put_nowait(wire.encode(wire.Open(
             model_fingerprint="fp", split_layer=0 if self.server_decode else 2, max_drafts=self.max_drafts,
-            server_decode=self.server_decode, sampling=wire.SamplingOptions(max_tokens=self.max_tokens, ignore_eos=True))))
+            server_decode=self.server_decode, request_type=self.request_type,
+            sampling=wire.SamplingOptions(max_tokens=self.max_tokens, ignore_eos=True))))
         for frame in self.before:
             self.inbox.put_nowait(frame)
         if self.server_decode:
@@ -108,9 +110,11 @@ class DraftClient:
         return [m for m in self.sent if isinstance(m, kind)]
 
 
-async def _run(client: DraftClient, *, drafts: int = 4, engine=None) -> tuple[ServerSession, DraftEngine]:
+async def _run(client: DraftClient, *, drafts: int = 4, engine=None,
+               controller=None) -> tuple[ServerSession, DraftEngine]:
     engine = engine or DraftEngine(client.max_tokens)
-    session = ServerSession(engine=engine, model=MODEL, config=SplitConfig(drafts=drafts), send=client.on_send)
+    session = ServerSession(engine=engine, model=MODEL, config=SplitConfig(drafts=drafts), send=client.on_send,
+                            controller=controller)
     client.start()
     await asyncio.wait_for(run_session(session=session, receive=client.receive), timeout=10)
     return session, engine
@@ -210,3 +214,45 @@ async def test_too_many_drafts_out_of_vocabulary_ids_and_drafts_on_a_prompt_chun
                                            r"activations only") as err:
         session.accept_prompt_chunk(wire.Activation.from_tensor(rows[:2], start=0, draft_ids=(1,)))
     assert err.value.code == "bad_request" and not err.value.fatal
+
+
+class RecordingController:
+    """Admits at the client's k and records what the session tells admission."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+        self.released: list[dict] = []
+
+    async def admit(self, session_id: str, request):
+        from vllm_split.control.policy import Admission
+
+        self.requests.append(request)
+        return Admission(request.split_layer, "fixed", None, None)
+
+    def engine_of(self, session_id: str) -> int:
+        return 0
+
+    async def release(self, session_id: str, **measured) -> None:
+        self.released.append(measured)
+
+
+async def test_admission_plans_with_the_grant_and_learns_the_answers_and_rows():
+    controller = RecordingController()
+    client = DraftClient(max_drafts=3, gamma=3, max_tokens=10, wrong={5}, request_type="code")
+    session, engine = await _run(client, drafts=4, controller=controller)
+    await session.release()
+    (request,) = controller.requests
+    assert (request.num_drafts, request.request_type) == (session.max_drafts, "code") == (3, "code")
+    decode_rows = sum(rows for _, rows, _ in engine.deliveries[1:])  # 1 + 3 rows per activation, rejected ones too
+    (released,) = controller.released
+    assert {name: released[name] for name in ("prompt_tokens", "output_tokens", "answers", "decode_rows")} == dict(
+        prompt_tokens=PROMPT_LEN, output_tokens=10, answers=4, decode_rows=12)
+    assert decode_rows == 12 and released["tpot_s"] is not None
+
+
+async def test_a_session_without_drafts_releases_as_before():
+    controller = RecordingController()
+    client = DraftClient(max_drafts=4, gamma=0, max_tokens=3)
+    session, _ = await _run(client, drafts=0, controller=controller)
+    await session.release()
+    assert controller.requests[0].num_drafts == 0 and "answers" not in controller.released[0]

@@ -29,8 +29,9 @@ class DraftServer:
     output index, cutting the answer there."""
 
     def __init__(self, *, grant: int = 8, script=SCRIPT, lie: int | None = None, stop_at: int | None = None,
-                 refuse: bool = False) -> None:
+                 refuse: bool = False, refuse_type: bool = False) -> None:
         self.grant, self.script, self.lie, self.stop_at, self.refuse = grant, list(script), lie, stop_at, refuse
+        self.refuse_type = refuse_type  # a server that takes max_drafts but predates Open.request_type
         self.open: wire.Open | None = None
         self.activations: list[wire.Activation] = []
         self.rows: torch.Tensor | None = None  # every kept position's row
@@ -40,10 +41,10 @@ class DraftServer:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self.open = msg = wire.decode((await ws.receive()).data)
-        if self.refuse and msg.max_drafts:
-            names = "['max_drafts']"
+        if (self.refuse and msg.max_drafts) or (self.refuse_type and msg.request_type):
+            names = "['max_drafts']" if self.refuse else "['request_type']"
             await ws.send_bytes(wire.encode(wire.Error(code="protocol", message=f"Open: unknown field(s) {names}; "
-                                                                               f"expected a subset of [...]")))
+                                                                               f"expected a subset of ['max_drafts']")))
             await ws.close()
             return ws
         granted = min(msg.max_drafts, self.grant)
@@ -223,6 +224,19 @@ async def test_an_older_server_refusing_max_drafts_says_to_draft_none(tiny_chat_
         await _generate(server, LocalLayers(tiny_chat_model, split_layer=2), draft="ngram", server_decode=False)
 
 
+async def test_the_request_type_goes_in_the_open_and_an_older_server_refusing_it_says_so(tiny_chat_model):
+    server = DraftServer()
+    await _generate(server, LocalLayers(tiny_chat_model, split_layer=2), draft="ngram", request_type="code",
+                    server_decode=False)
+    assert server.open.request_type == "code"
+    await _generate(server, LocalLayers(tiny_chat_model, split_layer=2), draft="ngram", server_decode=False)
+    assert b"request_type" not in wire.encode(server.open)  # left out: older servers take the Open
+    with pytest.raises(ServerError, match=r"unknown field\(s\) \['request_type'\].* this server does not take request "
+                                          r"types .* open the session without one \(request_type=''\)$"):
+        await _generate(DraftServer(refuse_type=True), LocalLayers(tiny_chat_model, split_layer=2), draft="ngram",
+                        request_type="code", server_decode=False)
+
+
 async def test_options_are_checked_before_connecting(tiny_chat_model):
     from client_lib.tail_layers import TailLayers
 
@@ -230,7 +244,8 @@ async def test_options_are_checked_before_connecting(tiny_chat_model):
     for bad, match in ((dict(draft="eagle"), "expected 'ngram', 'none' or a Drafter"),
                        (dict(draft="ngram", num_drafts=0), "num_drafts: expected an int from 1 to 16"),
                        (dict(draft="ngram", num_drafts=17), "num_drafts: expected an int from 1 to 16"),
-                       (dict(draft="ngram", tail=TailLayers(tiny_chat_model, return_layer=3)), "U-shaped")):
+                       (dict(draft="ngram", tail=TailLayers(tiny_chat_model, return_layer=3)), "U-shaped"),
+                       (dict(request_type="x" * 33), "request_type: expected 0 to 32 printable characters")):
         with pytest.raises(ValueError, match=match):
             await SplitSession.create("http://127.0.0.1:9", layers, **bad)
 
@@ -253,3 +268,6 @@ def test_the_command_line_takes_drafts():
         parse_args([*base, "--draft", "eagle"])
     with pytest.raises(SystemExit):
         parse_args([*base, "--draft", "ngram", "--num-drafts", "0"])
+    assert (parse_args(base).request_type, parse_args([*base, "--request-type", "code"]).request_type) == ("", "code")
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--request-type", "x" * 33])

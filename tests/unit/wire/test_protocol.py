@@ -230,7 +230,8 @@ MALFORMED = [
     ("unknown field", _frame(1, _open_meta(colour="red")),
      r"Open: unknown field\(s\) \['colour'\]; expected a subset of "
      r"\['client', 'expected_output_tokens', 'max_drafts', 'model_fingerprint', 'privacy_floor', 'prompt_tokens', "
-     r"'protocol_version', 'return_layer', 'sampling', 'server_decode', 'sla', 'split_layer', 'u_shape', 'wire_dtypes'\]"),
+     r"'protocol_version', 'request_type', 'return_layer', 'sampling', 'server_decode', 'sla', 'split_layer', "
+     r"'u_shape', 'wire_dtypes'\]"),
     ("unknown sampling field", _frame(1, _open_meta(sampling={"temp": 1})),
      r"sampling: unknown field\(s\) \['temp'\]"),
     ("missing field", _frame(1, {"model_fingerprint": "fp"}),
