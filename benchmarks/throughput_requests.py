@@ -30,8 +30,8 @@ SYSTEMS = {
     "split_greedy": {"split": True, "args": ("--split-placement", "greedy"), "k": "auto"},
     "split_dp": {"split": True, "args": (), "k": "auto"},
     # the DP with client drafts (issue 14): prompt-lookup drafts, 4 per activation, verified
-    # by the engine's speculative decoding (``--split-drafts 4``; the planner still plans as
-    # without drafts: one token per round trip)
+    # by the engine's speculative decoding (``--split-drafts 4``); each client states its
+    # request type, so admission plans it with its type's measured tokens per round trip
     "split_drafts": {"split": True, "args": ("--split-drafts", "4"), "k": "auto", "draft": "ngram"},
 }
 
@@ -141,7 +141,7 @@ async def run_one(system: str, url: str, model: str, req: dict, w: dict, scripts
             session, tokens, layers = await run_emulated(
                 url, script, profile=profile, link=link, sla=wire.RequestSLA(**rtype["sla"]), max_tokens=n_out,
                 split_layer=SYSTEMS[system]["k"], server_decode=SYSTEMS[system].get("server_decode", True),
-                draft=SYSTEMS[system].get("draft", "none"))
+                draft=SYSTEMS[system].get("draft", "none"), request_type=rtype["name"])
             times = session.stats.token_times
             k = session.opened.split_layer
             out["exact"] = tokens == script.expected[:n_out] and layers.mismatch is None

@@ -140,17 +140,17 @@ async def make_script(url: str, model_dir, prompt_ids: list[int], num_tokens: in
 
 async def run_emulated(url: str, script: Script, *, profile: wire.ClientProfile, link: EmulatedLink | None,
                        sla: wire.RequestSLA | None, max_tokens: int, split_layer: int | str = "auto",
-                       server_decode: bool = True, draft="none", num_drafts: int = 4):
+                       server_decode: bool = True, draft="none", num_drafts: int = 4, request_type: str = ""):
     """One emulated client's whole session: (session with its Opened and stats, tokens, layers).
     ``server_decode``: the client offers server decoding at ``k = 0`` (the library's default);
-    ``draft``, ``num_drafts``: ``SplitSession.create``'s (drafts, issue 14)."""
+    ``draft``, ``num_drafts``, ``request_type``: ``SplitSession.create``'s (drafts, issue 14)."""
     from client_lib.session import SplitSession
 
     layers = script.layers(profile, split_layer)
     tokens = []
     async with await SplitSession.create(url, layers, sampling=wire.SamplingOptions(max_tokens=max_tokens, ignore_eos=True),
                                          sla=sla, profile=profile, link=link, server_decode=server_decode,
-                                         draft=draft, num_drafts=num_drafts) as session:
+                                         draft=draft, num_drafts=num_drafts, request_type=request_type) as session:
         async for event in session.generate(script.prompt_ids):
             tokens.append(event.token_id)
     return session, tokens, layers
