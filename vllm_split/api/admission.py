@@ -33,8 +33,9 @@ from typing import Any, Awaitable, Callable, Sequence
 from vllm_split.control.drafting import expected_tokens_per_round_trip, measured_tokens_per_round_trip
 from vllm_split.control.kv_budget import KVState
 from vllm_split.control.live_cost import LiveCostModel
+from vllm_split.control.measured_load import model_error, server_load
 from vllm_split.control.policy import (Admission, AdmissionPolicy, AdmissionRequest, ClientFlops, InFlight, Refusal,
-                                       model_error, retry_after_s, server_load)
+                                       retry_after_s)
 from vllm_split.control.request_graph import ClientCosts, ServerLoad
 from vllm_split.planner import SLA, NetworkSpec
 from vllm_split.wire import protocol as wire

@@ -66,11 +66,13 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
-from vllm_split.control.drafting import Drafting, answer_bytes, per_round_trip, per_token, rows_of
-from vllm_split.control.kv_budget import Promise, kv_wait
-from vllm_split.control.live_cost import LiveCostModel
+from vllm_split.control.admission_records import (Admission, AdmissionInputError, AdmissionRequest, ClientFlops,
+                                                  InFlight, Refusal, Wait)
+from vllm_split.control.drafting import answer_bytes, per_round_trip, per_token, rows_of
+from vllm_split.control.kv_budget import kv_wait
+from vllm_split.control.measured_load import calibrated
 from vllm_split.control.request_graph import (TOKEN_BYTES, ClientCosts, RequestGraphInputs, ServerLoad, busy_fraction,
-                                              SERVER_DECODE_SPLIT, check_max_layers, decode_wait_s,
+                                              SERVER_DECODE_SPLIT, decode_wait_s,
                                               is_server_decoded, placement_for, request_graph, split_layer_of)
 from vllm_split.control.privacy_floor import describe_floor, effective_floor, floor_violation
 from vllm_split.control.ushape_policy import decide_u, fixed_u, place_u_request
@@ -80,138 +82,6 @@ from vllm_split.planner.model_configs import ModelConfig
 from vllm_split.wire.contract import ErrorCode
 
 PLACEMENTS = ("dp", "greedy")
-
-
-class AdmissionInputError(ValueError):
-    """A request description or policy option the policy cannot work with (the message
-    names the field, what was expected and what arrived)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ClientFlops:
-    """A client's declared speed, turned into one layer's times with the served model's
-    analytic FLOPs (:meth:`AdmissionPolicy.client_costs`), and how many layers it can hold."""
-
-    flops_per_s: float
-    max_layers: int | None = None  # layers [max_layers, N) cannot run on the client; None: no bound
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.flops_per_s, (int, float)) or not 0 < self.flops_per_s < float("inf"):
-            raise AdmissionInputError(f"ClientFlops.flops_per_s: expected a finite number > 0, "
-                                      f"got {self.flops_per_s!r}")
-        check_max_layers("ClientFlops", self.max_layers, AdmissionInputError)
-
-
-@dataclass(frozen=True, slots=True)
-class AdmissionRequest:
-    """What the policy knows of one session's request (the controller builds it from the
-    client's ``Open`` and the network it measured)."""
-
-    prompt_tokens: int  # length of the prompt to come
-    expected_output_tokens: int  # tokens the client expects (its max_tokens when it states none)
-    sla: SLA | None = None  # the client's bounds; None: the server's default (or none at a fixed k)
-    client: ClientCosts | ClientFlops | None = None  # the client's speed; None: no profile sent
-    network: NetworkSpec | None = None  # measured on the session's connection; None: not probed
-    split_layer: int | None = None  # fixed by the client; None: the server chooses
-    server_decode: bool = False  # at k = 0 the server may decode it (the client offered, the server allows)
-    row_bytes: int | None = None  # one row on the wire in its negotiated wire dtype; None: the policy's hidden_bytes
-    privacy_floor: int = 0  # the client's: no split layer below it, no server decoding when > 0
-    u_shape: bool = False  # the client also runs [m, L) and the head (control/ushape_policy.py)
-    return_layer: int | None = None  # a U request's m, fixed with split_layer; None: the server chooses
-    num_drafts: int = 0  # drafts per activation it is granted unless server decoded (0: none; never for U)
-    request_type: str = ""  # the client's label (Open.request_type): its acceptance is measured per type
-    # tokens per round trip to plan it with: its type's measured (the controller's); None: not
-    # measured yet, planned as without drafts
-    tokens_per_round_trip: float | None = None
-
-    def __post_init__(self) -> None:
-        g, e = self.num_drafts, self.tokens_per_round_trip
-        if isinstance(g, bool) or not isinstance(g, int) or g < 0 or (g and self.u_shape):
-            raise AdmissionInputError(f"AdmissionRequest.num_drafts: expected an int >= 0, and 0 for a U request "
-                                      f"(the client samples), got {g!r} (u_shape {self.u_shape})")
-        if e is not None and (isinstance(e, bool) or not isinstance(e, (int, float)) or e < 1):
-            raise AdmissionInputError(f"AdmissionRequest.tokens_per_round_trip: expected None or a number >= 1, "
-                                      f"got {e!r}")
-        if not isinstance(self.request_type, str):
-            raise AdmissionInputError(f"AdmissionRequest.request_type: expected a string, got {self.request_type!r}")
-        if self.return_layer is not None and (not self.u_shape or self.split_layer is None
-                                              or not self.split_layer < self.return_layer):
-            raise AdmissionInputError(f"AdmissionRequest.return_layer {self.return_layer!r}: expected a U request "
-                                      f"(u_shape) with a split_layer below it, got split_layer {self.split_layer!r}")
-        for name in ("prompt_tokens", "expected_output_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise AdmissionInputError(f"AdmissionRequest.{name}: expected an int >= 1, got {value!r}")
-        k = self.split_layer
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-            raise AdmissionInputError(f"AdmissionRequest.split_layer: expected None or an int >= 0, got {k!r}")
-        b = self.row_bytes
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-            raise AdmissionInputError(f"AdmissionRequest.row_bytes: expected None or an int >= 1, got {b!r}")
-        f = self.privacy_floor
-        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
-            raise AdmissionInputError(f"AdmissionRequest.privacy_floor: expected an int >= 0, got {f!r}")
-
-    @property
-    def drafting(self) -> Drafting | None:
-        """Its round trip as planned when it is not server decoded: its granted drafts and its
-        type's measured tokens per round trip (at most ``1 + num_drafts``); None without drafts
-        or before its type's acceptance is measured (planned as one token per round trip)."""
-        if not self.num_drafts or self.tokens_per_round_trip is None:
-            return None
-        return Drafting(self.num_drafts, min(float(self.tokens_per_round_trip), 1.0 + self.num_drafts))
-
-    def step_rows(self, *, server_decode: bool = False) -> int:
-        """Rows it adds to each decode step it is in: its last token's and, granted drafts, up
-        to ``num_drafts`` more, counted whether or not its acceptance is measured yet (the
-        cost to the others is the rows it may send); 1 when server decoded."""
-        return 1 if server_decode else 1 + self.num_drafts
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """Decision: admit at ``split_layer``."""
-
-    split_layer: int
-    placement: str  # "dp", "greedy", "least_offload", "server_only" or "fixed"
-    predicted_ttft_s: float | None  # None: a fixed k without the client's profile or network
-    predicted_tpot_s: float | None
-    server_work: float | None = None  # engine seconds the request is predicted to cost
-    sla: SLA | None = None  # the bounds the session is held to (None: it stated none at a fixed k)
-    server_decode: bool = False  # k = 0, decoded on the server: no activation, no round trip per token
-    return_layer: int | None = None  # U-shaped: the server runs [split_layer, return_layer) only
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """Decision: not now; it could be admitted when the load, the slots or the admitted
-    sessions' bounds allow."""
-
-    why: str
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Decision: refuse (``code`` is an :class:`ErrorCode`); waiting would not help."""
-
-    code: str
-    message: str
-    retry_after_s: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class InFlight:
-    """An admitted session, as the policy weighs it against a newcomer."""
-
-    request: AdmissionRequest
-    admission: Admission
-    admitted_at: float  # time.monotonic() at admission
-
-    def promise(self) -> Promise:
-        """Its KV, as the admission budget counts it."""
-        r = self.request
-        return Promise(prompt_tokens=r.prompt_tokens, total_tokens=r.prompt_tokens + r.expected_output_tokens,
-                       split_layer=self.admission.split_layer, admitted_at=self.admitted_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,53 +425,6 @@ class AdmissionPolicy:
                     < error * self.predict(req, k, joined, server_decode=decoded)[1]):
                 return s
         return None
-
-
-def server_load(costs: LiveCostModel, *, admitted_ages_s: Collection[float], num_layers: int,
-                now: float) -> ServerLoad:
-    """The load a new session meets, ``now`` on the step records' wall clock.
-
-    The batch size is measured, not counted: the mean requests per engine step over the
-    live model's window (``occupancy_window_s``). A split session whose client computes
-    misses steps (a fast client runs in every other one), so the sessions in flight
-    overstate the batch. The sessions admitted within the window (``admitted_ages_s``:
-    seconds since each admitted session's admission, on any clock) are not fully in the
-    measurement yet: each adds the part of the window it has not been measured for, ``1 -
-    age / window``, so the estimate never exceeds the measured mean plus the sessions
-    admitted. Also the recent step time (a step of the admitted sessions at ``k = 0`` when
-    none ran yet), the utilisation and the lowest split layer of the recent steps."""
-    window = costs.occupancy_window_s
-    unmeasured = sum(max(0.0, 1.0 - age / window) for age in admitted_ages_s)
-    occupancy = costs.occupancy(now) + unmeasured
-    recent_step = costs.recent_step_s(now)
-    if occupancy and not recent_step:  # admitted sessions not running yet: a step of them
-        recent_step = costs.cost.step_s(num_layers, num_layers * occupancy)
-    return ServerLoad(cost=costs.cost, occupancy=occupancy, recent_step_s=recent_step,
-                      utilization=costs.utilization(now),
-                      min_split_layer=costs.recent_min_split_layer(num_layers, now))
-
-
-TPOT_ERROR_QUANTILE = 0.75  # of the recent ratios: most sessions at the edge keep their bound
-TPOT_ERROR_MIN_SAMPLES = 5
-TPOT_ERROR_MAX = 3.0
-
-
-def model_error(ratios: Collection[float]) -> float:
-    """The planning margin from recent split sessions' measured / predicted TPOT (or TTFT): their
-    :data:`TPOT_ERROR_QUANTILE` quantile, within [1, :data:`TPOT_ERROR_MAX`] (1 with fewer
-    than :data:`TPOT_ERROR_MIN_SAMPLES`: nothing measured yet). Never below 1: a pessimistic
-    model is not made optimistic."""
-    values = sorted(r for r in ratios if r > 0)
-    if len(values) < TPOT_ERROR_MIN_SAMPLES:
-        return 1.0
-    q = values[min(len(values) - 1, int(TPOT_ERROR_QUANTILE * len(values)))]
-    return min(TPOT_ERROR_MAX, max(1.0, q))
-
-
-def calibrated(sla: SLA, tpot_error: float, ttft_error: float = 1.0) -> SLA:
-    """``sla`` with its TPOT and TTFT bounds divided by the model's measured errors (>= 1)."""
-    return replace(sla, tpot_s=sla.tpot_s / max(1.0, tpot_error) if sla.tpot_s is not None else None,
-                   ttft_s=sla.ttft_s / max(1.0, ttft_error) if sla.ttft_s is not None else None)
 
 
 def retry_after_s(inflight: Iterable[InFlight], now: float) -> float:

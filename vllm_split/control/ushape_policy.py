@@ -83,7 +83,7 @@ def fits(request: "AdmissionRequest", k: int, m: int, num_layers: int) -> bool:
 def place_u(policy: "AdmissionPolicy", request: "AdmissionRequest", load: ServerLoad, sla: SLA) -> PlanResult | None:
     """The U placement for ``request`` at ``load`` (module docstring); None when no ``(k, m)``
     fits the client's memory bound and floor at all."""
-    from vllm_split.control.policy import calibrated
+    from vllm_split.control.measured_load import calibrated
 
     client, network, n = policy.client_costs(request), request.network, policy.num_layers
     floor = policy.floor(request)

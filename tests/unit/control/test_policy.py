@@ -8,8 +8,8 @@ import pytest
 from dataclasses import replace
 
 from vllm_split.control.live_cost import LiveCostModel, StepCost
-from vllm_split.control.policy import (Admission, AdmissionInputError, AdmissionPolicy, AdmissionRequest, ClientFlops,
-                                       InFlight, Refusal, Wait, retry_after_s, server_load)
+from vllm_split.control.measured_load import server_load
+from vllm_split.control.policy import (Admission, AdmissionInputError, AdmissionPolicy, AdmissionRequest, ClientFlops, InFlight, Refusal, Wait, retry_after_s)
 from vllm_split.control.request_graph import ClientCosts, ServerLoad, busy_fraction, request_graph, split_layer_of
 from vllm_split.planner import SLA, SMOLLM2_135M, NetworkSpec, greedy
 from vllm_split.wire.contract import ErrorCode, StepRecord
@@ -277,8 +277,7 @@ def test_an_admitted_server_decoded_session_is_weighed_by_its_own_tpot():
 
 # ---------------------------------------------------------------- the model's measured error
 def test_tpot_error_is_a_high_quantile_of_the_ratios_within_bounds():
-    from vllm_split.control.policy import TPOT_ERROR_MAX, model_error as tpot_error
-    from vllm_split.control.policy import calibrated
+    from vllm_split.control.measured_load import TPOT_ERROR_MAX, calibrated, model_error as tpot_error
 
     tight = calibrated(SLA(ttft_s=2.0, tpot_s=0.3), 1.5, 2.0)
     assert (tight.ttft_s, tight.tpot_s) == (pytest.approx(1.0), pytest.approx(0.2))

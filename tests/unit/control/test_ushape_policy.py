@@ -35,7 +35,7 @@ def test_busy_server_takes_the_dps_least_server_work_u_and_it_is_the_brute_force
     assert isinstance(a, Admission) and a.placement == "dp" and a.split_layer < a.return_layer < N
     assert a.predicted_tpot_s <= 0.25
     # brute force over every U placement of the graph (the planner's own enumeration)
-    from vllm_split.control.policy import calibrated
+    from vllm_split.control.measured_load import calibrated
 
     graph = u_graph(p, req, load, PHONE, wait_s=load.recent_step_s)
     sla = calibrated(req.sla, load.tpot_error, load.ttft_error)
