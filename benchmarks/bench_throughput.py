@@ -118,18 +118,27 @@ class Bench:
         assert self.server_layer is not None
         return device_profiles(self.w, self.server_layer, scale)
 
+    def restore(self, prior: dict) -> None:
+        """Continue an interrupted run (``--resume``): its layer times, grid and samples."""
+        self.server_layer = prior["server_layer_times"]
+        self.rate_grid = prior.get("rate_grid") or self.rate_grid
+        self.samples = prior.get("samples") or {}
+
     def server(self, system: str, knobs: tuple[str, ...]):
         from harness.server_process import VLLMServer
 
         spec = SYSTEMS[system]
+        if spec["split"] and not self.scripts:  # resumed after plain: the references come from a plain engine
+            self.server("plain", ()).stop()
         self.n_server += 1
         extra = (*COMMON_ARGS, *knobs, *spec["args"], *(self.args.split_args.split() if spec["split"] else ()))
         server = VLLMServer(self.model, split=spec["split"], log_path=self.tmp / f"{self.n_server}-{system}.log",
                             extra_args=extra, eager=self.args.eager)
         server.wait_ready()
         if not spec["split"] and not self.scripts:  # references and the server's layer times: plain engine
-            self.server_layer = server_layer_times(server.url, str(self.model), self.num_layers,
-                                                   repeats=1 if self.args.quick else 3)
+            if self.server_layer is None:
+                self.server_layer = server_layer_times(server.url, str(self.model), self.num_layers,
+                                                       repeats=1 if self.args.quick else 3)
             self.scripts = build_scripts(server.url, str(self.model), self.tok, self.w)
         return server
 
@@ -222,6 +231,22 @@ class Bench:
         return points, server
 
 
+def resume_from(out: Path) -> dict:
+    """The interrupted run in report ``out`` (with its samples), and what is kept of it."""
+    if not out.exists():
+        raise SystemExit(f"--resume: {out} does not exist")
+    data = report.load(out, rows=True)
+    if data.get("complete"):
+        raise SystemExit(f"--resume: {out} is a complete run")
+    kept = sorted((data.get("systems") or {}).keys())
+    data["resumed"] = {"kept_systems": kept, "kept_sweeps": sorted((data.get("sweeps") or {}).keys()),
+                       "interrupted_run_wall_s": (data.get("environment") or {}).get("wall_s"),
+                       "how": "the systems kept ran in the interrupted process on the same traces; the others "
+                              "in this one, minutes later, on the same machine and code"}
+    print(f"[resume] keeping {kept} and the sweeps of {data['resumed']['kept_sweeps']}", flush=True)
+    return data
+
+
 def trace_counts(rows: list[dict]) -> list[list[int]]:
     """``[[met, requests], ...]`` per arrival trace of one point."""
     out: dict[int, list[int]] = {}
@@ -275,6 +300,8 @@ def main() -> None:
     p.add_argument("--no-sweep", action="store_true", help="skip the knob sweeps: the first setting of each")
     p.add_argument("--no-crossover", action="store_true", help="skip the client-speed sweep")
     p.add_argument("--split-args", default="", help="extra options for the split servers, e.g. '--split-gather off'")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run written to --out: keep its "
+                   "sweeps, layer times and the systems it completed (with their samples), run the others")
     p.add_argument("--reanalyse", action="store_true", help="recompute the intervals and summary of --out from its "
                    "raw samples, then exit")
     args = report.parse_args(p, draw)
@@ -301,10 +328,13 @@ def main() -> None:
         rates, args.traces, args.refine, args.no_sweep, args.no_crossover = rates[:1], 1, 0, True, True
         args.eager = True
     bench = Bench(args, w)
+    prior = resume_from(args.out) if args.resume else None
+    if prior:
+        bench.restore(prior)
     duration = 6.0 if args.quick else None
     t_all = time.perf_counter()
-    screens: dict = {}
-    if not args.no_sweep:
+    screens: dict = dict(prior.get("sweeps") or {}) if prior else {}
+    if not args.no_sweep and not screens:
         screens["plain"] = bench.screen("plain", PLAIN_SWEEP)
         if "split_dp" in systems:
             screens["split_dp"] = bench.screen("split_dp", SPLIT_SWEEP)
@@ -314,9 +344,12 @@ def main() -> None:
                      rows={"samples": bench.samples})
     chosen = {"plain": tuple(screens["plain"]["chosen"]) if "plain" in screens else PLAIN_SWEEP[0]}
     split_knobs = tuple(screens["split_dp"]["chosen"]) if "split_dp" in screens else SPLIT_SWEEP[0]
-    results: dict = {}
-    crossover: dict = {"rate": None, "plain": None, "split_dp": []}
+    results: dict = dict(prior["systems"]) if prior else {}
+    crossover: dict = prior["crossover"] if prior else {"rate": None, "plain": None, "split_dp": []}
     for system in systems:
+        if system in results:
+            print(f"{system}: kept from the interrupted run", flush=True)
+            continue
         knobs = chosen["plain"] if system == "plain" else split_knobs
         if args.quick:
             server = bench.server(system, knobs)
@@ -345,7 +378,8 @@ def main() -> None:
                 "sweeps": screens, "systems": results, "crossover": crossover,
                 "k_by_device": {s: k_by_device(bench.samples, s) for s in ("split_dp", "split_greedy", "split_drafts")
                                 if s in results},
-                "summary": summary(results, crossover), "complete": system == systems[-1]}
+                "summary": summary(results, crossover), "complete": system == systems[-1],
+                "resumed": prior["resumed"] if prior else None}
         report.write(args.out, data, rows={"samples": bench.samples}, draw=draw)  # after each system: a crash loses one
     print(json.dumps(data["summary"], indent=1))
 

@@ -141,7 +141,11 @@ def write(out: Path, data: dict, *, rows: dict | None = None, draw: Callable[[di
     out.write_text(json.dumps(data, indent=indent, separators=(",", ":") if indent is None else None,
                               default=_portable))
     if draw is not None:
-        plot(out, draw)
+        try:
+            plot(out, draw)
+        except Exception as exc:  # noqa: BLE001: the data are on disk; a figure must not end a long run
+            print(f"[report] {out.name}: the plot failed ({type(exc).__name__}: {exc}); the data are written, "
+                  f"redraw with --plot-only", file=sys.stderr, flush=True)
 
 
 def load(path: Path, *, rows: bool = False) -> dict:

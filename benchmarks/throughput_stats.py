@@ -23,14 +23,15 @@ Z95 = 1.959964
 
 
 def wilson(met: int, n: int, z: float = Z95) -> tuple[float, float] | None:
-    """Wilson score interval of a proportion ``met / n`` (None when ``n == 0``)."""
+    """Wilson score interval of a proportion ``met / n`` (None when ``n == 0``); it contains
+    ``met / n`` also where rounding would put an end a hair inside it (at 0 or 1)."""
     if n <= 0:
         return None
     p = met / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def isotonic_decreasing(values: Sequence[float], weights: Sequence[float]) -> list[float]:

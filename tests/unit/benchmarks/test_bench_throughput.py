@@ -3,7 +3,7 @@ attainment intervals, the 90% rate and its refinement, the split limit."""
 import pytest
 
 from benchmarks import report
-from benchmarks.bench_throughput import k_by_device, reanalyse, split_limit, summary, trace_counts
+from benchmarks.bench_throughput import k_by_device, reanalyse, resume_from, split_limit, summary, trace_counts
 from benchmarks.report import ROOT
 from benchmarks.throughput_requests import (arrivals, device_profiles, load_workload, refusal_reason, summarise,
                                             trace_duration, trace_seed)
@@ -52,6 +52,14 @@ def test_wilson_interval():
     lo, hi = wilson(90, 100)
     assert lo < 0.9 < hi and hi - lo == pytest.approx(0.12, abs=0.02)
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0) and wilson(0, 0) is None
+
+
+def test_wilson_interval_contains_the_proportion_at_the_ends():
+    # rounding once put the upper end of 36/36 a hair below 1: a negative error bar ended a run
+    for n in range(1, 400):
+        for met in (0, n):
+            lo, hi = wilson(met, n)
+            assert lo <= met / n <= hi
 
 
 def test_isotonic_fit_pools_a_dip():
@@ -155,3 +163,16 @@ def test_reanalyse_recomputes_from_the_raw_samples(tmp_path):
     again = reanalyse(out)
     assert again["systems"]["plain"]["points"][0]["trace_counts"] == [[3, 4], [3, 4], [3, 4]]
     assert again["summary"]["plain"]["how"] == "below_all" and report.load(out, rows=True)["samples"]
+
+
+def test_resume_keeps_the_completed_systems_and_refuses_a_complete_run(tmp_path):
+    out = tmp_path / "tp.json"
+    with pytest.raises(SystemExit, match="does not exist"):
+        resume_from(out)
+    report.write(out, {"systems": {"plain": {"points": []}}, "sweeps": {"plain": {}}, "complete": False,
+                       "server_layer_times": {"decode_s": 0.002}}, rows={"samples": {"plain": {"1@1": []}}})
+    prior = resume_from(out)
+    assert prior["resumed"]["kept_systems"] == ["plain"] and prior["samples"] == {"plain": {"1@1": []}}
+    report.write(out, {"systems": {}, "complete": True})
+    with pytest.raises(SystemExit, match="complete run"):
+        resume_from(out)

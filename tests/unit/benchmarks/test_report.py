@@ -111,3 +111,14 @@ def test_committed_result_holds_no_machine_path_and_its_rows_file_exists(path: P
 def test_committed_results_stay_small():
     size = sum(p.stat().st_size for p in RESULTS.iterdir() if p.is_file())
     assert size < 3 * 1024 * 1024, f"results/ holds {size / 2**20:.1f} MiB: put raw rows in a .rows.json.gz sidecar"
+
+
+def test_a_failing_plot_keeps_the_data(tmp_path, capsys):
+    out = tmp_path / "r.json"
+
+    def draw(data):
+        raise ValueError("bad bar")
+
+    report.write(out, {"x": 1}, draw=draw)
+    assert report.load(out) == {"x": 1} and not out.with_suffix(".png").exists()
+    assert "the plot failed (ValueError: bad bar)" in capsys.readouterr().err
