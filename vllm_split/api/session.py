@@ -427,6 +427,9 @@ class ServerSession:
                                               **self.engines.pin(self.engine_index)):
             completion = out.outputs[0]
             ids = list(completion.token_ids)
+            if out.finished and not ids:  # the engine ended it without a token: its reason, else an abort
+                reason = completion.finish_reason or "abort"
+                break
             if self.max_drafts:
                 reason = await self._send_tokens(ids, n=n, finished=out.finished,
                                                  finish_reason=completion.finish_reason)
@@ -459,7 +462,7 @@ class ServerSession:
         activation starts at the last token's position. Returns the finish reason."""
         reason = (finish_reason or "stop") if finished else None
         if not ids:
-            return reason
+            return None
         index = self.num_output_tokens
         if index == 0:
             self._enter(SessionPhase.DECODING)

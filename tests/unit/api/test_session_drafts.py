@@ -256,3 +256,19 @@ async def test_a_session_without_drafts_releases_as_before():
     session, _ = await _run(client, drafts=0, controller=controller)
     await session.release()
     assert controller.requests[0].num_drafts == 0 and "answers" not in controller.released[0]
+
+
+@pytest.mark.parametrize("drafts", [4, 0])
+@pytest.mark.parametrize("reason, expected", [("stop", "stop"), (None, "abort")])
+async def test_an_engine_output_ending_without_a_token_finishes_alike_with_or_without_drafts(drafts, reason, expected):
+    class EndsEmpty(DraftEngine):  # token 0, then a last output with no token (its reason, or none)
+        async def generate(self, prompt, params, request_id: str):
+            await self._queue.get()
+            yield _Output([_Completion([TRUTH[0]], None)], finished=False)
+            await self._queue.get()
+            yield _Output([_Completion([], reason)], finished=True)
+
+    client = DraftClient(max_drafts=drafts, gamma=0, max_tokens=3)
+    await _run(client, drafts=drafts, engine=EndsEmpty(3))
+    finished = client.of(wire.Finished)[0]
+    assert (finished.finish_reason, finished.num_output_tokens) == (expected, 1)
