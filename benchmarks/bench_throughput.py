@@ -410,14 +410,20 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def _error_bars(points: list[dict]) -> tuple[list[float], list[float]]:
+    """Attainment's distances to its interval's ends (never negative: reports written before
+    the Wilson fix have ends a rounding error inside the proportion at 0 and 1)."""
+    return ([max(0.0, p["attainment"] - p["attainment_ci95"][0]) for p in points],
+            [max(0.0, p["attainment_ci95"][1] - p["attainment"]) for p in points])
+
+
 def draw(data: dict):
     fig, ((a1, a2), (a3, a4)) = report.subplots(2, 2, figsize=(12, 8.5))
     for system, r in data["systems"].items():
         pts = r["points"]
         x = [p["offered_rate"] for p in pts]
         att = [p["attainment"] for p in pts]
-        lo = [p["attainment"] - p["attainment_ci95"][0] for p in pts]
-        hi = [p["attainment_ci95"][1] - p["attainment"] for p in pts]
+        lo, hi = _error_bars(pts)
         line = a1.errorbar(x, att, yerr=[lo, hi], fmt="o-", capsize=3, label=system)
         m = r["max_rate_at_90pct"]
         if m["rate"] and m["ci95"]:
@@ -431,9 +437,7 @@ def draw(data: dict):
     cross = data.get("crossover") or {}
     if cross.get("split_dp"):
         scales = [p["speed_scale"] for p in cross["split_dp"]]
-        a3.errorbar(scales, [p["attainment"] for p in cross["split_dp"]],
-                    yerr=[[p["attainment"] - p["attainment_ci95"][0] for p in cross["split_dp"]],
-                          [p["attainment_ci95"][1] - p["attainment"] for p in cross["split_dp"]]],
+        a3.errorbar(scales, [p["attainment"] for p in cross["split_dp"]], yerr=list(_error_bars(cross["split_dp"])),
                     fmt="o-", capsize=3, color="C3", label="split_dp")
         if cross.get("plain"):
             a3.axhline(cross["plain"]["attainment"], color="C0", ls=":", label="plain")
