@@ -37,6 +37,29 @@ class Entry:
     return_layer: int | None = None  # U-shaped: the layer whose input goes back to the client; None: not U
 
 
+RunLayers = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+"""``run_layers(start, end, positions, h, residual)``: decoder layers ``[start, end)`` on the rows
+``h`` (no rows enter inside the span); returns ``(h, residual)``."""
+
+
+def eager_layers(inner: torch.nn.Module, **layer_kwargs: Any) -> RunLayers:
+    """The span runner that calls the layer modules themselves, one after the other."""
+
+    def run_layers(start: int, end: int, positions: torch.Tensor, h: torch.Tensor,
+                   residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        for idx in range(start, end):
+            h, residual = inner.layers[idx](positions, h, residual, **layer_kwargs)
+        return h, residual
+
+    return run_layers
+
+
+def spans(start: int, end: int, boundaries: Any) -> list[tuple[int, int]]:
+    """``[start, end)`` cut at every layer of ``boundaries`` inside it: the spans ``[a, b)``."""
+    cuts = sorted({start, end, *(b for b in boundaries if start < b < end)})
+    return list(zip(cuts, cuts[1:]))
+
+
 def run_stage(
     inner: torch.nn.Module,
     *,
@@ -44,7 +67,7 @@ def run_stage(
     input_ids: torch.Tensor | None,
     positions: torch.Tensor,
     inputs_embeds: torch.Tensor | None = None,
-    run_layer: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    run_layers: RunLayers | None = None,
     received: tuple[torch.Tensor, torch.Tensor] | None = None,
     **extra_layer_kwargs: Any,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -53,10 +76,13 @@ def run_stage(
 
     ``received``: the previous stage's ``(hidden_states, residual)`` (a stage after the first),
     whose first rows are those of the requests with ``k < inner.start_layer``.
-    ``run_layer(idx, positions, h, residual)`` runs one decoder layer (default: the layer
-    module itself, eager; the runner passes the compiled bodies of ``compiled_layers``).
+    ``run_layers`` runs a span of layers in which no rows enter (:data:`RunLayers`; default:
+    the layer modules themselves, eager, with ``extra_layer_kwargs``; the runner passes the
+    compiled bodies of ``compiled_layers``). Rows entering at layer ``l`` are appended
+    before ``l`` runs, so the spans end where rows enter.
     """
     start, end = inner.start_layer, inner.end_layer
+    run_layers = run_layers or eager_layers(inner, **extra_layer_kwargs)
     by_layer: dict[int, list[Entry]] = {}
     for e in entries:
         by_layer.setdefault(e.split_layer, []).append(e)
@@ -65,28 +91,18 @@ def run_stage(
     if num_carried := carried_rows(entries, start):
         assert received is not None, f"{num_carried} rows entered below layer {start}, but no stage sent them"
         h, residual = received[0][:num_carried], received[1][:num_carried]
-
-    def enter(layer: int) -> None:
-        nonlocal h, residual
-        for e in by_layer.get(layer, ()):
+    for first, stop in spans(start, end, by_layer):
+        for e in by_layer.get(first, ()):
             h, residual = append_entry(inner, h, residual, e, input_ids, inputs_embeds)
-
-    for idx in range(start, end):
-        enter(idx)
-        if h is None:
-            continue
-        n = h.shape[0]
-        if run_layer is None:
-            h, residual = inner.layers[idx](positions[:n], h, residual, **extra_layer_kwargs)
-        else:
-            h, residual = run_layer(idx, positions[:n], h, residual)
+        if h is not None:
+            h, residual = run_layers(first, stop, positions[: h.shape[0]], h, residual)
     return h, residual
 
 
 def compact_forward(inner: torch.nn.Module, *, entries: list[Entry], input_ids: torch.Tensor | None,
                     inputs_embeds: torch.Tensor | None = None, **stage_kwargs: Any) -> torch.Tensor:
     """The last (or only) stage: :func:`run_stage` (``stage_kwargs``: its ``positions``,
-    ``run_layer``, ``received`` and layer keyword arguments), then the rows at ``k = L`` enter
+    ``run_layers``, ``received`` and layer keyword arguments), then the rows at ``k = L`` enter
     before the final norm; returns the normed rows of every request (the sorted batch, unpadded)."""
     h, residual = run_stage(inner, entries=entries, input_ids=input_ids, inputs_embeds=inputs_embeds,
                             **stage_kwargs)

@@ -37,7 +37,7 @@ from vllm.sequence import IntermediateTensors
 from vllm_split.engine.activations import SplitInput
 from vllm_split.config import SplitConfig
 from vllm_split.patches import cpu_range_metadata, min_layer
-from vllm_split.engine.compact_forward import Entry, compact_forward, run_stage, stage_prefixes
+from vllm_split.engine.compact_forward import Entry, compact_forward, eager_layers, run_stage, stage_prefixes
 from vllm_split.engine.compiled_layers import (GUARDED_ABOVE_ROWS, CompiledLayers, compiled_graphs,
                                                 unsupported_reason)
 from vllm_split.engine.exact_forward import SplitRows, check_supported, exact_forward
@@ -99,9 +99,10 @@ class SplitRunnerMixin(UShapeRunnerMixin):
         graphs = compiled_graphs()
         seconds = compiled.warm_up(dtype=self.model_config.dtype, device=self.device, max_rows=max_rows)
         logger.info("vllm-split: compiled the split layer bodies in %.1f s (%d graphs for all %d layers and up to "
-                    "%d rows; guards %s; %s)", seconds, compiled_graphs() - graphs, len(layers), max_rows,
+                    "%d rows; guards %s; %s; %s)", seconds, compiled_graphs() - graphs, len(layers), max_rows,
                     "skipped" if compiled.skip_guards else "kept",
-                    "called directly" if compiled.direct else f"called through dynamo: {compiled.direct_why}")
+                    "called directly" if compiled.direct else f"called through dynamo: {compiled.direct_why}",
+                    "post and pre fused" if compiled.fused else f"post and pre not fused: {compiled.fused_why}")
         return compiled
 
     def _split_compact_ok(self) -> bool:
@@ -249,17 +250,17 @@ class SplitRunnerMixin(UShapeRunnerMixin):
         self._split_layer_rows = 0
         inner, layers = self._split_inner, self._split_layers
 
-        def run_layer(idx: int, pos: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None):
-            self._split_layer_rows += h.shape[0]
-            if layers is not None:
-                return layers(idx, pos, h, residual)
-            return inner.layers[idx](pos, h, residual, **model_kwargs)
+        run = layers if layers is not None else eager_layers(inner, **model_kwargs)
+
+        def run_layers(start: int, end: int, pos: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None):
+            self._split_layer_rows += h.shape[0] * (end - start)
+            return run(start, end, pos, h, residual)
 
         saved = self._install_prefix_metadata()
         try:
             out = (compact_forward if last else run_stage)(
                 inner, entries=self._split_entries(positions.device), input_ids=input_ids, positions=positions,
-                inputs_embeds=inputs_embeds, run_layer=run_layer, received=received)
+                inputs_embeds=inputs_embeds, run_layers=run_layers, received=received)
         finally:
             fc = get_forward_context()
             fc.attn_metadata, fc.slot_mapping = saved

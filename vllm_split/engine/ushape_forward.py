@@ -15,11 +15,9 @@ no KV writes), nor the final norm.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from vllm_split.engine.compact_forward import Entry, append_rows, entry_rows, final_norm
+from vllm_split.engine.compact_forward import Entry, RunLayers, append_rows, eager_layers, entry_rows, final_norm, spans
 from vllm_split.engine.subset_metadata import token_index
 
 
@@ -40,11 +38,14 @@ def ushape_forward(
     input_ids: torch.Tensor | None,
     positions: torch.Tensor,
     inputs_embeds: torch.Tensor | None = None,
-    run_layer: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    run_layers: RunLayers | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """(the final normed hidden states of every token of the batch, zeros for U rows;
-    {entry index: its rows' hidden state at its return layer}) for a single pipeline stage."""
+    {entry index: its rows' hidden state at its return layer}) for a single pipeline stage.
+    ``run_layers`` runs a span of layers in which no rows enter or leave (default: the layer
+    modules, eager)."""
     num_layers = len(inner.layers)
+    run_layers = run_layers or eager_layers(inner)
     assert [e.split_layer for e in entries] == sorted(e.split_layer for e in entries), "entries must be sorted by k"
     starts = torch.tensor([0] + [e.end for e in entries])
     for i, e in enumerate(entries):
@@ -53,7 +54,6 @@ def ushape_forward(
     h: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     returned: dict[int, torch.Tensor] = {}
-    positions_of: dict[tuple[int, ...], torch.Tensor] = {}
 
     def sizes() -> list[int]:
         return [entries[i].end - entries[i].begin for i in active]
@@ -86,19 +86,14 @@ def ushape_forward(
                 active.append(i)
                 h, residual = append_rows(h, residual, entry_rows(inner, e, input_ids, inputs_embeds))
 
-    for idx in range(num_layers):
-        leave(idx)
-        enter(idx)
+    events = [e.split_layer for e in entries] + [e.return_layer for e in entries if e.return_layer is not None]
+    for first, stop in spans(0, num_layers, events):
+        leave(first)
+        enter(first)
         if h is None:
             continue
-        key = tuple(active)
-        if key not in positions_of:
-            positions_of[key] = positions[token_index(starts, list(key)).to(positions.device)]
-        pos = positions_of[key]
-        if run_layer is None:
-            h, residual = inner.layers[idx](pos, h, residual)
-        else:
-            h, residual = run_layer(idx, pos, h, residual)
+        pos = positions[token_index(starts, active).to(positions.device)]
+        h, residual = run_layers(first, stop, pos, h, residual)
     leave(num_layers)
     enter(num_layers)
     total = int(starts[-1])

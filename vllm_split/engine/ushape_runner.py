@@ -81,7 +81,8 @@ class UShapeRunnerMixin:
     def _split_u_forward(self, entries: list[Entry], **kwargs: Any) -> torch.Tensor:
         saved = self._split_u_install_metadata()
         try:
-            out, returned = ushape_forward(self._split_inner, entries=entries, run_layer=self._split_layers, **kwargs)
+            out, returned = ushape_forward(self._split_inner, entries=entries, run_layers=self._split_layers,
+                                           **kwargs)
         finally:
             fc = get_forward_context()
             fc.attn_metadata, fc.slot_mapping = saved

@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("vllm")
 
 from tests.unit.engine.test_exact_forward import L, TinyInner, _batch, _reference  # noqa: E402
-from vllm_split.engine.compact_forward import (Entry, carried_rows, compact_forward, run_stage,  # noqa: E402
-                                               stage_prefixes)
+from vllm_split.engine.compact_forward import (Entry, carried_rows, compact_forward, eager_layers,  # noqa: E402
+                                               run_stage, spans, stage_prefixes)
 
 
 class _Recorder:
@@ -79,6 +79,68 @@ def test_unsorted_entries_are_an_internal_error(inner):
     with pytest.raises(AssertionError, match="sorted by split layer"):
         compact_forward(inner, entries=_entries(lengths, [3, 1], entering, [True, True]), input_ids=ids,
                         positions=positions)
+
+
+class _SpanRecorder:
+    """A span runner (the eager one) that records the spans it was asked for, with their rows."""
+
+    def __init__(self, inner: TinyInner) -> None:
+        self.asked: list[tuple[int, int, int]] = []
+        self._eager = eager_layers(inner)
+
+    def __call__(self, start, end, positions, h, residual):
+        assert positions.shape[0] == h.shape[0]
+        self.asked.append((start, end, h.shape[0]))
+        return self._eager(start, end, positions, h, residual)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ks,expected", [
+    ([0, 0, 2, 2, 4, L], [(0, 2, 5), (2, 4, 14), (4, L, 15)]),
+    ([0, 0, 1, 3, 3, 5], [(0, 1, 5), (1, 3, 10), (3, 5, 15), (5, L, 21)]),
+    ([0, 0, 0, 0, 0, 0], [(0, L, 21)]),
+    ([3, 3, 3, 3, 3, L], [(3, L, 15)]),
+    ([L - 1, L - 1, L, L, L, L], [(L - 1, L, 5)]),
+])
+def test_spans_end_where_rows_enter_and_equal_the_layer_loop_bit_for_bit(inner, ks, expected):
+    """The compact forward asks the layer runner for spans in which no rows enter: a span ends
+    at every layer where rows enter (they are appended before it runs), and the output equals
+    the plain layer-by-layer run exactly."""
+    lengths = [3, 2, 5, 4, 1, 6]
+    client = [False, True, True, True, True, True] if ks[0] == 0 else [True] * 6
+    ids, positions = _batch(lengths, seed=7)
+    ref, entering = _reference(inner, ids, positions)
+    rec, layers = _SpanRecorder(inner), _Recorder(inner)
+    out = compact_forward(inner, entries=_entries(lengths, ks, entering, client), input_ids=ids,
+                          positions=positions, run_layers=rec)
+    assert torch.equal(out, ref)
+    assert rec.asked == expected
+    assert layers.rows == [sum(n for n, k in zip(lengths, ks) if k <= layer) for layer in range(L)]
+
+
+@torch.no_grad()
+def test_a_later_stage_starts_a_span_at_its_first_layer_with_the_carried_rows(inner):
+    lengths = [3, 2, 5, 4]
+    ks = [0, 1, 4, 5]
+    ids, positions = _batch(lengths, seed=2)
+    ref, entering = _reference(inner, ids, positions)
+    entries = _entries(lengths, ks, entering, [False, True, True, True])
+    h, residual = run_stage(_stage(inner, 0, 3), entries=entries, input_ids=ids, positions=positions)
+    rec = _SpanRecorder(inner)
+    out = compact_forward(_stage(inner, 3, L), entries=entries, input_ids=None, positions=positions,
+                          received=(h, residual), run_layers=rec)
+    assert torch.equal(out, ref)
+    assert rec.asked == [(3, 4, 5), (4, 5, 10), (5, L, 14)]
+
+
+@pytest.mark.parametrize("start,end,cuts,expected", [
+    (0, L, [0, 2, 2, 4, L], [(0, 2), (2, 4), (4, L)]),
+    (2, 4, [0, 1, 5], [(2, 4)]),
+    (2, 4, [3], [(2, 3), (3, 4)]),
+    (0, 1, [], [(0, 1)]),
+])
+def test_spans_cut_the_stage_at_the_boundaries_inside_it(start, end, cuts, expected):
+    assert spans(start, end, cuts) == expected
 
 
 # ---------------------------------------------------------------- pipeline stages

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from tests.unit.engine.test_compact_forward import _Recorder  # noqa: E402
+from tests.unit.engine.test_compact_forward import _Recorder, _SpanRecorder  # noqa: E402
 from tests.unit.engine.test_exact_forward import L, TinyInner, _batch, _reference  # noqa: E402
 from vllm_split.engine.compact_forward import Entry  # noqa: E402
 from vllm_split.engine.ushape_forward import active_sets, ushape_forward  # noqa: E402
@@ -49,6 +49,25 @@ def test_u_rows_return_their_layer_m_state_and_leave_the_active_set(inner):
     expected = [sum(n for n, k, m in zip(lengths, ks, ms) if k <= layer < (L + 1 if m is None else m))
                 for layer in range(L)]
     assert rec.rows == expected == [5, 10, 12, 13, 13, 12]  # the U row [0, 2) ran 2 layers only
+
+
+@torch.no_grad()
+def test_spans_end_where_rows_enter_or_leave_and_stay_exact(inner):
+    lengths = [3, 2, 5, 4, 1, 2]
+    ks, ms = [0, 0, 1, 2, 3, L], [None, 2, L, None, 5, None]
+    client = [False, True, True, True, True, True]
+    ids, positions = _batch(lengths, seed=5)
+    ref, entering = _reference(inner, ids, positions)
+    entries = _entries(lengths, ks, ms, entering, client)
+    plain_out, plain_returned = ushape_forward(inner, entries=entries, input_ids=ids, positions=positions)
+    rec = _SpanRecorder(inner)
+    out, returned = ushape_forward(inner, entries=entries, input_ids=ids, positions=positions, run_layers=rec)
+    assert rec.asked == [(0, 1, 5), (1, 2, 10), (2, 3, 12), (3, 5, 13), (5, L, 12)]
+    assert torch.equal(out, plain_out)
+    assert plain_returned.keys() == returned.keys()
+    assert all(torch.equal(returned[i], plain_returned[i]) for i in returned)
+    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    assert torch.equal(out[bounds[3]:bounds[4]], ref[bounds[3]:bounds[4]])
 
 
 def test_active_sets_have_holes_where_u_rows_left():
