@@ -45,12 +45,6 @@ logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM's log handl
 POLL_S = 0.5
 ERROR_WINDOW = 64  # recent split sessions whose measured / predicted TPOT and TTFT set the planning margins
 ERROR_MAX_AGE_S = 30.0  # older measurements no longer count (a few sessions' lifetimes)
-# Round-trip sessions (offloaded, drafted) are a minority below the knee: measured at 0.67
-# req/s, 21 of 108 sessions, about 4 per 30 s, so their margin (5 samples needed) rarely
-# formed and the DP placed them at the SLA's edge with predictions 1.2-2x optimistic (4 of 21
-# missed while plain vLLM met 108 of 108). Their margin cannot lock admission: when it rules
-# every offload out, a client that offered server decoding is server decoded.
-ROUND_TRIP_ERROR_MAX_AGE_S = 180.0
 DRAFTS_MAX_AGE_S = 600.0  # tokens per round trip: a property of the workload, not of the load
 MAX_REQUEST_TYPES = 64  # request types whose acceptance is kept (the least recently measured goes)
 
@@ -251,11 +245,10 @@ class AdmissionController:
         self._changed = asyncio.Condition()  # notified on each event that may admit a waiting session
         self._num_events = 0  # sessions ended and load changes so far (a waiter re-plans when it moved)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-split-plan")
-        self._tpot_ratios = ErrorWindow(ROUND_TRIP_ERROR_MAX_AGE_S)  # split sessions' with round trips
-        self._ttft_ratios = ErrorWindow(ROUND_TRIP_ERROR_MAX_AGE_S)
+        self._tpot_ratios = ErrorWindow()  # split sessions' with round trips
+        self._ttft_ratios = ErrorWindow()
         self._decoded_tpot_ratios = ErrorWindow()  # server-decoded sessions'
-        # sessions granted drafts' (draft-aware predictions)
-        self._drafted_tpot_ratios = ErrorWindow(ROUND_TRIP_ERROR_MAX_AGE_S)
+        self._drafted_tpot_ratios = ErrorWindow()  # sessions granted drafts' (draft-aware predictions)
         self._drafts = DraftWindows()  # drafted sessions' tokens per round trip, per request type
         self._rotation = itertools.count(first_turn)  # ties between equally loaded engines go round
         for poller in self.pollers:  # every engine's series exist from the start (a dashboard's zero)

@@ -231,32 +231,3 @@ async def test_a_session_waits_for_kv_memory_that_an_admitted_session_has_promis
     kv["free_blocks"] = 6  # now it has: the poll that sees it wakes the queue
     await c.poller.poll_once()
     assert (await asyncio.wait_for(waiting, 0.5)).split_layer >= 0 and first.split_layer >= 0
-
-
-async def test_round_trip_margins_outlive_the_sparse_arrivals_of_offloaded_sessions(monkeypatch):
-    """Offloaded sessions are a minority below the knee (about 4 per 30 s measured): their
-    margin must form from sessions minutes apart; the server-decoded margin still expires
-    after ERROR_MAX_AGE_S (a margin learnt in an overload must not refuse for good)."""
-    import types
-
-    from vllm_split.api import admission
-    from vllm_split.api.admission import ERROR_MAX_AGE_S, ROUND_TRIP_ERROR_MAX_AGE_S
-
-    clock = {"t": 1000.0}
-    monkeypatch.setattr(admission, "time", types.SimpleNamespace(monotonic=lambda: clock["t"], time=time.time))
-    c = controller()
-    load(c, 4, busy=0.95)
-    gap = 20.0
-    assert 5 * gap > ERROR_MAX_AGE_S and 5 * gap < ROUND_TRIP_ERROR_MAX_AGE_S
-    msg = wire.Open(model_fingerprint="fp", split_layer=0, server_decode=True, client=FAST,
-                    sla=wire.RequestSLA(ttft_s=5.0, tpot_s=1.0), prompt_tokens=40)
-    for i in range(5):  # one offloaded and one server-decoded session every 20 s, both 1.5x slow
-        a = await c.admit(f"s{i}", open_request(FAST, tpot=1.0, k=7))
-        await c.release(f"s{i}", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=a.predicted_tpot_s * 1.5)
-        d = await c.admit(f"d{i}", request_from_open(msg, LAN))
-        await c.release(f"d{i}", prompt_tokens=40, output_tokens=32, ttft_s=0.1, tpot_s=d.predicted_tpot_s * 1.5)
-        clock["t"] += gap
-    assert c.load().tpot_error == pytest.approx(1.5)  # five round trips over 100 s still count
-    assert c.load().decoded_tpot_error == 1.0  # only one or two within 30 s: no margin
-    clock["t"] += ROUND_TRIP_ERROR_MAX_AGE_S
-    assert c.load().tpot_error == 1.0  # and it too returns to 1 without fresh evidence
