@@ -5,7 +5,9 @@ answers one ``Tokens`` frame per step. Oracle drafts (the reference continuation
 tokens corrupted: rejections at the first and a middle draft) at k in {0, 7, 15, 29}: the
 output equals the unsplit greedy reference token for token, and the frames show exactly the
 accepted drafts. The client recomputes its rows from scratch each round (no KV rollback).
-One engine start for the module."""
+Sampled sessions (temperature 1, seeded) drafting by prompt lookup keep the output
+distribution of sessions without drafts: a chi-square test per output position and on whole
+outputs, which rejects a session at temperature 0.7. One engine start for the module."""
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +18,7 @@ from harness.server_process import VLLMServer, metrics, split_metrics
 from tests.engine_reliability.helpers import wait_idle
 from tests.support.references import PROMPTS, complete, transformers_greedy
 from tests.support.sessions import RawSession, answer_tokens, local_layers
+from tests.support.stats import ChiSquare, two_sample_chi2
 from vllm_split.wire import protocol as wire
 from vllm_split.wire.drafts import accepted_drafts
 
@@ -198,6 +201,84 @@ async def test_the_client_librarys_ngram_drafts_are_exact_and_save_round_trips(s
         assert tokens == expected, f"k={session.opened.split_layer}: drafted output diverged"
         assert session.granted_drafts == K_SERVER and session.drafts_accepted > 0
         assert session.round_trips < len(tokens), (session.round_trips, len(tokens))
+
+
+SAMPLED_K = 7
+SAMPLED_TOKENS = 8
+NUM_SAMPLES = 128  # sessions per arm
+NUM_CONCURRENT = 16
+ALPHA = 0.001  # family-wise, over an arm pair's positions and whole outputs (Bonferroni)
+
+
+async def sampled_arms(url: str, model_dir, prompt: list[int], arms: dict[str, tuple[float, str]]):
+    """``NUM_SAMPLES`` split sessions per arm (name -> (temperature, draft)), session ``i`` of
+    arm ``a`` seeded ``a * NUM_SAMPLES + i`` (no seed shared between arms: the first token is
+    sampled before any draft, so shared seeds would pair the arms' samples), the arms
+    interleaved ``NUM_CONCURRENT`` at a time (batches mix drafted and plain requests), each
+    session its own view (KV cache) of one set of layers: name -> (outputs, drafts sent, accepted)."""
+    from client_lib import LocalLayers, SamplingOptions, SplitSession
+    from client_lib.shared_layers import SharedLayers
+
+    shared = SharedLayers(LocalLayers(model_dir, split_layer=SAMPLED_K))
+    turns = asyncio.Semaphore(NUM_CONCURRENT)
+
+    async def one(seed: int, temperature: float, draft: str):
+        sampling = SamplingOptions(max_tokens=SAMPLED_TOKENS, temperature=temperature, seed=seed, ignore_eos=True)
+        async with turns:
+            async with await SplitSession.create(url, shared.view(), server_decode=False, sampling=sampling,
+                                                 draft=draft, num_drafts=K_SERVER) as session:
+                tokens = tuple([event.token_id async for event in session.generate(prompt)])
+        assert len(tokens) == SAMPLED_TOKENS
+        return tokens, session.drafts_sent, session.drafts_accepted
+
+    try:
+        jobs = [one(a * NUM_SAMPLES + i, *arm) for i in range(NUM_SAMPLES) for a, arm in enumerate(arms.values())]
+        results = await asyncio.gather(*jobs)
+    finally:
+        shared.close()
+    out = {}
+    for a, name in enumerate(arms):
+        mine = results[a::len(arms)]
+        out[name] = ([r[0] for r in mine], sum(r[1] for r in mine), sum(r[2] for r in mine))
+    return out
+
+
+def chi2_tests(a: list[tuple[int, ...]], b: list[tuple[int, ...]]) -> dict[str, ChiSquare]:
+    """Two-sample chi-square tests: the token at each output position, and whole outputs."""
+    pairs = {f"token {j}": ([s[j] for s in a], [s[j] for s in b]) for j in range(SAMPLED_TOKENS)}
+    pairs["output"] = (a, b)
+    return {name: two_sample_chi2(x, y) for name, (x, y) in pairs.items()}
+
+
+def family_p(tests: dict[str, ChiSquare]) -> float:
+    """The family-wise p-value (Bonferroni): the smallest p times the number of tests."""
+    return min(1.0, min(t.p_value for t in tests.values()) * len(tests))
+
+
+def describe(tests: dict[str, ChiSquare]) -> str:
+    """Every test's p, and the table (category, count in a, count in b) of the smallest."""
+    name, worst = min(tests.items(), key=lambda item: item[1].p_value)
+    return f"p {({k: float(f'{t.p_value:.3g}') for k, t in tests.items()})}; {name}: {worst.table}"
+
+
+async def test_sampled_drafted_sessions_keep_the_distribution_of_undrafted_ones(server, model_dir, tokenizer):
+    """Seeded sampling at temperature 1 with prompt-lookup drafts (accepted and rejected by the
+    server's rejection sampler) gives the output distribution of split sessions without drafts:
+    no position's token, nor the whole output, differs at family-wise level ``ALPHA``. The
+    same test rejects sessions without drafts at temperature 0.7 (so it can fail). On vLLM's
+    CPU build this needs ``patches/cpu_expand_kernel.py``: without it the draft positions are
+    sampled at uninitialised temperatures (1% of the drafts accepted, family-wise p 6e-46)."""
+    ids = tokenizer(REPETITIVE)["input_ids"]
+    drafted0, accepted0 = spec_counters(server.url)
+    arms = await sampled_arms(server.url, model_dir, ids, {"drafted": (1.0, "ngram"), "plain": (1.0, "none"),
+                                                          "cooler": (0.7, "none")})
+    (drafted, sent, accepted), (plain, sent_plain, _), (cooler, _, _) = arms.values()
+    same, different = chi2_tests(drafted, plain), chi2_tests(drafted, cooler)
+    assert sent_plain == 0 and 0 < accepted < sent, (sent_plain, accepted, sent)
+    expected = (drafted0 + sent, accepted0 + accepted)  # vLLM's rejection sampler decided every draft
+    assert await counters_reach(server.url, expected) == expected
+    assert family_p(same) > ALPHA, f"drafted vs plain sessions at temperature 1 differ: {describe(same)}"
+    assert family_p(different) < ALPHA, f"drafted at temperature 1 vs plain at 0.7 do not differ: {describe(different)}"
 
 
 async def test_every_session_ended_and_the_server_is_idle(server):

@@ -2,7 +2,8 @@
 
 CPU: ``CPUWorker.init_device`` builds ``CPUModelRunner`` directly, so we call it and
 replace the runner before the model is loaded; it also applies
-``patches/pp_intermediate_tensors.py`` (pipeline stages after the first, eager mode). GPU:
+``patches/pp_intermediate_tensors.py`` (pipeline stages after the first, eager mode) and
+``patches/cpu_expand_kernel.py`` (sampled requests with drafts). GPU:
 ``Worker._make_model_runner`` is the hook. Both use vLLM's V1 runner; the V2 runner has no
 split support yet.
 """
@@ -29,7 +30,7 @@ if current_platform.is_cpu():
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.cpu_worker import CPUWorker
 
-    from vllm_split.patches import pp_intermediate_tensors
+    from vllm_split.patches import cpu_expand_kernel, pp_intermediate_tensors
 
     class SplitCPUModelRunner(StepTimingMixin, SplitRunnerMixin, CPUModelRunner):
         pass
@@ -37,6 +38,7 @@ if current_platform.is_cpu():
     class SplitWorker(CPUWorker):
         def init_device(self) -> None:
             pp_intermediate_tensors.apply()  # before load_model
+            cpu_expand_kernel.apply()  # after init_worker registered the CPU platform's kernels
             super().init_device()
             _require_v1_runner(self)
             self.model_runner = SplitCPUModelRunner(self.vllm_config, torch.device("cpu"))

@@ -113,6 +113,17 @@ SIGNATURES = {
         "(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: "
         "vllm.sequence.IntermediateTensors | None = None, inputs_embeds: torch.Tensor | None = None) -> "
         "torch.Tensor | vllm.sequence.IntermediateTensors", "vllm_split/engine/exact_forward.py"),
+    # cpu_expand_kernel: a CPU fallback kernel replaced through vLLM's own registry
+    "vllm.triton_utils.dispatcher:register_kernels": (
+        "(overrides: collections.abc.Mapping[str, collections.abc.Callable[..., typing.Any]]) -> None",
+        "patches/cpu_expand_kernel.py"),
+}
+
+# sha256 of inspect.getsource(...): vLLM code with a bug that a patch works around (a change
+# may be the fix: then check, and drop the patch)
+BUG_SOURCE_HASHES = {
+    "vllm.utils.cpu_triton_utils:_expand_kernel_impl": (
+        "b0d7df291932f1c3d0818bcba211d3c9b2a701de070dc888ff659948763e9559", "patches/cpu_expand_kernel.py"),
 }
 
 # sha256 of inspect.getsource(...): exact_forward.py re-implements these loops line for line
@@ -223,6 +234,13 @@ SOURCE_CONTAINS = {
     # ... and the CPU runner calls the proposer's load_model unchecked (ClientDrafts has one)
     "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model": (
         "self.drafter.load_model(self.model)", "vllm_split/engine/drafts.py"),
+    # cpu_expand_kernel: the CPU platform registers the faulty fallback under this name ...
+    "vllm.platforms.cpu:CpuPlatform.register_triton_kernel_overrides": (
+        '"vllm.v1.sample.rejection_sampler.expand_kernel": (\n                    cpu_tl._expand_kernel_impl',
+        "patches/cpu_expand_kernel.py"),
+    # ... and the sampling parameters are expanded into an uninitialised tensor of their dtype
+    "vllm.v1.sample.rejection_sampler:expand_batch_to_tokens": (
+        "expanded_x = x.new_empty(num_tokens)", "patches/cpu_expand_kernel.py"),
 }
 
 
@@ -262,6 +280,13 @@ def test_compiled_layer_body_source_hash(target):
     got = hashlib.sha256(source.encode()).hexdigest()
     assert got == COMPILED_BODY_HASHES[target], \
         f"{_changed(target, 'vllm_split/engine/compiled_layers.py', 'hash')}: now {got}"
+
+
+@pytest.mark.parametrize("target", sorted(BUG_SOURCE_HASHES))
+def test_patched_bug_source_hash(target):
+    expected, module = BUG_SOURCE_HASHES[target]
+    got = hashlib.sha256(inspect.getsource(_resolve(target, module)).encode()).hexdigest()
+    assert got == expected, f"{_changed(target, module, 'hash')} (the bug may be fixed): now {got}"
 
 
 @pytest.mark.parametrize("target", sorted(SOURCE_CONTAINS))
@@ -467,7 +492,7 @@ def test_cli_version_patch_is_a_no_op_where_vllm_exists(monkeypatch):
 def test_patch_modules_document_themselves():
     """Each patch module states Target, Process, Why, Why not subclass, Upstream, Remove when, Pinned version."""
     for name in ("cli_version", "engine_core_utility", "min_layer", "pp_intermediate_tensors", "kv_range_groups",
-                 "cpu_range_metadata"):
+                 "cpu_range_metadata", "cpu_expand_kernel"):
         doc = importlib.import_module(f"vllm_split.patches.{name}").__doc__
         for heading in ("Target:", "Process:", "Why:", "Why not subclass:", "Upstream:", "Remove when:",
                         "Pinned version:"):
