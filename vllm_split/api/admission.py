@@ -33,7 +33,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from vllm_split.control.drafting import expected_tokens_per_round_trip, measured_tokens_per_round_trip
 from vllm_split.control.kv_budget import KVState
 from vllm_split.control.live_cost import LiveCostModel
-from vllm_split.control.measured_load import model_error, server_load
+from vllm_split.control.measured_load import TPOT_ERROR_MIN_SAMPLES, model_error, server_load, standing_bias
 from vllm_split.control.policy import (Admission, AdmissionPolicy, AdmissionRequest, ClientFlops, InFlight, Refusal,
                                        retry_after_s)
 from vllm_split.control.request_graph import ClientCosts, ServerLoad
@@ -55,11 +55,17 @@ class ErrorWindow:
     ``max_age_s`` (``ERROR_MAX_AGE_S``). The age limit keeps the controller live: a margin learnt in an
     overload makes newcomers wait and be refused, so no session ends and nothing new is
     measured; kept for good, it would refuse every newcomer for good (seen: 0 of 49 met at
-    a rate the server had met 99% of). With no fresh evidence the margin returns to 1.
-    :class:`DraftWindows` keeps other measurements (tokens per round trip) the same way."""
+    a rate the server had met 99% of). With no fresh evidence the margin returns to 1, or,
+    with ``keep_bias``, to the standing bias of every kept ratio (:func:`standing_bias`,
+    the median, at most 1.5): for round-trip sessions, which come too seldom for a fresh
+    quantile at low load and whose model errs one way; a server-decoded session's margin
+    returns to 1 (its error grows with load, and a margin learnt in an overload is the one
+    that must not outlive it). :class:`DraftWindows` keeps other measurements (tokens per
+    round trip) the same way."""
 
-    def __init__(self, max_age_s: float = ERROR_MAX_AGE_S) -> None:
+    def __init__(self, max_age_s: float = ERROR_MAX_AGE_S, *, keep_bias: bool = False) -> None:
         self.max_age_s = max_age_s
+        self.keep_bias = keep_bias
         self._samples: deque[tuple[float, float]] = deque(maxlen=ERROR_WINDOW)  # (ended at, value)
 
     def add(self, ratio: float, now: float) -> None:
@@ -70,7 +76,10 @@ class ErrorWindow:
         return [r for t, r in self._samples if now - t <= self.max_age_s]
 
     def error(self, now: float) -> float:
-        return model_error(self.fresh(now))
+        fresh = self.fresh(now)
+        if self.keep_bias and len(fresh) < TPOT_ERROR_MIN_SAMPLES:
+            return max(model_error(fresh), standing_bias([r for _, r in self._samples]))
+        return model_error(fresh)
 
 
 class DraftWindows:
@@ -245,10 +254,10 @@ class AdmissionController:
         self._changed = asyncio.Condition()  # notified on each event that may admit a waiting session
         self._num_events = 0  # sessions ended and load changes so far (a waiter re-plans when it moved)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-split-plan")
-        self._tpot_ratios = ErrorWindow()  # split sessions' with round trips
-        self._ttft_ratios = ErrorWindow()
+        self._tpot_ratios = ErrorWindow(keep_bias=True)  # split sessions' with round trips
+        self._ttft_ratios = ErrorWindow(keep_bias=True)
         self._decoded_tpot_ratios = ErrorWindow()  # server-decoded sessions'
-        self._drafted_tpot_ratios = ErrorWindow()  # sessions granted drafts' (draft-aware predictions)
+        self._drafted_tpot_ratios = ErrorWindow(keep_bias=True)  # sessions granted drafts' (draft-aware predictions)
         self._drafts = DraftWindows()  # drafted sessions' tokens per round trip, per request type
         self._rotation = itertools.count(first_turn)  # ties between equally loaded engines go round
         for poller in self.pollers:  # every engine's series exist from the start (a dashboard's zero)

@@ -209,6 +209,34 @@ def test_a_margin_learnt_in_an_overload_expires_without_fresh_measurements():
     assert window.error(now=300.0) == 1.0  # only the last ERROR_WINDOW are kept
 
 
+def test_a_round_trip_margin_falls_back_to_the_models_standing_bias_not_to_one():
+    """Round trips come seldom at low load: between them the margin is the median of every
+    kept ratio (at most 1.5), so offloads are not planned at the SLA's edge by a model known
+    to be optimistic; a fresh quantile wins once there are enough fresh ratios."""
+    from vllm_split.api.admission import ERROR_MAX_AGE_S, ErrorWindow
+    from vllm_split.control.measured_load import BIAS_MAX
+
+    window, plain = ErrorWindow(keep_bias=True), ErrorWindow()
+    for w in (window, plain):
+        for i, ratio in enumerate((1.05, 1.1, 1.2, 1.25, 1.3, 1.6, 2.1)):
+            w.add(ratio, now=100.0 + i)
+    later = 200.0 + ERROR_MAX_AGE_S
+    assert plain.error(now=later) == 1.0
+    assert window.error(now=later) == pytest.approx(1.25)  # the median of the seven
+    assert window.error(now=106.0) == pytest.approx(1.6)  # fresh: the 75% quantile as before
+    for i in range(3):  # three fresh ones are too few for a quantile: the larger of theirs and the bias
+        window.add(1.4, now=later + i)
+    assert window.error(now=later + 3) == pytest.approx(1.4)  # the median of the ten kept
+    high = ErrorWindow(keep_bias=True)
+    for i in range(8):
+        high.add(2.8, now=float(i))
+    assert high.error(now=1e4) == BIAS_MAX  # an old overload never holds round trips back by more
+    few = ErrorWindow(keep_bias=True)
+    for i in range(4):
+        few.add(2.0, now=float(i))
+    assert few.error(now=1e4) == 1.0  # fewer than five measured: nothing to say
+
+
 async def test_a_session_waits_for_kv_memory_that_an_admitted_session_has_promised():
     kv = {"block_size": 16, "total_blocks": 100, "free_blocks": 6, "range_ends": [N]}
 
