@@ -15,9 +15,9 @@ one-thread executor, waits are asyncio waits. The decisions themselves are the p
   refused with ``server_busy`` and a ``retry_after_s``), the planning executor, the
   measured errors of the latency model (:class:`ErrorWindow`: the last ``ERROR_WINDOW``
   split sessions' measured / predicted TPOT and TTFT that ended within ``ERROR_MAX_AGE_S``,
-  the policy's planning margins), the measured tokens per round trip of drafted sessions per
-  request type (:class:`DraftWindows`: a newcomer granted drafts is planned with its type's)
-  and the metrics on vLLM's ``/metrics`` (:mod:`vllm_split.api.metrics`).
+  the policy's planning margins), the measured tokens and rows per round trip of drafted
+  sessions per request type (:class:`DraftWindows`: a newcomer granted drafts is planned with
+  its type's) and the metrics on vLLM's ``/metrics`` (:mod:`vllm_split.api.metrics`).
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Sequence
 
-from vllm_split.control.drafting import expected_tokens_per_round_trip, measured_tokens_per_round_trip
+from vllm_split.control.drafting import (expected_rows_per_round_trip, expected_tokens_per_round_trip,
+                                         measured_draft_fill, measured_tokens_per_round_trip)
 from vllm_split.control.kv_budget import KVState
 from vllm_split.control.live_cost import LiveCostModel
 from vllm_split.control.measured_load import TPOT_ERROR_MIN_SAMPLES, model_error, server_load, standing_bias
@@ -60,8 +61,8 @@ class ErrorWindow:
     the median, at most 1.5): for round-trip sessions, which come too seldom for a fresh
     quantile at low load and whose model errs one way; a server-decoded session's margin
     returns to 1 (its error grows with load, and a margin learnt in an overload is the one
-    that must not outlive it). :class:`DraftWindows` keeps other measurements (tokens per
-    round trip) the same way."""
+    that must not outlive it). :class:`DraftWindows` keeps other measurements (tokens and
+    rows per round trip) the same way."""
 
     def __init__(self, max_age_s: float = ERROR_MAX_AGE_S, *, keep_bias: bool = False) -> None:
         self.max_age_s = max_age_s
@@ -83,26 +84,39 @@ class ErrorWindow:
 
 
 class DraftWindows:
-    """Finished drafted sessions' measured tokens per round trip, one window per request type
-    (``Open.request_type``; ``""`` is a type too), each an :class:`ErrorWindow` of the last
-    ``ERROR_WINDOW`` within ``DRAFTS_MAX_AGE_S``; at most ``MAX_REQUEST_TYPES`` types (a
-    client's free text cannot grow it without bound). A newcomer of a type is planned with
-    :func:`expected_tokens_per_round_trip` of its window: a low quantile once there are a
-    few, None (as without drafts) before."""
+    """Finished drafted sessions' measurements, per request type (``Open.request_type``; ``""``
+    is a type too): their tokens per round trip and their shares of granted drafts sent
+    (:func:`measured_draft_fill`), each an :class:`ErrorWindow` of the last ``ERROR_WINDOW``
+    within ``DRAFTS_MAX_AGE_S``; at most ``MAX_REQUEST_TYPES`` types (a client's free text
+    cannot grow it without bound). A newcomer of a type is planned with
+    :func:`expected_tokens_per_round_trip` (a low quantile) and
+    :func:`expected_rows_per_round_trip` (a high one) of its windows once there are a few;
+    before, None (as without drafts, and at ``1 + γ`` rows)."""
 
     def __init__(self) -> None:
-        self._by_type: OrderedDict[str, ErrorWindow] = OrderedDict()
+        self._by_type: OrderedDict[str, tuple[ErrorWindow, ErrorWindow]] = OrderedDict()  # (tokens, fill)
 
-    def add(self, request_type: str, tokens_per_round_trip: float, now: float) -> None:
-        window = self._by_type.pop(request_type, None) or ErrorWindow(DRAFTS_MAX_AGE_S)
-        window.add(tokens_per_round_trip, now)
-        self._by_type[request_type] = window  # the most recently measured last
+    def add(self, request_type: str, now: float, *, tokens_per_round_trip: float | None = None,
+            draft_fill: float | None = None) -> None:
+        windows = self._by_type.pop(request_type, None) or (ErrorWindow(DRAFTS_MAX_AGE_S),
+                                                              ErrorWindow(DRAFTS_MAX_AGE_S))
+        for window, value in zip(windows, (tokens_per_round_trip, draft_fill)):
+            if value is not None:
+                window.add(value, now)
+        self._by_type[request_type] = windows  # the most recently measured last
         while len(self._by_type) > MAX_REQUEST_TYPES:
             self._by_type.popitem(last=False)
 
     def expected(self, request_type: str, now: float) -> float | None:
-        window = self._by_type.get(request_type)
-        return None if window is None else expected_tokens_per_round_trip(window.fresh(now))
+        """Tokens per round trip to plan a newcomer of ``request_type`` with (None: too few measured)."""
+        windows = self._by_type.get(request_type)
+        return None if windows is None else expected_tokens_per_round_trip(windows[0].fresh(now))
+
+    def expected_rows(self, request_type: str, num_drafts: int, now: float) -> float | None:
+        """Mean rows per round trip to plan a newcomer of ``request_type`` granted ``num_drafts``
+        with (None: too few measured, planned at ``1 + num_drafts``)."""
+        windows = self._by_type.get(request_type)
+        return None if windows is None else expected_rows_per_round_trip(windows[1].fresh(now), num_drafts)
 
 
 class AdmissionRefused(Exception):
@@ -258,7 +272,7 @@ class AdmissionController:
         self._ttft_ratios = ErrorWindow(keep_bias=True)
         self._decoded_tpot_ratios = ErrorWindow()  # server-decoded sessions'
         self._drafted_tpot_ratios = ErrorWindow(keep_bias=True)  # sessions granted drafts' (draft-aware predictions)
-        self._drafts = DraftWindows()  # drafted sessions' tokens per round trip, per request type
+        self._drafts = DraftWindows()  # drafted sessions' tokens and rows per round trip, per request type
         self._rotation = itertools.count(first_turn)  # ties between equally loaded engines go round
         for poller in self.pollers:  # every engine's series exist from the start (a dashboard's zero)
             label = str(poller.engine)
@@ -308,16 +322,18 @@ class AdmissionController:
         return retry_after_s(self.inflight.values(), time.monotonic())
 
     def with_measured_drafts(self, request: AdmissionRequest) -> AdmissionRequest:
-        """``request`` with its type's measured tokens per round trip when it is granted drafts
-        (None: too few measured, planned as without drafts)."""
+        """``request`` with its type's measured tokens and rows per round trip when it is
+        granted drafts (None: too few measured, planned as without drafts and at ``1 + γ`` rows)."""
         if not request.num_drafts:
             return request
-        return replace(request, tokens_per_round_trip=self._drafts.expected(request.request_type, time.monotonic()))
+        kind, now = request.request_type, time.monotonic()
+        return replace(request, tokens_per_round_trip=self._drafts.expected(kind, now),
+                       rows_per_round_trip=self._drafts.expected_rows(kind, request.num_drafts, now))
 
     async def admit(self, session_id: str, request: AdmissionRequest) -> Admission:
         """Admit a session (waiting in the bounded queue if needed) or raise AdmissionRefused;
         :meth:`engine_of` then names its engine. A request granted drafts is planned with its
-        type's measured tokens per round trip (:meth:`with_measured_drafts`)."""
+        type's measured tokens and rows per round trip (:meth:`with_measured_drafts`)."""
         request = self.with_measured_drafts(request)
         engines = range(len(self.pollers))
         if request.split_layer is not None:  # the client fixed k: predict, admit (or refuse a k above its bound)
@@ -416,8 +432,9 @@ class AdmissionController:
                       decode_rows: int | None = None) -> None:
         """A session ended: record what it cost and how it went, wake the queue. A session
         granted drafts says how many answers (``Tokens`` frames) it sent and how many decode
-        rows it was delivered (``1 + d`` per activation): its tokens per round trip join its
-        request type's window, and its rows, rejected drafts included, are the work counted."""
+        rows it was delivered (``1 + d`` per activation): its tokens and rows per round trip
+        join its request type's windows, and its rows, rejected drafts included, are the work
+        counted."""
         s = self.inflight.pop(session_id, None)
         if s is None:
             return
@@ -439,7 +456,7 @@ class AdmissionController:
                 ratio = tpot_s / s.admission.predicted_tpot_s
                 m.tpot_ratio.labels(engine=label).observe(ratio)
                 self._tpot_window(s).add(ratio, time.monotonic())
-        self._record_drafts(s, label, output_tokens=output_tokens, answers=answers)
+        self._record_drafts(s, label, output_tokens=output_tokens, answers=answers, decode_rows=decode_rows)
         sla = s.admission.sla
         if sla is not None and ttft_s is not None:
             met = sla.is_met(ttft_s, tpot_s or 0.0, 0.0)
@@ -454,11 +471,20 @@ class AdmissionController:
             return self._decoded_tpot_ratios
         return self._drafted_tpot_ratios if s.request.num_drafts else self._tpot_ratios
 
-    def _record_drafts(self, s: InFlight, label: str, *, output_tokens: int, answers: int | None) -> None:
-        """A session that drafted: its tokens per decode round trip, to its type's window and the metric."""
-        if not s.request.num_drafts or s.admission.server_decode or answers is None:
+    def _record_drafts(self, s: InFlight, label: str, *, output_tokens: int, answers: int | None,
+                       decode_rows: int | None) -> None:
+        """A session that drafted: its tokens per decode round trip and its share of granted
+        drafts sent (rows per round trip), to its type's windows and the metrics."""
+        g = s.request.num_drafts
+        if not g or s.admission.server_decode or answers is None:
             return
-        measured = measured_tokens_per_round_trip(output_tokens=output_tokens, answers=answers)
-        if measured is not None:
-            self._drafts.add(s.request.request_type, measured, time.monotonic())
-            self.metrics.tokens_per_round_trip.labels(engine=label).observe(measured)
+        tokens = measured_tokens_per_round_trip(output_tokens=output_tokens, answers=answers)
+        fill = None if decode_rows is None else measured_draft_fill(decode_rows=decode_rows, answers=answers,
+                                                                    num_drafts=g)
+        if tokens is None and fill is None:  # nothing measured: no type to keep for it
+            return
+        self._drafts.add(s.request.request_type, time.monotonic(), tokens_per_round_trip=tokens, draft_fill=fill)
+        if tokens is not None:
+            self.metrics.tokens_per_round_trip.labels(engine=label).observe(tokens)
+        if fill is not None:
+            self.metrics.rows_per_round_trip.labels(engine=label).observe(1 + g * fill)

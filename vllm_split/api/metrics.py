@@ -39,6 +39,7 @@ class SplitMetrics:
     occupancy: Any
     server_decoded: Any
     tokens_per_round_trip: Any
+    rows_per_round_trip: Any
 
 
 _metrics: SplitMetrics | None = None
@@ -86,5 +87,8 @@ def split_metrics(num_layers: int) -> SplitMetrics:
             tokens_per_round_trip=Histogram("vllm_split:tokens_per_round_trip",
                                             "Output tokens per decode round trip of finished sessions granted drafts",
                                             E, buckets=_TOKENS_PER_ROUND_TRIP_BUCKETS),
+            rows_per_round_trip=Histogram("vllm_split:rows_per_round_trip",
+                                          "Decode rows (last token and drafts) per round trip of finished sessions "
+                                          "granted drafts", E, buckets=_TOKENS_PER_ROUND_TRIP_BUCKETS),
         )
     return _metrics

@@ -55,15 +55,19 @@ class AdmissionRequest:
     # tokens per round trip to plan it with: its type's measured (the controller's); None: not
     # measured yet, planned as without drafts
     tokens_per_round_trip: float | None = None
+    # mean rows per round trip to plan it with: its type's measured, for its num_drafts (the
+    # controller's); None: not measured yet, planned at 1 + num_drafts
+    rows_per_round_trip: float | None = None
 
     def __post_init__(self) -> None:
-        g, e = self.num_drafts, self.tokens_per_round_trip
+        g = self.num_drafts
         if isinstance(g, bool) or not isinstance(g, int) or g < 0 or (g and self.u_shape):
             raise AdmissionInputError(f"AdmissionRequest.num_drafts: expected an int >= 0, and 0 for a U request "
                                       f"(the client samples), got {g!r} (u_shape {self.u_shape})")
-        if e is not None and (isinstance(e, bool) or not isinstance(e, (int, float)) or e < 1):
-            raise AdmissionInputError(f"AdmissionRequest.tokens_per_round_trip: expected None or a number >= 1, "
-                                      f"got {e!r}")
+        for name in ("tokens_per_round_trip", "rows_per_round_trip"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value):
+                raise AdmissionInputError(f"AdmissionRequest.{name}: expected None or a number >= 1, got {value!r}")
         if not isinstance(self.request_type, str):
             raise AdmissionInputError(f"AdmissionRequest.request_type: expected a string, got {self.request_type!r}")
         if self.return_layer is not None and (not self.u_shape or self.split_layer is None
@@ -86,18 +90,27 @@ class AdmissionRequest:
 
     @property
     def drafting(self) -> Drafting | None:
-        """Its round trip as planned when it is not server decoded: its granted drafts and its
-        type's measured tokens per round trip (at most ``1 + num_drafts``); None without drafts
-        or before its type's acceptance is measured (planned as one token per round trip)."""
+        """Its round trip as planned when it is not server decoded: its granted drafts, its
+        type's measured tokens per round trip (at most ``1 + num_drafts``) and rows per round
+        trip (:meth:`step_rows`); None without drafts or before its type's acceptance is
+        measured (planned as one token per round trip)."""
         if not self.num_drafts or self.tokens_per_round_trip is None:
             return None
-        return Drafting(self.num_drafts, min(float(self.tokens_per_round_trip), 1.0 + self.num_drafts))
+        e = min(float(self.tokens_per_round_trip), 1.0 + self.num_drafts)
+        return Drafting(self.num_drafts, e, None if self.rows_per_round_trip is None else self.step_rows())
 
-    def step_rows(self, *, server_decode: bool = False) -> int:
-        """Rows it adds to each decode step it is in: its last token's and, granted drafts, up
-        to ``num_drafts`` more, counted whether or not its acceptance is measured yet (the
-        cost to the others is the rows it may send); 1 when server decoded."""
-        return 1 if server_decode else 1 + self.num_drafts
+    def step_rows(self, *, server_decode: bool = False) -> float:
+        """Rows it adds to each decode step it is in: 1 server decoded or without drafts;
+        granted drafts, its type's measured mean rows per round trip (at least its tokens per
+        round trip, at most ``1 + num_drafts``), or before that is measured the most it may
+        send, ``1 + num_drafts``, whether or not its acceptance is measured yet (the cost to the
+        others is the rows it may send)."""
+        if server_decode or not self.num_drafts:
+            return 1.0
+        top = 1.0 + self.num_drafts
+        if self.rows_per_round_trip is None:
+            return top
+        return min(max(float(self.rows_per_round_trip), float(self.tokens_per_round_trip or 1.0)), top)
 
 
 @dataclass(frozen=True, slots=True)

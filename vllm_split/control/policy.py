@@ -46,12 +46,14 @@ ratios with the others' would make either margin wrong.
 
 Client drafts (:mod:`vllm_split.control.drafting`). A request granted ``γ`` drafts
 (``AdmissionRequest.num_drafts``) whose type's tokens per round trip ``E`` the controller
-has measured (``tokens_per_round_trip``) is planned over a graph of one round trip (``1 + γ``
-rows through the client's pass, the uplink and the server's step, ``E`` tokens back) against
-``E`` times its TPOT bound, and predicted at its round trip over ``E`` per token; its server
-work counts every row it sends, the rejected drafts too. Before ``E`` is measured it is
-planned as without drafts (no gain promised); what it adds to each step of the admitted
-sessions is ``1 + γ`` rows from the start. Server decoding and U shapes never draft.
+has measured (``tokens_per_round_trip``) is planned over a graph of one round trip (its
+type's measured mean rows ``r̄``, ``rows_per_round_trip``, or ``1 + γ`` before that is
+measured, through the client's pass, the uplink and the server's step, ``E`` tokens back)
+against ``E`` times its TPOT bound, and predicted at its round trip over ``E`` per token; its
+server work counts every row it sends, the rejected drafts too. Before ``E`` is measured it
+is planned as without drafts (no gain promised); what it adds to each step of the admitted
+sessions is ``r̄`` rows, ``1 + γ`` before ``r̄`` is measured
+(:meth:`AdmissionRequest.step_rows`). Server decoding and U shapes never draft.
 
 Decisions: :class:`Admission` (split layer, how it was chosen, predicted TTFT and TPOT,
 server work); :class:`Wait` (it could be admitted on a less loaded server, when a request
@@ -68,7 +70,7 @@ from dataclasses import dataclass, field, replace
 
 from vllm_split.control.admission_records import (Admission, AdmissionInputError, AdmissionRequest, ClientFlops,
                                                   InFlight, Refusal, Wait)
-from vllm_split.control.drafting import answer_bytes, per_round_trip, per_token, rows_of
+from vllm_split.control.drafting import activation_bytes, answer_bytes, per_round_trip, per_token
 from vllm_split.control.kv_budget import kv_wait
 from vllm_split.control.measured_load import calibrated
 from vllm_split.control.request_graph import (TOKEN_BYTES, ClientCosts, RequestGraphInputs, ServerLoad, busy_fraction,
@@ -160,11 +162,12 @@ class AdmissionPolicy:
 
     def turnaround_s(self, request: AdmissionRequest, client: ClientCosts, split_layer: int) -> float:
         """From an answer leaving the server to the client's next activation arriving (a
-        drafted one: ``E`` tokens down, one pass over ``1 + γ`` rows, ``1 + γ`` rows up)."""
+        drafted one: ``E`` tokens down, one pass over ``r̄`` rows on average, ``r̄`` rows up;
+        ``r̄ = 1 + γ`` until measured)."""
         network, drafting = request.network, request.drafting
         assert network is not None
-        r = rows_of(drafting)
-        return (split_layer * client.pass_s(r) + network.uplink_s(self.row_bytes(request) * r)
+        return (split_layer * client.round_trip_pass_s(drafting)
+                + network.uplink_s(activation_bytes(self.row_bytes(request), drafting))
                 + network.downlink_s(answer_bytes(TOKEN_BYTES, drafting)))
 
     @staticmethod
@@ -395,9 +398,10 @@ class AdmissionPolicy:
         return kv_wait(load.kv, total_tokens=request.prompt_tokens + request.expected_output_tokens,
                        split_layer=split_layer, promises=[s.promise() for s in inflight])
 
-    def added_step_s(self, load: ServerLoad, split_layer: int, rows: int = 1) -> float:
+    def added_step_s(self, load: ServerLoad, split_layer: int, rows: float = 1.0) -> float:
         """What a newcomer at ``split_layer`` adds to each step at ``load``: its decode
-        ``rows`` (1, or a drafted session's ``1 + γ``: :meth:`AdmissionRequest.step_rows`)
+        ``rows`` (1, or a drafted session's mean ``r̄``, ``1 + γ`` until measured:
+        :meth:`AdmissionRequest.step_rows`)
         through layers ``[split_layer, N)`` and the layer calls below the running steps'
         lowest split layer (``load.min_split_layer``) that the steps then run for it."""
         c = load.cost
@@ -405,7 +409,7 @@ class AdmissionPolicy:
                 + c.layer_s * max(0, load.min_split_layer - split_layer))
 
     def first_pushed_past_bound(self, load: ServerLoad, inflight: Iterable[InFlight], *,
-                                split_layer: int, rows: int = 1) -> InFlight | None:
+                                split_layer: int, rows: float = 1.0) -> InFlight | None:
         """The first admitted session that meets its TPOT bound at ``load`` and would miss it
         with a newcomer at ``split_layer`` in the batch: the recent step longer by
         :meth:`added_step_s` (the newcomer's ``rows`` per step), one more request per step;

@@ -31,19 +31,21 @@ in memory) cannot run on the client. A node on a side that cannot run it costs
 such a placement feasible.
 
 A drafted session (``drafting``, :mod:`vllm_split.control.drafting`) has a graph of one
-*round trip* instead of one token: ``r = 1 + γ`` rows go through the client's layers in one
-pass (``max(decode, prefill per token * r)`` per layer: the pass costs at least a decode step)
-and across the uplink, a server layer costs ``layer_s + row_s * (B + r)``, the answer brings
-``E`` tokens, and the request's server work counts ``(n - 1) * r / E`` decode rows (the
-rejected drafts are server work) in ``(n - 1) / E`` steps. The graph's ``num_output_tokens``
-is ``1 + ceil((n - 1) / E)``, so its e2e is TTFT plus one round trip per round trip; its TPOT
-is per round trip (the policy compares it with ``E`` times the per-token bound).
+*round trip* instead of one token. It sends ``r̄`` rows per round trip on average, its type's
+measured mean (``1 <= r̄ <= 1 + γ``; ``1 + γ``, the most it may send, before it is measured):
+they cross the uplink, a server layer costs ``layer_s + row_s * (B + r̄)``, the answer brings
+``E`` tokens, and the request's server work counts ``(n - 1) * r̄ / E`` decode rows (the
+rejected drafts are server work) in ``(n - 1) / E`` steps. The client's pass is its mean over
+round trips of one row to ``1 + γ`` rows averaging ``r̄`` (:meth:`ClientCosts.round_trip_pass_s`;
+a pass costs at least a decode step). The graph's ``num_output_tokens`` is ``1 + ceil((n - 1)
+/ E)``, so its e2e is TTFT plus one round trip per round trip; its TPOT is per round trip (the
+policy compares it with ``E`` times the per-token bound).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_split.control.drafting import Drafting, answer_bytes, graph_output_tokens, rows_of
+from vllm_split.control.drafting import Drafting, activation_bytes, answer_bytes, graph_output_tokens, rows_of
 from vllm_split.control.kv_budget import KVState
 from vllm_split.control.live_cost import StepCost
 from vllm_split.planner import LayerGraph, LayerNode, Placement
@@ -78,10 +80,24 @@ class ClientCosts:
         prefill = node_cost(model, "block", phase="prefill", tokens=context, context=0).flops / context
         return cls(prefill_s_per_token=prefill / flops_per_s, decode_s=decode / flops_per_s, max_layers=max_layers)
 
-    def pass_s(self, rows: int = 1) -> float:
+    def pass_s(self, rows: float = 1) -> float:
         """One decoder layer over ``rows`` new rows (a decode step, or a drafted round trip's
         one pass over the last token and its drafts): at least a decode step."""
         return self.decode_s if rows == 1 else max(self.decode_s, self.prefill_s_per_token * rows)
+
+    def round_trip_pass_s(self, drafting: Drafting | None) -> float:
+        """One decoder layer's pass per round trip as planned: one row, or for a drafted session
+        the chord from a one-row pass to a full one (``1 + γ`` rows) at its share of drafts sent
+        (``(r̄ - 1) / γ``; the full pass before ``r̄`` is measured). Its TPOT bound is on the
+        mean gap per token, so the mean pass is what counts, not the worst (``1 + γ`` would
+        charge a type that seldom finds a draft for drafts it does not send); and since a pass
+        is convex in its rows, the chord is the most the mean pass can be over any round trips
+        averaging ``r̄`` rows (exactly it when each sends all its drafts or none, as prompt
+        lookup does except near ``max_tokens``), where the pass at ``r̄`` would be the least."""
+        if drafting is None:
+            return self.decode_s
+        one = self.pass_s(1)
+        return one + (self.pass_s(drafting.max_rows) - one) * drafting.draft_fill
 
     def holds(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` fits in the client's memory bound."""
@@ -144,7 +160,7 @@ def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts
     pass is one round trip of a drafted session (module docstring); None: one token."""
     c, b, p, n_out = load.cost, load.occupancy, req.prompt_len, req.output_len
     wait, dwait = wait_s, wait_s if decode_wait is None else decode_wait
-    r = rows_of(drafting)
+    r = rows_of(drafting)  # rows per decode pass: 1, or a drafted session's r̄
     steps = n_out - 1 if drafting is None else drafting.decode_round_trips(n_out)  # decode steps it is in
     row_work = c.row_s * (p + steps * r)
     call_work = c.layer_s * (1 + steps / (b + 1))  # this request's share of the layer's calls
@@ -157,7 +173,7 @@ def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts
         nodes.append(LayerNode(
             f"layer{layer}",
             client_prefill_s=client.prefill_s_per_token * p + shared * runs_anyway if client_ok else FORBIDDEN_S,
-            client_decode_s=client.pass_s(r) + shared * runs_anyway if client_ok else FORBIDDEN_S,
+            client_decode_s=client.round_trip_pass_s(drafting) + shared * runs_anyway if client_ok else FORBIDDEN_S,
             server_prefill_s=c.layer_s + c.row_s * (p + b) if server_ok else FORBIDDEN_S,
             server_decode_s=c.layer_s + c.row_s * (b + r) if server_ok else FORBIDDEN_S,
             server_work=row_work + (0.0 if runs_anyway else call_work),
@@ -167,7 +183,7 @@ def request_graph(req: RequestGraphInputs, load: ServerLoad, client: ClientCosts
     rows = req.hidden_bytes
     answer = answer_bytes(TOKEN_BYTES, drafting)
     prefill = [p * TOKEN_BYTES] + [p * rows] * (len(nodes) - 1) + [TOKEN_BYTES]
-    decode = [answer] + [rows * r] * (len(nodes) - 1) + [answer]
+    decode = [answer] + [activation_bytes(rows, drafting)] * (len(nodes) - 1) + [answer]
     return LayerGraph(nodes=tuple(nodes), prefill_edge_bytes=tuple(prefill), decode_edge_bytes=tuple(decode),
                       num_output_tokens=graph_output_tokens(n_out, drafting))
 

@@ -1,14 +1,16 @@
 """Admission of drafted sessions (issue 14, pure): the round-trip graph against a hand
 computation, rejected drafts as server work, the DP going deeper when drafts make a bound
 reachable, the rows a drafted newcomer adds to the admitted sessions' steps, its own margin,
-and that a session without drafts, or whose acceptance is not measured yet, is planned as
-before."""
+the measured mean rows per round trip (fewer rows planned where measured, ``1 + γ`` before,
+never outside ``[1, 1 + γ]``), and that a session without drafts, or whose acceptance is not
+measured yet, is planned as before."""
 import math
 from dataclasses import replace
 
 import pytest
 
-from vllm_split.control.drafting import (Drafting, DraftingError, expected_tokens_per_round_trip,
+from vllm_split.control.drafting import (Drafting, DraftingError, expected_rows_per_round_trip,
+                                         expected_tokens_per_round_trip, measured_draft_fill,
                                          measured_tokens_per_round_trip, per_round_trip)
 from vllm_split.control.live_cost import StepCost
 from vllm_split.control.policy import (Admission, AdmissionInputError, AdmissionPolicy, AdmissionRequest, InFlight,
@@ -138,7 +140,7 @@ def test_server_decoding_never_drafts():
     decoded = dict(server_decode=True)
     assert p.predict(drafted(**decoded), 0, IDLE, server_decode=True) == p.predict(
         request(**decoded), 0, IDLE, server_decode=True)
-    assert drafted().step_rows(server_decode=True) == 1 and drafted().step_rows() == 5
+    assert drafted().step_rows(server_decode=True) == 1 and drafted().step_rows() == 5  # unmeasured: 1 + γ
 
 
 def test_sla_scaling_and_the_measured_tokens_per_round_trip():
@@ -151,7 +153,85 @@ def test_sla_scaling_and_the_measured_tokens_per_round_trip():
     assert drafted(gamma=2, e=4.0).drafting == Drafting(2, 3.0)  # at most 1 + γ
 
 
+def test_measured_rows_plan_the_round_trip_by_hand():
+    k, e, r = 7, 2.5, 3.0  # 4 drafts granted, 2 sent on average
+    p = policy()
+    _, tpot, work = p.predict(drafted(e=e, rows_per_round_trip=r), k, IDLE)
+    chord = CLIENT.decode_s + (max(CLIENT.decode_s, CLIENT.prefill_s_per_token * 5) - CLIENT.decode_s) * (r - 1) / 4
+    round_trip = (k * chord  # the mean pass: half way from one row's pass to five rows'
+                  + LAN.uplink_s(ROW * 3)  # 3 rows up on average
+                  + (N - k) * (COST.layer_s + COST.row_s * r)  # the server's layers carry 3 rows
+                  + COST.fixed_s + LAN.downlink_s(math.ceil(TOKEN_BYTES * e)))
+    assert tpot == pytest.approx(round_trip / e, rel=1e-12)
+    steps = 31 / e
+    assert work == pytest.approx((N - k) * (COST.row_s * (40 + steps * r) + COST.layer_s * (1 + steps))
+                                 + COST.fixed_s * (1 + steps), rel=1e-12)
+
+
+def test_fewer_measured_rows_cost_the_server_and_the_others_less_and_unmeasured_is_the_bound():
+    p, k = policy(), 7
+    full, fewer, unmeasured = (drafted(rows_per_round_trip=5.0), drafted(rows_per_round_trip=3.0), drafted())
+    assert [req.step_rows() for req in (full, fewer, unmeasured)] == [5.0, 3.0, 5.0]
+    for load in (IDLE, ServerLoad(cost=COST, occupancy=2.0, recent_step_s=COST.step_s(N, 2 * N), utilization=0.3)):
+        assert p.predict(unmeasured, k, load) == p.predict(full, k, load)  # before r̄ is measured: 1 + γ, as before
+        assert p.predict(fewer, k, load)[2] < p.predict(full, k, load)[2]  # fewer rows: less server work
+    assert p.predict(fewer, k, IDLE)[1] < p.predict(full, k, IDLE)[1]  # and a shorter round trip
+    assert p.place(unmeasured, BUSY_IDLE) == p.place(full, BUSY_IDLE)
+    assert request_graph(p.graph_inputs(full), IDLE, CLIENT, drafting=Drafting(4, 2.5)) == request_graph(
+        p.graph_inputs(full), IDLE, CLIENT, drafting=Drafting(4, 2.5, 5.0))
+    load = ServerLoad(cost=COST, occupancy=1.0, recent_step_s=COST.step_s(N, N), utilization=0.3)
+    assert p.added_step_s(load, k, fewer.step_rows()) < p.added_step_s(load, k, full.step_rows())
+    # as in test_a_drafted_newcomer_adds_its_rows...: held at 1 + γ rows, not where its type sends one
+    admitted = request()
+    ones = replace(load, occupancy=2.0, recent_step_s=load.recent_step_s + p.added_step_s(load, k, 1))
+    fives = replace(load, occupancy=2.0, recent_step_s=load.recent_step_s + p.added_step_s(load, k, 5))
+    sla = SLA(ttft_s=5.0, tpot_s=(p.predict(admitted, k, ones)[1] + p.predict(admitted, k, fives)[1]) / 2)
+    s = InFlight(admitted, Admission(k, "dp", 0.1, 0.05, sla=sla), 0.0)
+    assert isinstance(p.admitted_hold(request(num_drafts=4), k, load, [s]), Wait)
+    assert p.admitted_hold(request(num_drafts=4, rows_per_round_trip=1.0), k, load, [s]) is None
+
+
+def test_the_client_pass_is_the_mean_pass_bounded_by_the_chord():
+    one, full = CLIENT.pass_s(1), CLIENT.pass_s(5)
+    assert CLIENT.round_trip_pass_s(None) == one and CLIENT.round_trip_pass_s(Drafting(4, 2.5)) == full
+    mid = CLIENT.round_trip_pass_s(Drafting(4, 2.5, 3.0))
+    assert CLIENT.pass_s(3.0) < mid < full  # above the pass at r̄ (convex), below the full pass
+    assert mid == pytest.approx((one + full) / 2)  # half the round trips send all 4 drafts, half none
+    assert CLIENT.round_trip_pass_s(Drafting(4, 1.0, 1.0)) == one
+
+
+@pytest.mark.parametrize("rows, tokens, gamma, planned", [
+    (100.0, 2.5, 4, 5.0),  # above 1 + γ (another grant's, or odd): the most it may send
+    (1.0, 2.5, 4, 2.5),  # below its tokens per round trip: at least one row per token
+    (1.0, None, 4, 1.0),  # acceptance unmeasured: one row, never fewer
+    (3.0, None, 0, 1.0),  # no drafts: one row
+])
+def test_planned_rows_stay_within_one_and_one_plus_gamma(rows, tokens, gamma, planned):
+    req = request(num_drafts=gamma, tokens_per_round_trip=tokens, rows_per_round_trip=rows)
+    assert req.step_rows() == planned and req.step_rows(server_decode=True) == 1.0
+    if req.drafting is not None:
+        assert req.drafting.rows == planned and 1 <= req.drafting.rows <= 1 + gamma
+
+
+def test_the_measured_share_of_drafts_sent_and_the_rows_planned_from_it():
+    assert measured_draft_fill(decode_rows=30, answers=11, num_drafts=4) == 0.5  # 3 rows per round trip
+    assert measured_draft_fill(decode_rows=50, answers=11, num_drafts=4) == 1.0  # every draft sent
+    for odd in (dict(decode_rows=30, answers=0), dict(decode_rows=30, answers=1), dict(decode_rows=0, answers=-3)):
+        assert measured_draft_fill(num_drafts=4, **odd) is None  # no decode round trip to measure
+    assert measured_draft_fill(decode_rows=500, answers=11, num_drafts=4) == 1.0  # at most every draft
+    assert measured_draft_fill(decode_rows=0, answers=11, num_drafts=4) == 0.0  # at least the last token's row
+    assert expected_rows_per_round_trip([0.5, 0.5], 4) is None  # too few: plan at 1 + γ
+    assert expected_rows_per_round_trip([0.5, 0.25, 1.0, 0.75], 4) == 4.0  # the high quantile: 0.75 of 4 drafts
+    assert expected_rows_per_round_trip([0.0, 0.25, 0.5], 4) == 3.0  # three: the most
+    assert expected_rows_per_round_trip([0.5, 0.5, 0.5], 2) == 2.0  # a share: 1 of 2 drafts for a grant of 2
+    assert expected_rows_per_round_trip([0.0, 0.0, 0.0, float("nan"), 7.0], 4) == 1.0  # odd values are left out
+
+
 @pytest.mark.parametrize("make, match", [
+    (lambda: Drafting(4, 2.5, 2.0), r"Drafting.rows_per_round_trip: expected None or a number in \[2.5, 5\]"),
+    (lambda: Drafting(4, 2.5, 5.5), r"rows_per_round_trip: expected None or a number in \[2.5, 5\] .* got 5.5"),
+    (lambda: request(num_drafts=2, rows_per_round_trip=0.0), r"rows_per_round_trip: expected None or a number >= 1"),
+    (lambda: request(num_drafts=2, rows_per_round_trip=float("nan")), r"rows_per_round_trip: expected None or a"),
     (lambda: Drafting(0, 1.0), r"Drafting.num_drafts: expected an int >= 1, got 0"),
     (lambda: Drafting(4, 5.5), r"Drafting.tokens_per_round_trip: expected a number in \[1, 5\] .* got 5.5"),
     (lambda: Drafting(4, 0.5), r"expected a number in \[1, 5\]"),
