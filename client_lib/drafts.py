@@ -10,11 +10,19 @@ both sides but never change the output (the server's rejection sampler decides).
 :class:`PromptLookup` is prompt lookup (n-gram matching over the context): free, and strong where
 the output copies its input (code edits, summaries, retrieval answers). Pure Python, no vLLM, no
 numpy: vLLM's own matcher (``v1/spec_decode/ngram_proposer.py``) needs numba and a ``VllmConfig``.
-A small draft model would be another :class:`Drafter`.
+
+:class:`DraftModel` runs a small Hugging Face causal LM that the client holds (same vocabulary as
+the served model) and proposes its greedy continuation: it costs the draft model's forward passes
+on the client every round trip, and can help where the output does not copy its input. It keeps
+its own KV cache and crops it back to the context's common prefix, so rejected drafts' KV goes.
+torch and transformers are imported only when a draft model is built.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
 class Drafter:
@@ -119,13 +127,126 @@ def prompt_lookup_reference(context: Sequence[int], *, min_n: int, max_n: int, k
     return []
 
 
-def make_drafter(draft: "str | Drafter | None", num_drafts: int) -> Drafter | None:
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected an int >= 1, got {k!r}")
+    return k
+
+
+class DraftModel(Drafter):
+    """Greedy drafts from a small causal LM held by the client (``model``: a transformers
+    ``*ForCausalLM``, e.g. from :meth:`load`), ``k`` per proposal at most.
+
+    The drafter keeps a KV cache of exactly the tokens it fed the model (``_tokens``). ``propose`` crops
+    it to the longest common prefix of those tokens and the context (a rejected draft's KV is
+    dropped; a context that shares nothing starts over), feeds the unseen context tokens in one
+    forward, then takes the argmax and feeds each draft but the last, one token per forward:
+    ``d`` forwards for ``d`` drafts. ``accept`` is not needed (``propose`` syncs from the
+    context). No position past the model's ``max_position_embeddings`` is fed (fewer drafts).
+    """
+
+    def __init__(self, model: Any, k: int = 4) -> None:
+        import inspect
+
+        self.k = _check_k(k)
+        self.model = model.eval()
+        config = model.config
+        self.vocab_size: int = int(config.vocab_size)
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        # logits of the last row only, where the model takes the argument (a long context's full logits are large)
+        self._last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.reset()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, k: int = 4, dtype: Any = "float32") -> "DraftModel":
+        """The causal LM in the local directory ``path`` (config.json and weights; never
+        downloads), in ``dtype`` (a torch dtype or its name; float32 by default) on the CPU."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        _check_k(k)
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"draft model {str(path)!r}: not a directory (expected a local Hugging Face model directory)")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"draft model {str(path)!r}: no config.json (expected a Hugging Face model directory)")
+        torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if not isinstance(torch_dtype, torch.dtype):
+            raise ValueError(f"dtype: expected a torch dtype or its name ('float32', 'bfloat16'), got {dtype!r}")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"draft model {str(path)!r}: cannot load a causal LM from it: {exc}") from exc
+        return cls(model, k=k)
+
+    def reset(self) -> None:
+        self._cache: Any = None  # transformers cache of exactly self._tokens; None: empty
+        self._tokens: list[int] = []
+
+    def _crop(self, keep: int) -> None:
+        from client_lib.local_layers import truncate_cache
+
+        if keep == 0:
+            self.reset()
+        else:
+            truncate_cache(self._cache, len(self._tokens), keep)
+            del self._tokens[keep:]
+
+    def _feed(self, token_ids: list[int]):
+        """Run the model on ``token_ids`` after the cached tokens; the last row's logits."""
+        import torch
+
+        kwargs = {"logits_to_keep": 1} if self._last_logits else {}
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([token_ids], device=self.model.device),
+                             past_key_values=self._cache, use_cache=True, **kwargs)
+        self._cache = out.past_key_values
+        self._tokens.extend(token_ids)
+        return out.logits[0, -1]
+
+    def propose(self, context: Sequence[int], limit: int | None = None) -> list[int]:
+        want = self.k if limit is None else min(self.k, limit)
+        if self.max_positions is not None:
+            want = min(want, self.max_positions + 1 - len(context))  # the last draft is never fed
+        if want <= 0 or not context:
+            return []
+        context = [int(t) for t in context]
+        keep = 0
+        for held, tid in zip(self._tokens, context):
+            if held != tid:
+                break
+            keep += 1
+        keep = min(keep, len(context) - 1)  # feed at least the last token: its logits give the first draft
+        self._crop(keep)
+        logits = self._feed(context[keep:])
+        drafts = [int(logits.argmax())]
+        while len(drafts) < want:
+            drafts.append(int(self._feed(drafts[-1:]).argmax()))
+        return drafts
+
+
+def check_vocab(draft_vocab_size: int, target_vocab_size: int) -> None:
+    """Drafts are token ids of the served model: a draft model must share its vocabulary."""
+    if draft_vocab_size != target_vocab_size:
+        raise ValueError(f"draft model vocabulary {draft_vocab_size} differs from the served model's "
+                         f"{target_vocab_size}: drafts must be token ids of the served model (use a draft "
+                         f"model with the same tokenizer)")
+
+
+def make_drafter(draft: "str | os.PathLike | Drafter | None", num_drafts: int, *,
+                 vocab_size: int | None = None) -> Drafter | None:
     """``SplitSession``'s ``draft`` option: ``"none"`` (or None) -> no drafter, ``"ngram"`` ->
-    :class:`PromptLookup` proposing ``num_drafts``, a :class:`Drafter` as is."""
+    :class:`PromptLookup` proposing ``num_drafts``, a local model directory ->
+    :class:`DraftModel` proposing ``num_drafts``, a :class:`Drafter` as is. ``vocab_size``
+    (the served model's, when known) is checked against a draft model's."""
     if draft is None or draft == "none":
         return None
     if draft == "ngram":
         return PromptLookup(k=num_drafts)
+    if isinstance(draft, (str, os.PathLike)) and Path(draft).is_dir():
+        draft = DraftModel.load(draft, k=num_drafts)
+    if isinstance(draft, DraftModel) and vocab_size is not None:
+        check_vocab(draft.vocab_size, vocab_size)
     if isinstance(draft, Drafter):
         return draft
-    raise ValueError(f"draft: expected 'ngram', 'none' or a Drafter, got {draft!r}")
+    raise ValueError(f"draft: expected 'ngram', 'none', a local model directory or a Drafter, got {draft!r}")

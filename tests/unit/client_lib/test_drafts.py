@@ -76,7 +76,7 @@ def test_drafter_options():
     assert isinstance(make_drafter("ngram", 3), PromptLookup) and make_drafter("ngram", 3).k == 3
     custom = Drafter()
     assert make_drafter(custom, 4) is custom
-    with pytest.raises(ValueError, match="expected 'ngram', 'none' or a Drafter"):
+    with pytest.raises(ValueError, match="expected 'ngram', 'none', a local model directory or a Drafter"):
         make_drafter("eagle", 4)
 
 

@@ -241,7 +241,7 @@ async def test_options_are_checked_before_connecting(tiny_chat_model):
     from client_lib.tail_layers import TailLayers
 
     layers = LocalLayers(tiny_chat_model, split_layer=1)
-    for bad, match in ((dict(draft="eagle"), "expected 'ngram', 'none' or a Drafter"),
+    for bad, match in ((dict(draft="eagle"), "expected 'ngram', 'none', a local model directory or a Drafter"),
                        (dict(draft="ngram", num_drafts=0), "num_drafts: expected an int from 1 to 16"),
                        (dict(draft="ngram", num_drafts=17), "num_drafts: expected an int from 1 to 16"),
                        (dict(draft="ngram", tail=TailLayers(tiny_chat_model, return_layer=3)), "U-shaped"),
