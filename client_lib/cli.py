@@ -3,18 +3,19 @@
     vllm-split-client --server http://localhost:8000 --model DIR [--split-layer auto|K] \\
         [--max-layers M] [--ttft 2.0 --tpot 0.2] --prompt "What is the capital of France?" --max-tokens 64 \\
         [--privacy-floor F] [--wire-dtype auto|float16|int8_mixed|...] [--return-layer auto|M] \\
-        [--draft ngram|none] [--num-drafts N] [--request-type TYPE] [--chat] [--timings]
+        [--draft ngram|none|DIR] [--num-drafts N] [--request-type TYPE] [--chat] [--timings]
     vllm-split-client serve --server http://localhost:8000 --model DIR [--port 8001]   # OpenAI gateway
 
 ``--return-layer M`` (or ``auto`` with ``--split-layer auto``) makes the session U-shaped
 (``client_lib/ushape.py``): the client also runs layers ``[M, L)``, the LM head and sampling,
 and no token id goes to the server. ``--draft ngram`` sends up to ``--num-drafts`` prompt-lookup
 draft tokens with each activation, for the server to verify in one step (a server started with
-``--split-drafts``; others grant none); ``--request-type`` labels the kind of request, for which the
-server measures how many drafts it accepts. ``serve`` runs the OpenAI-compatible gateway
-(``client_lib/gateway``, docs/gateway.md). An
-``https://`` server is reached over ``wss://`` and its certificate verified against the
-system's CAs, or against ``--ca-file PATH`` (``--insecure``: no verification, testing only).
+``--split-drafts``; others grant none); ``--draft DIR`` drafts with the small model in that local
+directory instead (``client_lib.drafts.make_drafter``); ``--request-type`` labels the kind of
+request, for which the server measures how many drafts it accepts. ``serve`` runs the
+OpenAI-compatible gateway (``client_lib/gateway``, docs/gateway.md). An ``https://`` server is
+reached over ``wss://`` and its certificate verified against the system's CAs, or against
+``--ca-file PATH`` (``--insecure``: no verification, testing only).
 """
 from __future__ import annotations
 
@@ -48,6 +49,25 @@ def _request_type(value: str) -> str:
     return value
 
 
+DRAFT_NAMES = ("ngram", "none")
+
+
+def _draft(value: str) -> str:
+    """``--draft``: a drafter's name, or a draft model's local directory (kept as given)."""
+    if value in DRAFT_NAMES or os.path.isdir(value):
+        return value
+    raise argparse.ArgumentTypeError(f"expected 'ngram', 'none' or a draft model's local directory, got {value!r} "
+                                     f"(no such directory)")
+
+
+def _draft_name(value: str) -> str:
+    """``--draft`` where no draft model is taken (the gateway): ``ngram`` or ``none``."""
+    if value in DRAFT_NAMES:
+        return value
+    raise argparse.ArgumentTypeError(f"expected 'ngram' or 'none', got {value!r} (the gateway takes no draft model: "
+                                     f"one holds a single sequence's state, and the gateway runs concurrent sessions)")
+
+
 def _num_drafts(value: str) -> int:
     try:
         return check_num_drafts(int(value))
@@ -64,6 +84,27 @@ def add_tls_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
                             "the system's CAs")
     group.add_argument(f"--{prefix}insecure", action="store_true",
                        help="https:// server: do not verify its certificate (for testing only)")
+
+
+def add_draft_options(p: argparse.ArgumentParser, *, models: bool = True) -> None:
+    """``--draft`` and ``--num-drafts``: ``SplitSession.create``'s ``draft`` and ``num_drafts``;
+    ``models``: a draft model's directory is accepted too (else only ``ngram`` and ``none``)."""
+    model_help = "; a directory: the small draft model there proposes them" if models else ""
+    p.add_argument("--draft", default="none", type=_draft if models else _draft_name,
+                   metavar="ngram|none|DIR" if models else "ngram|none",
+                   help="draft tokens for the server to verify (speculative decoding, fewer round trips; a server "
+                        f"started with --split-drafts): 'ngram' proposes them by prompt lookup over the prompt and "
+                        f"the output so far{model_help}; default: none")
+    p.add_argument("--num-drafts", type=_num_drafts, default=4, metavar="N",
+                   help="--draft: most draft tokens per activation (1 to 16; the server may grant fewer); default 4")
+
+
+def add_request_type_option(p: argparse.ArgumentParser, *, default: str | None = "",
+                            default_help: str = "none") -> None:
+    """``--request-type TYPE``: ``SplitSession.create``'s ``request_type`` (``default`` when not given)."""
+    p.add_argument("--request-type", type=_request_type, default=default, metavar="TYPE",
+                   help="the kind of request (e.g. code, chat; up to 32 characters): the server plans drafts with "
+                        f"the tokens per round trip it measured for the type; default: {default_help}")
 
 
 def add_privacy_floor_option(p: argparse.ArgumentParser) -> None:
@@ -99,14 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
                    help="--wire-dtype auto: lowest greedy token match rate with float32 to accept (default "
                         f"{DEFAULT_MIN_AGREEMENT})")
-    p.add_argument("--draft", default="none", choices=["ngram", "none"],
-                   help="draft tokens for the server to verify (speculative decoding, fewer round trips): 'ngram' "
-                        "proposes them by prompt lookup over the prompt and the output so far; default: none")
-    p.add_argument("--num-drafts", type=_num_drafts, default=4, metavar="N",
-                   help="--draft: most draft tokens per activation (1 to 16; the server may grant fewer); default 4")
-    p.add_argument("--request-type", type=_request_type, default="", metavar="TYPE",
-                   help="the kind of request (e.g. code, chat; up to 32 characters): the server plans drafts with "
-                        "the tokens per round trip it measured for the type; default: none")
+    add_draft_options(p)
+    add_request_type_option(p)
     p.add_argument("--ttft", type=float, default=None, help="SLA: time to first token (s)")
     p.add_argument("--tpot", type=float, default=None, help="SLA: time per output token (s)")
     p.add_argument("--prompt", required=True)

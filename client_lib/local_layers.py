@@ -60,6 +60,7 @@ class LocalLayers:
         self.split_layer = split_layer
         self.num_layers = num_layers
         self.hidden_size = config.hidden_size
+        self.vocab_size = config.vocab_size  # token ids a drafter may propose (client_lib/drafts.py)
         self.device = torch.device(device)
         self.dtype = dtype
         self.fingerprint = model_fingerprint(self.model_dir)

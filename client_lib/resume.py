@@ -22,6 +22,15 @@ and the backoff waits only after a whole round of URLs failed. A single URL, e.g
 that sends each new connection to a live replica, behaves as before. Every replica must
 serve the same weights: another model is refused (``fingerprint_mismatch``, not retried).
 ``servers_used`` lists the URL of every session the generation opened, in order.
+
+Drafts (``draft="ngram"``, a draft model's directory or a :class:`~client_lib.drafts.Drafter`;
+``num_drafts``, ``request_type``: as :meth:`SplitSession.create`'s, docs/drafts.md): every session
+the generation opens drafts with one drafter (made once), and is given the ids of its prompt
+(the prompt's, then every token so far) for it. The kept rows follow the local layers' KV cache:
+when a session cuts the cache back past rejected drafts (``truncate``), the kept rows are cut at
+the same position, and after a drop the rows of drafts sent but not yet answered are dropped, so
+a resumed session's prompt is again exactly the prompt's and the output tokens' rows. Drafting
+needs layers with ``truncate`` (``LocalLayers``, a ``SharedLayers`` view).
 """
 from __future__ import annotations
 
@@ -35,7 +44,9 @@ from typing import Any, AsyncIterator, Sequence
 import aiohttp
 import torch
 
-from client_lib.session import DEFAULT_CHUNK_ROWS, ServerError, SplitSession, SSLOption, TokenEvent
+from client_lib.drafts import Drafter, make_drafter
+from client_lib.session import DEFAULT_CHUNK_ROWS, ServerError, SplitSession, SSLOption, TokenEvent, check_num_drafts
+from vllm_split.wire.drafts import check_request_type
 from vllm_split.wire import protocol as wire
 from vllm_split.wire.contract import ErrorCode
 
@@ -61,7 +72,9 @@ class ReconnectPolicy:
 
 
 class _KeptRows:
-    """``LocalLayers`` stand-in that records every row the local layers compute."""
+    """``LocalLayers`` stand-in that keeps the row of every position in the layers' KV cache:
+    each computed row is recorded, and :meth:`truncate` cuts the rows where it cuts the cache
+    (rejected drafts), so ``num_rows()`` is always the layers' position count."""
 
     def __init__(self, layers: Any) -> None:
         self.layers = layers
@@ -78,6 +91,19 @@ class _KeptRows:
         self.rows.append(out.detach().clone())
         return out
 
+    def truncate(self, num_positions: int) -> None:
+        """Keep the first ``num_positions`` positions: the layers' KV cache and the rows."""
+        self.layers.truncate(num_positions)  # checks 0 <= num_positions <= the positions held
+        excess = self.num_rows() - num_positions
+        while excess > 0:
+            last = self.rows[-1]
+            if last.shape[0] <= excess:
+                self.rows.pop()
+                excess -= last.shape[0]
+            else:
+                self.rows[-1] = last[: last.shape[0] - excess]
+                excess = 0
+
     def num_rows(self) -> int:
         return sum(r.shape[0] for r in self.rows)
 
@@ -87,7 +113,8 @@ class ResumableGeneration:
 
     def __init__(self, url: str | Sequence[str], layers: Any, *, sampling: wire.SamplingOptions | None = None,
                  api_key: str | None = None, policy: ReconnectPolicy = ReconnectPolicy(),
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS, ssl: SSLOption = None) -> None:
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, ssl: SSLOption = None,
+                 draft: str | Drafter | None = "none", num_drafts: int = 4, request_type: str = "") -> None:
         self.sampling = sampling or wire.SamplingOptions()
         if self.sampling.temperature > 0:
             raise ResumeError(f"resume is exact only for greedy decoding (temperature 0), got temperature "
@@ -102,10 +129,19 @@ class ResumableGeneration:
         self.servers_used: list[str] = []  # the URL of every session opened, in order
         self.api_key, self.policy, self.chunk_rows = api_key, policy, chunk_rows
         self.ssl = ssl  # SplitSession.create's ssl: how a wss:// server's certificate is verified
+        check_request_type(request_type)
+        self.request_type = request_type  # SplitSession.create's: the kind of request, sent at every Open
+        # one drafter for every session (a draft model loads once); each session resets it
+        self.drafter = make_drafter(draft, check_num_drafts(num_drafts), vocab_size=getattr(layers, "vocab_size", None))
+        self.num_drafts = num_drafts
+        if self.drafter is not None and not callable(getattr(layers, "truncate", None)):
+            raise ValueError(f"draft: {type(layers).__name__} has no truncate(num_positions): drafting needs layers "
+                             f"whose KV cache can drop rejected drafts (LocalLayers, a SharedLayers view)")
         self.kept = _KeptRows(layers)
         self.num_reconnects = 0
         self.finish_reason: str | None = None
         self.events: list[TokenEvent] = []
+        self.round_trips = self.drafts_sent = self.drafts_accepted = 0  # over every session (GenerationStats)
         self._session: SplitSession | None = None
 
     @property
@@ -131,15 +167,19 @@ class ResumableGeneration:
         while True:
             done = len(self.events)
             sampling = replace(self.sampling, max_tokens=self.sampling.max_tokens - done)
+            # the ids of the rows replayed: the prompt's, then the tokens so far (the drafter's context)
+            token_ids = [*prompt_ids, *(e.token_id for e in self.events)] if self.drafter is not None else None
             try:
                 self._session = await self._connect(sampling)
                 try:
-                    async for event in self._session.stream(torch.cat(self.kept.rows), chunk_rows=self.chunk_rows):
+                    async for event in self._session.stream(torch.cat(self.kept.rows), chunk_rows=self.chunk_rows,
+                                                            token_ids=token_ids):
                         event = replace(event, index=done + event.index)
                         self.events.append(event)
                         yield event
                 finally:
                     await self._session.close()
+                    self._count(self._session)
                 reason = self._session.stats.finish_reason
                 if reason == "abort" and len(self.events) < self.sampling.max_tokens:
                     # the server aborted the request (it is shutting down or restarting; this
@@ -163,9 +203,20 @@ class ResumableGeneration:
                             len(self.events), exc, self.url)
                 self._catch_up(num_prompt)
 
+    def _count(self, session: SplitSession) -> None:
+        stats = session.stats
+        self.round_trips += stats.round_trips
+        self.drafts_sent += stats.drafts_sent
+        self.drafts_accepted += stats.drafts_accepted
+
     def _catch_up(self, num_prompt: int) -> None:
-        """Rows for every received token must be kept before the rows are replayed."""
-        while self.kept.num_rows() < num_prompt + len(self.events):
+        """Before the rows are replayed, exactly one row per prompt position and per received
+        token is kept: the rows of drafts sent but not answered go (with their KV positions),
+        and tokens received but not yet run through the layers get their rows."""
+        num_rows = num_prompt + len(self.events)
+        if self.kept.num_rows() > num_rows:
+            self.kept.truncate(num_rows)
+        while self.kept.num_rows() < num_rows:
             self.kept.forward([self.events[self.kept.num_rows() - num_prompt].token_id])
 
     async def _connect(self, sampling: wire.SamplingOptions) -> SplitSession:
@@ -178,7 +229,9 @@ class ResumableGeneration:
             url = self.url
             try:
                 session = await SplitSession.create(url, self.kept, sampling=sampling, api_key=self.api_key,
-                                                    server_decode=False, ssl=self.ssl)  # it replays kept rows
+                                                    server_decode=False, ssl=self.ssl,  # it replays kept rows
+                                                    draft=self.drafter, num_drafts=self.num_drafts,
+                                                    request_type=self.request_type)
                 self.servers_used.append(url)
                 return session
             except (ServerError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:

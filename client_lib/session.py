@@ -42,7 +42,8 @@ certificate) to trust instead, or an ``ssl.SSLContext``. ``ssl=False`` turns ver
 off: for tests only, never the default. A certificate that does not verify, or a server that
 does not speak TLS, raises :class:`ServerError` with code ``tls`` naming the URL.
 
-Drafts (``draft="ngram"`` or a :class:`~client_lib.drafts.Drafter`, ``num_drafts=γ``; issue 14):
+Drafts (``draft="ngram"``, a draft model's directory or a :class:`~client_lib.drafts.Drafter`,
+``num_drafts=γ``; issue 14):
 the client asks for up to γ draft tokens per activation (``Open.max_drafts``). A server that
 grants them (``Opened.max_drafts = g > 0``) answers with ``Tokens`` frames; after each answer
 the client drops its KV cache's positions past the accepted tokens (``layers.truncate``), asks
@@ -179,12 +180,13 @@ class SplitSession:
         (module docstring; :func:`check_privacy_floor` runs first). ``tail``: a U-shaped
         session (:mod:`client_lib.ushape`): the client also runs the tail's layers
         ``[m, L)``, the norm, the LM head and sampling, and no token id goes to the server.
-        ``draft`` (``"none"``, ``"ngram"`` or a :class:`~client_lib.drafts.Drafter`) and
+        ``draft`` (``"none"``, ``"ngram"``, a draft model's local directory, or a
+        :class:`~client_lib.drafts.Drafter`; a draft model must have the layers' ``vocab_size``) and
         ``num_drafts`` (γ, 1 to 16): draft tokens per activation (module docstring).
         ``request_type``: the kind of request, 0 to 32 printable characters (module docstring)."""
         check_privacy_floor(layers, privacy_floor)
         check_request_type(request_type)  # before connecting
-        drafter = make_drafter(draft, check_num_drafts(num_drafts))
+        drafter = make_drafter(draft, check_num_drafts(num_drafts), vocab_size=getattr(layers, "vocab_size", None))
         if drafter is not None and not callable(getattr(layers, "truncate", None)):
             raise ValueError(f"draft: {type(layers).__name__} has no truncate(num_positions): drafting needs layers "
                              f"whose KV cache can drop rejected drafts (LocalLayers, a SharedLayers view)")

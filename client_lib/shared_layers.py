@@ -86,6 +86,7 @@ class LayerView:
         self.max_layers = layers.max_layers
         self.num_layers = layers.num_layers
         self.hidden_size = layers.hidden_size
+        self.vocab_size = layers.vocab_size
         self.device = layers.device
         self.dtype = layers.dtype
         self.split_layer = split_layer

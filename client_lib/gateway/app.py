@@ -114,7 +114,8 @@ class Gateway:
         sampling = params.sampling(self._max_tokens(params, len(prompt_ids), param))
         generation = SplitGeneration(self.upstream, self.tokenizer, prompt_ids=prompt_ids, sampling=sampling,
                                      stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
-                                     skip_special_tokens=params.skip_special_tokens)
+                                     skip_special_tokens=params.skip_special_tokens,
+                                     request_type=self.upstream.request_type_for(kind))
         fmt = ResponseFormat(kind, model=params.model or self.config.model_names[0],
                              return_token_ids=params.return_token_ids, prompt_ids=prompt_ids)
         if params.stream:

@@ -8,6 +8,13 @@ cut at the first stop string (the session is then closed, which aborts the reque
 server). When it ends, ``outcome`` says how and ``placement`` where it ran. Failures leave as
 :class:`~client_lib.gateway.errors.APIError`: the server's refusals mapped to their HTTP
 status, an unreachable server as 502.
+
+Drafts (``Upstream.draft="ngram"``, docs/drafts.md): every session drafts by prompt lookup with
+a drafter of its own (the gateway has each prompt's token ids); an answer may then bring several
+tokens, still one delta each. No draft model here: its drafter holds one sequence's state, and
+the gateway runs sessions concurrently. Request type: ``Upstream.request_type`` for every
+session when set; else, when drafting, the endpoint's kind (``"chat"``, ``"completion"``); else
+none (an older server refuses the field).
 """
 from __future__ import annotations
 
@@ -22,9 +29,12 @@ from client_lib.gateway.detokenize import IncrementalDetokenizer, StopStrings
 from client_lib.gateway.errors import APIError, from_server_error, unreachable
 from client_lib.gateway.responses import Outcome, Placement
 from client_lib.local_layers import LocalLayersError
-from client_lib.session import ServerError, SplitSession, SSLOption, TokenEvent
+from client_lib.session import ServerError, SplitSession, SSLOption, TokenEvent, check_num_drafts
 from client_lib.shared_layers import SharedLayers
 from vllm_split.wire import protocol as wire
+from vllm_split.wire.drafts import check_request_type
+
+GATEWAY_DRAFTS = ("none", "ngram")  # the drafters a gateway session can use (no draft model: see above)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +48,23 @@ class Upstream:
     api_key: str | None = None  # the split server's --api-key
     ssl: SSLOption = None  # an https:// server: how its certificate is verified (SplitSession.create's ssl)
     privacy_floor: int = 0  # no split layer below it, no server decoding (SplitSession.create's privacy_floor)
+    draft: str = "none"  # "ngram": every session drafts by prompt lookup (SplitSession.create's draft)
+    num_drafts: int = 4  # drafts per activation asked at Open (SplitSession.create's num_drafts)
+    request_type: str | None = None  # every session's; None: the endpoint's kind when drafting, else none
+
+    def __post_init__(self) -> None:
+        if self.draft not in GATEWAY_DRAFTS:
+            raise ValueError(f"draft: the gateway drafts with 'ngram' or 'none', got {self.draft!r} (a draft model "
+                             f"keeps one sequence's state; the gateway runs concurrent sessions)")
+        check_num_drafts(self.num_drafts)
+        if self.request_type is not None:
+            check_request_type(self.request_type)
+
+    def request_type_for(self, kind: str) -> str:
+        """The request type of a session for an endpoint of ``kind`` ("chat", "completion")."""
+        if self.request_type is not None:
+            return self.request_type
+        return kind if self.draft != "none" else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +78,11 @@ class Delta:
 class SplitGeneration:
     def __init__(self, upstream: Upstream, tokenizer: Any, *, prompt_ids: list[int], sampling: wire.SamplingOptions,
                  stop: tuple[str, ...] = (), include_stop_str_in_output: bool = False,
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True, request_type: str = "") -> None:
         self.upstream = upstream
         self.prompt_ids = prompt_ids
         self.sampling = sampling
+        self.request_type = request_type  # sent at Open (SplitSession.create's request_type)
         self.token_ids: list[int] = []
         self.outcome: Outcome | None = None
         self.placement: Placement | None = None
@@ -74,7 +102,8 @@ class SplitGeneration:
             async with await SplitSession.create(up.url, view, sampling=self.sampling, api_key=up.api_key, sla=up.sla,
                                                  profile=up.profile if view.auto else None, ssl=up.ssl,
                                                  expected_output_tokens=self.sampling.max_tokens,
-                                                 privacy_floor=up.privacy_floor) as session:
+                                                 privacy_floor=up.privacy_floor, draft=up.draft,
+                                                 num_drafts=up.num_drafts, request_type=self.request_type) as session:
                 async with aclosing(session.generate(self.prompt_ids)) as events:
                     async for event in events:
                         delta = self._take(event, session)

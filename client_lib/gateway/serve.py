@@ -3,11 +3,14 @@
     vllm-split-client serve --server http://SERVER:8000 --model DIR [--host 127.0.0.1 --port 8001] \\
         [--split-layer auto|K] [--max-layers M] [--ttft S --tpot S] [--api-key KEY] [--threads N] \\
         [--privacy-floor F] [--server-ca-file PATH | --server-insecure]   # https:// server: its certificate's CA
+        [--draft ngram|none] [--num-drafts N] [--request-type TYPE]     # drafts: a --split-drafts server
 
 Loads the model's first layers once (``LocalLayers``, shared by every request through
 ``SharedLayers``), measures this device's speed once when the server chooses the split layer
 (cached per device and model), and serves ``/v1/models``, ``/v1/completions`` and
-``/v1/chat/completions``; each request is one split session with the server.
+``/v1/chat/completions``; each request is one split session with the server. With ``--draft
+ngram`` every session drafts by prompt lookup (docs/drafts.md) and is labelled with its endpoint's
+kind (``chat``, ``completion``) unless ``--request-type`` gives one label for all.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import argparse
 import logging
 import os
 
-from client_lib.cli import add_privacy_floor_option, add_tls_options, tls_option
+from client_lib.cli import (add_draft_options, add_privacy_floor_option, add_request_type_option, add_tls_options,
+                            tls_option)
 from client_lib.gateway.app import Gateway, GatewayConfig, create_app
 from client_lib.gateway.generation import Upstream
 from client_lib.gateway.openai_requests import SamplingDefaults
@@ -44,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-layers", type=int, default=None,
                    help="most decoder layers held in memory (auto loads only these); default: no bound")
     add_privacy_floor_option(p)
+    add_draft_options(p, models=False)
+    add_request_type_option(p, default=None, default_help="the endpoint's kind (chat, completion) when drafting, "
+                                                          "else none; '' : none")
     p.add_argument("--ttft", type=float, default=None, help="SLA sent with every session: time to first token (s)")
     p.add_argument("--tpot", type=float, default=None, help="SLA sent with every session: time per output token (s)")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -84,7 +91,8 @@ def build_app(args: argparse.Namespace):
                            api_key=args.api_key, sampling_defaults=SamplingDefaults.from_model_dir(args.model))
     upstream = Upstream(url=args.server, layers=SharedLayers(layers), profile=profile, sla=sla,
                         api_key=args.server_api_key, ssl=tls_option(args.server_ca_file, args.server_insecure),
-                        privacy_floor=args.privacy_floor)
+                        privacy_floor=args.privacy_floor, draft=args.draft, num_drafts=args.num_drafts,
+                        request_type=args.request_type)
     gateway = Gateway(config, upstream, AutoTokenizer.from_pretrained(args.model))
     where = "chosen by the server per request" if layers.auto else str(layers.split_layer)
     logger.info("gateway for %s at http://%s:%d/v1 -> split server %s; split layer %s of %d",

@@ -7,7 +7,9 @@ output equals the unsplit greedy reference token for token, and the frames show 
 accepted drafts. The client recomputes its rows from scratch each round (no KV rollback).
 Sampled sessions (temperature 1, seeded) drafting by prompt lookup keep the output
 distribution of sessions without drafts: a chi-square test per output position and on whole
-outputs, which rejects a session at temperature 0.7. One engine start for the module."""
+outputs, which rejects a session at temperature 0.7. The client library's prompt-lookup drafts,
+in a session and in a ``ResumableGeneration`` whose connection drops twice, are exact. One
+engine start for the module."""
 from __future__ import annotations
 
 import asyncio
@@ -179,14 +181,21 @@ REPETITIVE = ("Copy the list exactly, twice:\n"
               "apples, pears, plums,")
 
 
-async def test_the_client_librarys_ngram_drafts_are_exact_and_save_round_trips(server, model_dir, tokenizer):
+@pytest.fixture(scope="module")
+def repetitive(model_dir, tokenizer) -> tuple[list[int], list[int]]:
+    """REPETITIVE's ids and their unsplit greedy continuation."""
+    ids = tokenizer(REPETITIVE)["input_ids"]
+    (expected,) = transformers_greedy(model_dir, [ids], MAX_TOKENS)
+    return ids, expected
+
+
+async def test_the_client_librarys_ngram_drafts_are_exact_and_save_round_trips(server, model_dir, repetitive):
     """The client library end to end: ``SplitSession(draft="ngram")`` drafts by prompt lookup,
     rolls its KV cache back past rejected drafts (``LocalLayers.truncate``), and its output
     equals the unsplit greedy reference with fewer round trips than tokens."""
     from client_lib import LocalLayers, SamplingOptions, SplitSession
 
-    ids = tokenizer(REPETITIVE)["input_ids"]
-    (expected,) = transformers_greedy(model_dir, [ids], MAX_TOKENS)
+    ids, expected = repetitive
 
     async def one(k: int):
         tokens = []
@@ -201,6 +210,28 @@ async def test_the_client_librarys_ngram_drafts_are_exact_and_save_round_trips(s
         assert tokens == expected, f"k={session.opened.split_layer}: drafted output diverged"
         assert session.granted_drafts == K_SERVER and session.drafts_accepted > 0
         assert session.round_trips < len(tokens), (session.round_trips, len(tokens))
+
+
+async def test_a_drafting_resumable_generation_survives_drops_token_exact(server, model_dir, repetitive):
+    """``ResumableGeneration(draft="ngram")``: the connection dropped twice mid-generation; each
+    resumed session replays the prompt's and the tokens' rows (no draft's) and drafts again; the
+    output equals the unsplit greedy reference."""
+    from client_lib import SamplingOptions
+    from client_lib.resume import ReconnectPolicy, ResumableGeneration
+
+    ids, expected = repetitive
+    gen = ResumableGeneration(server.url, local_layers(model_dir, 15), draft="ngram", num_drafts=K_SERVER,
+                              sampling=SamplingOptions(max_tokens=MAX_TOKENS, ignore_eos=True),
+                              policy=ReconnectPolicy(initial_delay_s=0.2, max_delay_s=2.0, give_up_after_s=60))
+    tokens = []
+    async for event in gen.generate(ids):
+        assert event.index == len(tokens)
+        tokens.append(event.token_id)
+        if event.index in (3, 9):
+            await gen.disconnect()
+    assert tokens == expected
+    assert gen.num_reconnects == 2 and len(gen.servers_used) == 3 and gen.finish_reason == "length"
+    assert gen.drafts_accepted > 0, (gen.drafts_sent, gen.drafts_accepted)
 
 
 SAMPLED_K = 7

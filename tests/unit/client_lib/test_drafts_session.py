@@ -26,12 +26,19 @@ class DraftServer:
     field's support is emulated by ``refuse``); answers the script; keeps every position's
     row, dropping rows of rejected drafts. ``lie``: at that answer, claim the first draft
     accepted but change it (a faulty server). ``stop_at``: finish with ``stop`` at that
-    output index, cutting the answer there."""
+    output index, cutting the answer there. The script is the output after ``num_prompt``
+    positions: a session whose prompt is longer (a resumed one: prompt and tokens so far) goes on
+    from there. ``drop_before``: per session, close the connection instead of answering once the
+    session's output reaches that many tokens (the drafts sent last are never answered)."""
 
     def __init__(self, *, grant: int = 8, script=SCRIPT, lie: int | None = None, stop_at: int | None = None,
-                 refuse: bool = False, refuse_type: bool = False) -> None:
+                 refuse: bool = False, refuse_type: bool = False, drop_before: tuple[int, ...] = (),
+                 num_prompt: int = len(PROMPT)) -> None:
         self.grant, self.script, self.lie, self.stop_at, self.refuse = grant, list(script), lie, stop_at, refuse
         self.refuse_type = refuse_type  # a server that takes max_drafts but predates Open.request_type
+        self.drop_before, self.num_prompt = list(drop_before), num_prompt
+        self.opens: list[wire.Open] = []
+        self.prompts: list[torch.Tensor] = []  # per session: the prompt rows received
         self.open: wire.Open | None = None
         self.activations: list[wire.Activation] = []
         self.rows: torch.Tensor | None = None  # every kept position's row
@@ -41,6 +48,7 @@ class DraftServer:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self.open = msg = wire.decode((await ws.receive()).data)
+        self.opens.append(msg)
         if (self.refuse and msg.max_drafts) or (self.refuse_type and msg.request_type):
             names = "['max_drafts']" if self.refuse else "['request_type']"
             await ws.send_bytes(wire.encode(wire.Error(code="protocol", message=f"Open: unknown field(s) {names}; "
@@ -59,14 +67,20 @@ class DraftServer:
             if act.end_of_prompt:
                 break
         rows = torch.cat(rows)
+        self.prompts.append(rows)
         n, max_tokens = rows.shape[0], msg.sampling.max_tokens
-        end = min(max_tokens, len(self.script))
+        script = self.script[n - self.num_prompt:]  # the output after this session's prompt
+        drop = self.drop_before.pop(0) if self.drop_before else None
+        end = min(max_tokens, len(script))
         index, drafts = 0, ()
         while True:
+            if drop is not None and index >= drop:
+                await ws.close()  # the server goes away; the drafts sent last are never answered
+                return ws
             accepted = 0
-            while accepted < len(drafts) and index + accepted < end and drafts[accepted] == self.script[index + accepted]:
+            while accepted < len(drafts) and index + accepted < end and drafts[accepted] == script[index + accepted]:
                 accepted += 1
-            ids = list(self.script[index : min(index + accepted + 1, end)])
+            ids = list(script[index : min(index + accepted + 1, end)])
             if self.lie is not None and len(self.answers) == self.lie:
                 ids = [ids[0] + 1, *ids]
             reason = "length" if index + len(ids) >= end else None
@@ -256,7 +270,7 @@ async def test_options_are_checked_before_connecting(tiny_chat_model):
         await SplitSession.create("http://127.0.0.1:9", NoTruncate(), draft="ngram")
 
 
-def test_the_command_line_takes_drafts():
+def test_the_command_line_takes_drafts(tmp_path, capsys):
     from client_lib.cli import parse_args
 
     base = ["--model", "m", "--prompt", "hi"]
@@ -264,8 +278,13 @@ def test_the_command_line_takes_drafts():
     assert (args.draft, args.num_drafts) == ("none", 4)
     args = parse_args([*base, "--draft", "ngram", "--num-drafts", "6"])
     assert (args.draft, args.num_drafts) == ("ngram", 6)
-    with pytest.raises(SystemExit):
-        parse_args([*base, "--draft", "eagle"])
+    assert parse_args([*base, "--draft", str(tmp_path)]).draft == str(tmp_path)  # a draft model's directory
+    for bogus in ("eagle", str(tmp_path / "missing"), str(tmp_path / "file")):
+        (tmp_path / "file").write_text("not a directory")
+        with pytest.raises(SystemExit):
+            parse_args([*base, "--draft", bogus])
+        assert (f"argument --draft: expected 'ngram', 'none' or a draft model's local directory, got {bogus!r} "
+                f"(no such directory)") in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args([*base, "--draft", "ngram", "--num-drafts", "0"])
     assert (parse_args(base).request_type, parse_args([*base, "--request-type", "code"]).request_type) == ("", "code")

@@ -37,12 +37,14 @@ def script(tiny_tokenizer) -> list[int]:
 
 @asynccontextmanager
 async def gateway(model_dir, tokenizer, tokens, *, api_key=None, server_url=None, split_layer="auto", privacy_floor=0,
-                  **server):
-    fake = ScriptedServer(tokens, num_layers=NUM_LAYERS, hidden=HIDDEN, **server)
+                  fake=None, upstream_options=None, **server):
+    """A gateway in front of ``fake`` (default: a :class:`ScriptedServer` of ``tokens`` and
+    ``server``'s options); ``upstream_options``: more of :class:`Upstream`'s fields."""
+    fake = fake or ScriptedServer(tokens, num_layers=NUM_LAYERS, hidden=HIDDEN, **server)
     server_runner, url = await _serve(fake)
     layers = LocalLayers(model_dir, split_layer=split_layer)
     upstream = Upstream(url=server_url or url, layers=SharedLayers(layers), profile=PROFILE, sla=None,
-                        privacy_floor=privacy_floor)
+                        privacy_floor=privacy_floor, **(upstream_options or {}))
     config = GatewayConfig(model_names=("tiny",), model_root=str(model_dir), max_model_len=64, default_max_tokens=60,
                            api_key=api_key)
     runner = web.AppRunner(create_app(Gateway(config, upstream, tokenizer)))
