@@ -9,7 +9,7 @@ from vllm_split.wire.protocol import WIRE_DTYPES
 
 CONFIG_KEY = "vllm_split"
 STRING_OPTIONS = {"placement": ("dp", "greedy"), "gather": ("adaptive", "off"),
-                  "composition": ("gathered", "mixed", "grouped", "auto")}
+                  "composition": ("gathered", "mixed", "grouped", "auto"), "whole_graph": ("on", "off")}
 LIST_OPTIONS = {"wire_dtypes": WIRE_DTYPES}  # comma-separated names, each one of these
 
 
@@ -104,6 +104,12 @@ class SplitConfig:
     # ``vllm_split.engine.drafts.ClientDrafts`` proposer and at least this many speculative
     # tokens (``vllm-split serve --split-drafts K`` adds it). 0: off, no spec config.
     drafts: int = 0
+    # A step whose rows all enter at layer 0 (ordinary requests and split sessions at k = 0)
+    # runs vLLM's own compiled model, the split rows as its input embeddings (the worker turns
+    # on the model runner's embeddings input, vLLM's ``enable_prompt_embeds``, in the worker
+    # only: the API server still refuses prompt embeddings). "off": such steps run the split
+    # layer bodies like any other split step. Only in vLLM's compiled mode.
+    whole_graph: str = "on"
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -136,6 +136,16 @@ def test_gather_window_is_adaptive_by_default_and_can_be_turned_off():
         SplitConfig.from_additional_config({"vllm_split": {"gather": "on"}})
 
 
+def test_whole_graph_steps_are_on_by_default_and_can_be_turned_off(no_plugins_env):
+    assert SplitConfig().whole_graph == "on"
+    assert SplitConfig.from_additional_config({"vllm_split": {"whole_graph": "off"}}).whole_graph == "off"
+    with pytest.raises(SplitConfigError, match=r"vllm_split\.whole_graph: expected one of \['on', 'off'\], got 'yes'"):
+        SplitConfig(whole_graph="yes")
+    cmd, _ = build_command(["serve", "m", "--split-whole-graph", "off"])
+    assert json.loads(cmd[cmd.index("--additional-config") + 1]) == {"vllm_split": {"whole_graph": "off"}}
+    assert "--enable-prompt-embeds" not in cmd  # the worker turns the embeddings input on, never the API server
+
+
 @pytest.mark.parametrize("value, shown", [(0, "0"), (-5, "-5"), (2.5, "2.5"), ("25", "'25'")])
 def test_gather_max_ms_is_a_positive_integer(value, shown):
     with pytest.raises(SplitConfigError, match=rf"vllm_split\.gather_max_ms: expected an integer >= 1, got {shown}"):

@@ -20,6 +20,14 @@ previous stage's ``IntermediateTensors`` (a prefix of the batch), the others ent
 layer or, above the stage, do not run here; a stage before the last sends its active rows
 padded with zeros to the step's token count. Only the stage's attention layers get prefix
 metadata. U-shaped requests stay single-stage (refused at Open under pipeline parallelism).
+
+Whole graph (``SplitConfig.whole_graph``, on by default in vLLM's compiled mode): a step whose
+rows all enter at layer 0 (ordinary requests, split sessions at ``k = 0``) saves no layer, so
+it runs vLLM's own compiled model, not the split layer bodies: the worker turns on the model
+runner's embeddings input (``ModelConfig.enable_prompt_embeds``, in the worker's config only;
+the API server keeps refusing prompt embeddings from clients), vLLM embeds the token ids of
+every step outside its graph, and ``_model_forward`` writes the split rows over their
+placeholders' embeddings. Every stage of a pipeline takes the same path (same scheduler output).
 """
 from __future__ import annotations
 
@@ -53,6 +61,15 @@ class SplitRunnerMixin(UShapeRunnerMixin):
     _split_prefix_md: tuple[list[int], dict[int, tuple[int, dict]]] | None = None
     _split_layers: CompiledLayers | None = None  # compiled layer bodies (None: eager layers)
     _split_layer_rows: int | None = None  # rows x decoder layers this worker ran in the step (None: not known)
+    _split_whole_graph: bool = False  # steps of rows all entering at layer 0 run vLLM's compiled model
+
+    def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        config = SplitConfig.from_additional_config(vllm_config.additional_config)
+        whole = config.whole_graph == "on" and vllm_config.compilation_config.mode != CompilationMode.NONE
+        if whole:  # before the runner sizes its buffers: it then keeps an embeddings input for the model
+            vllm_config.model_config.enable_prompt_embeds = True
+        super().__init__(vllm_config, *args, **kwargs)
+        self._split_whole_graph = whole
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         config = SplitConfig.from_additional_config(self.vllm_config.additional_config)
@@ -138,9 +155,15 @@ class SplitRunnerMixin(UShapeRunnerMixin):
         return [item.split_layer if (item := self._split_inputs.get(r)) is not None else 0
                 for r in self.input_batch.req_ids]
 
+    def _split_whole_graph_step(self) -> bool:
+        """Whether this step runs vLLM's own compiled model: the whole-graph option is on and
+        every split row enters at layer 0 (none U-shaped)."""
+        return self._split_whole_graph and all(item.split_layer == 0 and item.return_layer is None
+                                               for item in self._split_inputs.values())
+
     def _may_reorder_batch(self, scheduler_output: Any) -> None:
         super()._may_reorder_batch(scheduler_output)
-        if not self._split_inputs or not self._split_compact_ok():
+        if not self._split_inputs or not self._split_compact_ok() or self._split_whole_graph_step():
             return
         ks = self._split_layers_in_batch()
         order = sorted(range(len(ks)), key=lambda i: (ks[i], i))
@@ -154,7 +177,7 @@ class SplitRunnerMixin(UShapeRunnerMixin):
     def _build_attention_metadata(self, *args: Any, **kwargs: Any):
         result = super()._build_attention_metadata(*args, **kwargs)
         if (not self._split_inputs or not self._split_compact_ok() or kwargs.get("ubatch_slices") is not None
-                or kwargs.get("for_cudagraph_capture")):
+                or kwargs.get("for_cudagraph_capture") or self._split_whole_graph_step()):
             return result
         ks = self._split_layers_in_batch()
         if ks != sorted(ks):
@@ -217,7 +240,15 @@ class SplitRunnerMixin(UShapeRunnerMixin):
                        intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,
                        **model_kwargs: Any) -> Any:
         num_tokens = positions.shape[-1]
-        if not self._split_inputs:
+        whole = self._split_whole_graph_step()
+        if whole and self._split_inputs and get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                raise RuntimeError("vllm-split: a whole-graph step got no input embeddings: vLLM's model runner "
+                                   "did not take the enable_prompt_embeds path")
+            for e in self._split_entries(positions.device):
+                if e.hidden is not None:  # over the embeddings of the split request's placeholder ids
+                    inputs_embeds[e.begin:e.end].copy_(e.hidden)
+        if whole or not self._split_inputs:  # no split rows, or (whole graph) all at layer 0: vLLM's own model
             self._split_layer_rows = num_tokens * (self._split_inner.end_layer - self._split_inner.start_layer)
             return super()._model_forward(input_ids=input_ids, positions=positions,
                                           intermediate_tensors=intermediate_tensors,
