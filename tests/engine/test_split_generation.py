@@ -24,6 +24,17 @@ async def test_greedy_split_equals_unsplit(k, split_server, reference, model_dir
         assert session.stats.num_prompt_tokens == len(ids)
 
 
+async def test_steps_of_rows_all_at_layer_0_run_vllms_own_model(split_server, reference, model_dir):
+    """Whole-graph steps (on by default, compiled mode): a session at k = 0 runs in vLLM's own
+    compiled model, the split rows as its input embeddings, and stays exact."""
+    from vllm_split.engine.runner import WHOLE_GRAPH_LOG
+
+    tokens, _ = await split_generate(split_server.url, local_layers(model_dir, 0), reference.prompt_ids[1],
+                                     max_tokens=16, ignore_eos=True)
+    assert tokens == reference.greedy[1][:16]
+    assert WHOLE_GRAPH_LOG in split_server.log_path.read_text(errors="replace")
+
+
 async def test_four_concurrent_sessions_at_different_k(split_server, reference, model_dir):
     ks = [0, 7, 15, 29]
     jobs = [split_generate(split_server.url, local_layers(model_dir, k), reference.prompt_ids[i],

@@ -53,6 +53,7 @@ from vllm_split.engine.subset_metadata import install_per_layer
 from vllm_split.engine.ushape_runner import UShapeRunnerMixin
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": uses vLLM's log handlers
+WHOLE_GRAPH_LOG = "vllm-split: split rows all at layer 0 ran in vLLM's own compiled model (whole-graph step)"
 
 
 class SplitRunnerMixin(UShapeRunnerMixin):
@@ -248,6 +249,7 @@ class SplitRunnerMixin(UShapeRunnerMixin):
             for e in self._split_entries(positions.device):
                 if e.hidden is not None:  # over the embeddings of the split request's placeholder ids
                     inputs_embeds[e.begin:e.end].copy_(e.hidden)
+            logger.info_once(WHOLE_GRAPH_LOG)
         if whole or not self._split_inputs:  # no split rows, or (whole graph) all at layer 0: vLLM's own model
             self._split_layer_rows = num_tokens * (self._split_inner.end_layer - self._split_inner.start_layer)
             return super()._model_forward(input_ids=input_ids, positions=positions,
