@@ -108,7 +108,8 @@ class SplitConfig:
     # runs vLLM's own compiled model, the split rows as its input embeddings (the worker turns
     # on the model runner's embeddings input, vLLM's ``enable_prompt_embeds``, in the worker
     # only: the API server still refuses prompt embeddings). "off": such steps run the split
-    # layer bodies like any other split step. Only in vLLM's compiled mode.
+    # layer bodies like any other split step. Only in vLLM's compiled mode, on single-worker
+    # engines (not yet validated under tensor or pipeline parallelism).
     whole_graph: str = "on"
 
     def __post_init__(self) -> None:

@@ -27,7 +27,9 @@ it runs vLLM's own compiled model, not the split layer bodies: the worker turns 
 runner's embeddings input (``ModelConfig.enable_prompt_embeds``, in the worker's config only;
 the API server keeps refusing prompt embeddings from clients), vLLM embeds the token ids of
 every step outside its graph, and ``_model_forward`` writes the split rows over their
-placeholders' embeddings. Every stage of a pipeline takes the same path (same scheduler output).
+placeholders' embeddings. Single-worker engines only for now (each replica of data
+parallelism is one): not yet validated under tensor or pipeline parallelism, whose split steps
+take the split layer bodies as before.
 """
 from __future__ import annotations
 
@@ -66,7 +68,10 @@ class SplitRunnerMixin(UShapeRunnerMixin):
 
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         config = SplitConfig.from_additional_config(vllm_config.additional_config)
-        whole = config.whole_graph == "on" and vllm_config.compilation_config.mode != CompilationMode.NONE
+        parallel = vllm_config.parallel_config
+        single = parallel.tensor_parallel_size == 1 and parallel.pipeline_parallel_size == 1
+        whole = (config.whole_graph == "on" and vllm_config.compilation_config.mode != CompilationMode.NONE
+                 and single)  # not yet validated under tensor or pipeline parallelism: their split steps as before
         if whole:  # before the runner sizes its buffers: it then keeps an embeddings input for the model
             vllm_config.model_config.enable_prompt_embeds = True
         super().__init__(vllm_config, *args, **kwargs)
