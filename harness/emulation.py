@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_split.control.request_graph import ClientCosts
 from vllm_split.wire import protocol as wire
 
 
@@ -95,12 +96,11 @@ class ReplayLayers:
         if list(token_ids[:checked]) != expected and self.mismatch is None:
             self.mismatch = f"position {start}: got tokens {list(token_ids[:checked])}, the script has {expected}"
         if self.split_layer:  # a client holding no layer (max_layers=0) states no layer times
-            if start == 0:
-                per_layer = self.profile.layer_prefill_s_per_token * n
-            elif n == 1:
-                per_layer = self.profile.layer_decode_s
-            else:  # the last token and drafts in one pass: at least a decode step
-                per_layer = max(self.profile.layer_decode_s, self.profile.layer_prefill_s_per_token * n)
+            # the planner's client-pass model (ClientCosts.pass_s): a decode step, or the last
+            # token and drafts in one pass, at least a decode step; the prompt at the prefill rate
+            costs = ClientCosts(prefill_s_per_token=self.profile.layer_prefill_s_per_token,
+                                decode_s=self.profile.layer_decode_s)
+            per_layer = costs.prefill_s_per_token * n if start == 0 else costs.pass_s(n)
             await asyncio.sleep(per_layer * self.split_layer)
         self.num_positions += n
         rows = self.states[self.split_layer, start : start + n]
