@@ -71,7 +71,8 @@ class SplitRunnerMixin(UShapeRunnerMixin):
         parallel = vllm_config.parallel_config
         single = parallel.tensor_parallel_size == 1 and parallel.pipeline_parallel_size == 1
         whole = (config.whole_graph == "on" and vllm_config.compilation_config.mode != CompilationMode.NONE
-                 and single)  # not yet validated under tensor or pipeline parallelism: their split steps as before
+                 and single  # not yet validated under tensor or pipeline parallelism: their split steps as before
+                 and config.min_layer == 0)  # a server without layer 0 never has a step of rows all at layer 0
         if whole:  # before the runner sizes its buffers: it then keeps an embeddings input for the model
             vllm_config.model_config.enable_prompt_embeds = True
         super().__init__(vllm_config, *args, **kwargs)
