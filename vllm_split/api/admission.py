@@ -78,8 +78,8 @@ class ErrorWindow:
 
     def error(self, now: float) -> float:
         fresh = self.fresh(now)
-        if self.keep_bias and len(fresh) < TPOT_ERROR_MIN_SAMPLES:
-            return max(model_error(fresh), standing_bias([r for _, r in self._samples]))
+        if self.keep_bias and len(fresh) < TPOT_ERROR_MIN_SAMPLES:  # too few for a fresh quantile
+            return standing_bias([r for _, r in self._samples])
         return model_error(fresh)
 
 

@@ -224,7 +224,7 @@ def test_a_round_trip_margin_falls_back_to_the_models_standing_bias_not_to_one()
     assert plain.error(now=later) == 1.0
     assert window.error(now=later) == pytest.approx(1.25)  # the median of the seven
     assert window.error(now=106.0) == pytest.approx(1.6)  # fresh: the 75% quantile as before
-    for i in range(3):  # three fresh ones are too few for a quantile: the larger of theirs and the bias
+    for i in range(3):  # three fresh ones are too few for a quantile: the bias, over all ten kept
         window.add(1.4, now=later + i)
     assert window.error(now=later + 3) == pytest.approx(1.4)  # the median of the ten kept
     high = ErrorWindow(keep_bias=True)
