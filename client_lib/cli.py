@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 
+from client_lib.gateway.generation import GATEWAY_DRAFTS, check_gateway_draft
 from client_lib.local_layers import LocalLayers
 from client_lib.session import PrivacyFloorError, ServerError, SplitSession, check_num_drafts
 from client_lib.wire_policy import DEFAULT_MIN_AGREEMENT
@@ -49,12 +50,9 @@ def _request_type(value: str) -> str:
     return value
 
 
-DRAFT_NAMES = ("ngram", "none")
-
-
 def _draft(value: str) -> str:
     """``--draft``: a drafter's name, or a draft model's local directory (kept as given)."""
-    if value in DRAFT_NAMES or os.path.isdir(value):
+    if value in GATEWAY_DRAFTS or os.path.isdir(value):
         return value
     raise argparse.ArgumentTypeError(f"expected 'ngram', 'none' or a draft model's local directory, got {value!r} "
                                      f"(no such directory)")
@@ -62,10 +60,10 @@ def _draft(value: str) -> str:
 
 def _draft_name(value: str) -> str:
     """``--draft`` where no draft model is taken (the gateway): ``ngram`` or ``none``."""
-    if value in DRAFT_NAMES:
-        return value
-    raise argparse.ArgumentTypeError(f"expected 'ngram' or 'none', got {value!r} (the gateway takes no draft model: "
-                                     f"one holds a single sequence's state, and the gateway runs concurrent sessions)")
+    try:
+        return check_gateway_draft(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _num_drafts(value: str) -> int:

@@ -37,6 +37,14 @@ from vllm_split.wire.drafts import check_request_type
 GATEWAY_DRAFTS = ("none", "ngram")  # the drafters a gateway session can use (no draft model: see above)
 
 
+def check_gateway_draft(draft: str) -> str:
+    """``draft`` if a gateway session can draft with it, else ValueError (why no draft model)."""
+    if draft not in GATEWAY_DRAFTS:
+        raise ValueError(f"draft: the gateway drafts with 'ngram' or 'none', got {draft!r} (a draft model keeps "
+                         f"one sequence's state; the gateway runs concurrent sessions)")
+    return draft
+
+
 @dataclass(frozen=True, slots=True)
 class Upstream:
     """The split server and what every session to it shares."""
@@ -53,9 +61,7 @@ class Upstream:
     request_type: str | None = None  # every session's; None: the endpoint's kind when drafting, else none
 
     def __post_init__(self) -> None:
-        if self.draft not in GATEWAY_DRAFTS:
-            raise ValueError(f"draft: the gateway drafts with 'ngram' or 'none', got {self.draft!r} (a draft model "
-                             f"keeps one sequence's state; the gateway runs concurrent sessions)")
+        check_gateway_draft(self.draft)
         check_num_drafts(self.num_drafts)
         if self.request_type is not None:
             check_request_type(self.request_type)

@@ -65,6 +65,7 @@ class SplitRunnerMixin(UShapeRunnerMixin):
     _split_layers: CompiledLayers | None = None  # compiled layer bodies (None: eager layers)
     _split_layer_rows: int | None = None  # rows x decoder layers this worker ran in the step (None: not known)
     _split_whole_graph: bool = False  # steps of rows all entering at layer 0 run vLLM's compiled model
+    _split_whole_step: bool = False  # this step does (set once per step in execute_model)
 
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         config = SplitConfig.from_additional_config(vllm_config.additional_config)
@@ -151,10 +152,12 @@ class SplitRunnerMixin(UShapeRunnerMixin):
         self._split_inputs = getattr(scheduler_output, "split_inputs", None) or {}
         self._split_prefix_md = self._split_u_md = self._split_u_logit_rows = None
         self._split_layer_rows = None
+        self._split_whole_step = self._split_whole_graph_step()
         try:
             return super().execute_model(scheduler_output, *args, **kwargs)
         finally:
             self._split_inputs = {}
+            self._split_whole_step = False
             self._split_prefix_md = self._split_u_md = None
 
     # ---------------------------------------------------------------- batch order
@@ -170,7 +173,7 @@ class SplitRunnerMixin(UShapeRunnerMixin):
 
     def _may_reorder_batch(self, scheduler_output: Any) -> None:
         super()._may_reorder_batch(scheduler_output)
-        if not self._split_inputs or not self._split_compact_ok() or self._split_whole_graph_step():
+        if not self._split_inputs or not self._split_compact_ok() or self._split_whole_step:
             return
         ks = self._split_layers_in_batch()
         order = sorted(range(len(ks)), key=lambda i: (ks[i], i))
@@ -184,7 +187,7 @@ class SplitRunnerMixin(UShapeRunnerMixin):
     def _build_attention_metadata(self, *args: Any, **kwargs: Any):
         result = super()._build_attention_metadata(*args, **kwargs)
         if (not self._split_inputs or not self._split_compact_ok() or kwargs.get("ubatch_slices") is not None
-                or kwargs.get("for_cudagraph_capture") or self._split_whole_graph_step()):
+                or kwargs.get("for_cudagraph_capture") or self._split_whole_step):
             return result
         ks = self._split_layers_in_batch()
         if ks != sorted(ks):
@@ -247,7 +250,7 @@ class SplitRunnerMixin(UShapeRunnerMixin):
                        intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,
                        **model_kwargs: Any) -> Any:
         num_tokens = positions.shape[-1]
-        whole = self._split_whole_graph_step()
+        whole = self._split_whole_step
         if whole and self._split_inputs and get_pp_group().is_first_rank:
             if inputs_embeds is None:
                 raise RuntimeError("vllm-split: a whole-graph step got no input embeddings: vLLM's model runner "

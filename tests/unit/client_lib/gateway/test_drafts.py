@@ -73,4 +73,4 @@ def test_the_gateway_drafts_by_prompt_lookup_only(tmp_path, capsys):
     assert (args.draft, args.num_drafts, args.request_type) == ("ngram", 2, "code")
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--draft", str(tmp_path)])
-    assert "argument --draft: expected 'ngram' or 'none', got" in capsys.readouterr().err
+    assert "argument --draft: draft: the gateway drafts with 'ngram' or 'none', got" in capsys.readouterr().err
