@@ -28,7 +28,10 @@ Per system: the offered rate measured from the arrivals, SLA attainment with a W
 interval, goodput, refusals by reason, client seconds per request, ``k`` per device class;
 the maximum rate at 90% attainment on an isotonic fit, refined around the crossing, with a
 bootstrap interval (``benchmarks.throughput_stats``); the DP's split limit at the run's
-measured occupancy; a crossover over the clients' speed. Plots; raw samples in the sidecar.
+measured occupancy; a crossover over the clients' speed; the placement ceiling of the
+client population (``benchmarks.throughput_ceiling``: the most any placement could raise the
+server's rate on the step model, every client at the deepest layer its SLA and memory allow).
+Plots; raw samples in the sidecar.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from benchmarks import report
 from benchmarks.throughput_requests import (SYSTEMS, ProgressBar, arrivals, build_scripts, cpu_breakdown,
                                             device_profiles, load_workload, run_trace, server_layer_times, summarise,
                                             trace_duration, trace_seed)
+from benchmarks.throughput_ceiling import placement_ceiling
 from benchmarks.throughput_stats import (TARGET, max_rate_interval, max_rate_interval_by_trace, next_rate,
                                          ratio_interval)
 
@@ -71,16 +75,14 @@ def split_limit(metrics_text: str, num_layers: int) -> dict | None:
     occupancy in ``metrics_text``: a step's fixed share f stays on the server; the layers'
     share shrinks by the mean offloaded fraction o, so a request costs at least
     f + (1 - f)(1 - o) of its plain cost."""
-    import re
+    from harness.server_process import parse_split_metrics
 
-    vals = {}
-    for line in metrics_text.splitlines():
-        # one engine (this benchmark's servers): its series carry engine="0"
-        m = re.match(r'^vllm_split:(server_step_cost_seconds\{term="(\w+)"(?:,engine="0")?\}|'
-                     r'server_occupancy(?:\{engine="0"\})?|'
-                     r'layers_offloaded_fraction_(sum|count)(?:\{engine="0"\})?)\s+([-+0-9.eE]+)$', line)
-        if m:
-            vals[m.group(2) or m.group(3) or "occupancy"] = float(m.group(4))
+    m = parse_split_metrics(metrics_text.splitlines())  # summed over engines (this benchmark's servers: one)
+    names = {"fixed": 'vllm_split:server_step_cost_seconds{term="fixed"}',
+             "layer": 'vllm_split:server_step_cost_seconds{term="layer"}',
+             "row": 'vllm_split:server_step_cost_seconds{term="row"}', "occupancy": "vllm_split:server_occupancy",
+             "sum": "vllm_split:layers_offloaded_fraction_sum", "count": "vllm_split:layers_offloaded_fraction_count"}
+    vals = {key: m[name] for key, name in names.items() if name in m}
     if not {"fixed", "layer", "row", "sum", "count"} <= set(vals) or not vals["count"]:
         return None
     b = max(vals.get("occupancy", 1.0), 1.0)
@@ -106,7 +108,9 @@ class Bench:
         self.args, self.w = args, w
         self.model = prepare()
         self.tok = AutoTokenizer.from_pretrained(self.model)
-        self.num_layers = json.loads((self.model / "config.json").read_text())["num_hidden_layers"]
+        config = json.loads((self.model / "config.json").read_text())
+        self.num_layers = config["num_hidden_layers"]
+        self.row_bytes = 4 * config["hidden_size"]  # one float32 row on the wire (the sessions' dtype)
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-tp-"))
         self.scripts: dict = {}
         self.server_layer: dict | None = None
@@ -264,7 +268,10 @@ def intervals(points: list[dict]) -> tuple[dict, dict]:
 
 def reanalyse(out: Path) -> dict:
     """Recompute every point's per-trace counts, the intervals and the summary of report
-    ``out`` from its raw samples (after a change of the statistics; the measurements stay)."""
+    ``out`` from its raw samples (after a change of the statistics; the measurements stay),
+    and the placement ceiling from its workload and layer times."""
+    from harness.model_prep import prepare
+
     data = report.load(out, rows=True)
     samples = data.pop("samples")
     for system, r in data["systems"].items():
@@ -272,6 +279,10 @@ def reanalyse(out: Path) -> dict:
             p["trace_counts"] = trace_counts(samples[system][f"{p['rate']:.4g}@{p['speed_scale']:g}"])
         r["max_rate_at_90pct"], r["max_rate_at_90pct_by_request"] = intervals(r["points"])
     data["summary"] = summary(data["systems"], data.get("crossover") or {})
+    if data.get("workload") and data.get("server_layer_times"):
+        config = json.loads((prepare() / "config.json").read_text())
+        data["placement_ceiling"] = placement_ceiling(data["workload"], data["server_layer_times"],
+                                                      config["num_hidden_layers"], 4 * config["hidden_size"])
     report.write(out, data, rows={"samples": samples}, draw=draw)
     return data
 
@@ -378,7 +389,9 @@ def main() -> None:
                 "sweeps": screens, "systems": results, "crossover": crossover,
                 "k_by_device": {s: k_by_device(bench.samples, s) for s in ("split_dp", "split_greedy", "split_drafts")
                                 if s in results},
-                "summary": summary(results, crossover), "complete": system == systems[-1],
+                "summary": summary(results, crossover),
+                "placement_ceiling": placement_ceiling(w, bench.server_layer, bench.num_layers, bench.row_bytes),
+                "complete": system == systems[-1],
                 "resumed": prior["resumed"] if prior else None}
         report.write(args.out, data, rows={"samples": bench.samples}, draw=draw)  # after each system: a crash loses one
     print(json.dumps(data["summary"], indent=1))

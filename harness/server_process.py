@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,13 +71,18 @@ def _scrape(url: str, ssl_context: ssl.SSLContext | None = None) -> list[str]:
 
 
 def split_metrics(url: str, ssl_context: ssl.SSLContext | None = None) -> dict[str, float]:
-    """vllm-split's own metrics at ``url``, by name with labels (``name{label="v"}``);
-    ``ssl_context``: an https:// server's (``VLLMServer.ssl_context``). A series with an
-    ``engine`` label is there as exported and, summed over the engines, without that label
-    (``vllm_split:sessions_open`` is the replica's, ``vllm_split:sessions_open{engine="1"}``
-    one engine's)."""
+    """vllm-split's own metrics at ``url`` (:func:`parse_split_metrics`); ``ssl_context``: an
+    https:// server's (``VLLMServer.ssl_context``)."""
+    return parse_split_metrics(_scrape(url, ssl_context))
+
+
+def parse_split_metrics(lines: Iterable[str]) -> dict[str, float]:
+    """vllm-split's own metrics in a ``/metrics`` text's lines, by name with labels
+    (``name{label="v"}``, the labels as exported). A series with an ``engine`` label is there
+    as exported and, summed over the engines, without that label (``vllm_split:sessions_open``
+    is the replica's, ``vllm_split:sessions_open{engine="1"}`` one engine's)."""
     out: dict[str, float] = {}
-    for line in _scrape(url, ssl_context):
+    for line in lines:
         m = re.match(r"^(vllm_split:[a-z_]+)(?:\{([^}]*)\})?\s+([-+0-9.eE]+)$", line)
         if not m:
             continue

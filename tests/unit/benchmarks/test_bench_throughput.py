@@ -139,6 +139,12 @@ def test_split_limit_from_metrics():
     assert lim["fixed_share_of_step"] == pytest.approx(0.01 / 0.07)
     assert lim["best_rate_ratio"] == pytest.approx(1 / (0.01 / 0.07 + (0.06 / 0.07) * 0.5))
     assert split_limit("", 30) is None
+    # as a server exports them: comments, other labels' order, no engine label
+    exported = "\n".join(["# HELP vllm_split:server_occupancy Mean requests per engine step",
+                          "# TYPE vllm_split:server_occupancy gauge"]
+                         + [line.replace('{term="fixed",engine="0"}', '{engine="0",term="fixed"}')
+                                .replace('{engine="0"}', "") for line in text.splitlines()])
+    assert split_limit(exported, 30) == lim
 
 
 def test_interval_over_traces_is_wider_when_traces_disagree():
