@@ -33,15 +33,18 @@ def _sequences():
     yield text + [99] + edited
 
 
-@pytest.mark.parametrize("min_n, max_n, k", [(2, 4, 4), (1, 3, 6), (3, 3, 2), (2, 5, 16)])
-def test_prompt_lookup_equals_the_brute_force_reference_on_every_prefix(min_n, max_n, k):
+@pytest.mark.parametrize("min_n, max_n, k, per_token", [(2, 4, 4, None), (1, 3, 6, None), (3, 3, 2, None),
+                                                        (2, 5, 16, None), (1, 4, 8, 2), (1, 2, 5, 1)])
+def test_prompt_lookup_equals_the_brute_force_reference_on_every_prefix(min_n, max_n, k, per_token):
     proposed = []
     for seq in _sequences():
-        drafter = PromptLookup(min_n=min_n, max_n=max_n, k=k)  # one drafter per sequence: incremental indexing
+        # one drafter per sequence: incremental indexing
+        drafter = PromptLookup(min_n=min_n, max_n=max_n, k=k, per_token=per_token)
         proposed.append(0)
         for end in range(len(seq) + 1):
             got = drafter.propose(seq[:end], k)
-            assert got == prompt_lookup_reference(seq[:end], min_n=min_n, max_n=max_n, k=k), (seq[:end], got)
+            want = prompt_lookup_reference(seq[:end], min_n=min_n, max_n=max_n, k=k, per_token=per_token)
+            assert got == want, (seq[:end], got)
             proposed[-1] += bool(got)
     assert proposed[0] > 0 and proposed[2] > 0 and proposed[3] > 0, proposed  # the large alphabet may have none
 
@@ -55,6 +58,11 @@ def test_prompt_lookup_examples():
     assert PromptLookup(k=3).propose([1, 2, 3, 4]) == []  # no repeat
     assert PromptLookup(k=3).propose([1, 2]) == [] and PromptLookup(k=3).propose([]) == []
     assert PromptLookup(k=3).propose([1, 2, 5, 1, 2], limit=0) == []
+    # per_token: a one-token match drafts at most 2, a two-token match at most 4 (of k = 8)
+    capped = PromptLookup(min_n=1, max_n=4, k=8, per_token=2)
+    assert capped.propose([5, 6, 7, 8, 9, 1, 2, 3, 4, 5]) == [6, 7]
+    assert capped.propose([5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6]) == [7, 8, 9, 1]
+    assert PromptLookup(min_n=1, max_n=4, k=8).propose([5, 6, 7, 8, 9, 1, 2, 3, 4, 5]) == [6, 7, 8, 9, 1, 2, 3, 4]
     # the most recent occurrence wins (vLLM's proposer takes the earliest)
     assert PromptLookup(min_n=2, max_n=2, k=1).propose([1, 2, 3, 1, 2, 4, 1, 2]) == [4]
 
@@ -69,11 +77,12 @@ def test_prompt_lookup_starts_over_on_a_new_sequence():
 
 
 def test_drafter_options():
-    for bad in (dict(min_n=0), dict(k=0), dict(max_n=1, min_n=2), dict(k=True)):
+    for bad in (dict(min_n=0), dict(k=0), dict(max_n=1, min_n=2), dict(k=True), dict(per_token=0)):
         with pytest.raises(ValueError):
             PromptLookup(**bad)
     assert make_drafter("none", 4) is None and make_drafter(None, 4) is None
-    assert isinstance(make_drafter("ngram", 3), PromptLookup) and make_drafter("ngram", 3).k == 3
+    ngram = make_drafter("ngram", 3)
+    assert isinstance(ngram, PromptLookup) and (ngram.k, ngram.min_n, ngram.max_n, ngram.per_token) == (3, 1, 4, 2)
     custom = Drafter()
     assert make_drafter(custom, 4) is custom
     with pytest.raises(ValueError, match="expected 'ngram', 'none', a local model directory or a Drafter"):
