@@ -58,11 +58,12 @@ class PromptLookup(Drafter):
     ``n`` tokens proposes at most ``per_token * n``. Short matches are weak evidence; this lets a
     drafter look for one-token matches (``min_n=1``) and draft long copies (``k=8``) without
     paying for long drafts on every weak match. :data:`NGRAM` (``make_drafter("ngram")``) uses
-    ``min_n=1, max_n=4, per_token=2``, chosen offline on greedy outputs of the model: on
-    ``bench_drafts``' prompts and on held-out ones (other chat, code and code-edit prompts,
-    summaries of standard-library docstrings) it gave more tokens per round trip than
-    ``min_n=2`` without a cap on every request type (held out, γ = 4: summaries 1.88 -> 1.97,
-    code edits 3.12 -> 3.30, chat 1.11 -> 1.17), for about 0.4 more rows per round trip.
+    ``min_n=1, max_n=4, per_token=2``, chosen offline on the model's greedy outputs
+    (``benchmarks/draft_lookup.py``, ``results/draft_lookup.json``): against ``min_n=2``
+    without a cap, more tokens per round trip on held-out prompts of every request type at
+    γ = 4 (summaries 1.88 -> 1.96, code edits 3.12 -> 3.25, code 1.31 -> 1.37, chat 1.11 ->
+    1.17), for 0.2-0.6 more rows per round trip; at γ = 8 more on every type but code edits
+    (4.12 -> 3.98), for about as many rows.
 
     Cost: one dict per ``n``, mapping an n-gram to the start of its latest occurrence; each new
     context token adds ``max_n - min_n + 1`` entries, and a proposal is at most that many

@@ -161,3 +161,14 @@ def test_bench_wire_ttft_quick(tmp_path):
     assert set(s) == {"float16", "int8_mixed"}
     assert s["int8_mixed"]["prompt_bytes"] < s["float16"]["prompt_bytes"]
     assert all(v["ttft_p50_s"] > 0 for v in s.values()) and out.with_suffix(".png").exists()
+
+
+def test_draft_lookup_quick(tmp_path):
+    out = tmp_path / "draft_lookup.json"
+    run("draft_lookup", "--quick", "--out", str(out))
+    data = report.load(out)
+    assert set(data["results"]) == {"bench", "held_out"}
+    for by_type in data["results"].values():
+        for by_setting in by_type.values():
+            assert set(by_setting) == {"old γ=4", "ngram γ=4", "old γ=8", "ngram γ=8"}
+            assert all(v["tokens_per_round_trip"] >= 1 and v["rows_per_round_trip"] >= 1 for v in by_setting.values())
