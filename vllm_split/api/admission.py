@@ -387,6 +387,23 @@ class AdmissionController:
                 self.queued -= 1
                 self.metrics.queue_length.dec()
 
+    async def admit_unprobed(self, session_id: str, request: AdmissionRequest) -> Admission | None:
+        """Admit at once, before the session's network is measured, where the network cannot
+        change the placement: ``request.network`` is a slow one assumed for the purpose
+        (``net_probe.UNPROBED``) and an engine with compute to spare decodes the session
+        itself (:meth:`AdmissionPolicy.network_free`); its predictions are then pessimistic
+        by the assumed network. None, with nothing registered: probe, then :meth:`admit`."""
+        if request.split_layer is not None or not request.server_decode:
+            return None
+        loop = asyncio.get_running_loop()
+        loads = [self.load(e) for e in range(len(self.pollers))]
+        placed = [await loop.run_in_executor(self._executor, self.policy.place, request, load) for load in loads]
+        # on the loop from here to _register, as in admit()
+        decisions = [self.policy.decide(request, p, load=load, inflight=self.inflight_on(e))
+                     if self.policy.network_free(p) else None for e, (p, load) in enumerate(zip(placed, loads))]
+        chosen = self._choose(decisions, loads)
+        return None if chosen is None else self._register(session_id, request, decisions[chosen], chosen)
+
     def _choose(self, decisions: Sequence[Any], loads: Sequence[ServerLoad]) -> int | None:
         """The engine to place on among those whose decision is an ``Admission``: the lowest
         occupancy (measured plus the admitted sessions not yet measured), then the lowest

@@ -45,8 +45,9 @@ from vllm_split.wire import protocol as wire
 from vllm_split.api.admission import AdmissionController, AdmissionRefused, granted_drafts, request_from_open
 from vllm_split.api.engines import EngineSet
 from vllm_split.config import SplitConfig
+from vllm_split.control.admission_records import AdmissionInputError
 from vllm_split.control.privacy_floor import effective_floor, floor_violation
-from vllm_split.api.net_probe import ProbeFailed, measure_network
+from vllm_split.api.net_probe import UNPROBED, ProbeFailed, measure_network
 from vllm_split.api.session_phase import SessionPhase
 from vllm_split.api.ushape import check_fixed_u, hidden_frames, stop_ids_problem, u_sampling_params
 from vllm_split.wire.contract import EXTRA_ARGS_KEY, UTILITY_DELIVER, UTILITY_RELEASE, ErrorCode
@@ -171,7 +172,8 @@ class ServerSession:
     async def handle_open(self, msg: wire.Message,
                           receive: Callable[[], Awaitable[wire.Message | None]] | None = None) -> None:
         """OPENING -> [PROBING] -> [ADMITTING] -> PROMPTING: check the Open, probe the network
-        (a client that asks to be planned, or sends its profile, answers probes), admit, answer Opened."""
+        (a client that asks to be planned, or sends its profile, answers probes; not where the
+        placement cannot depend on it, :meth:`_admit_unprobed`), admit, answer Opened."""
         if not isinstance(msg, wire.Open):
             raise SessionError(ErrorCode.OUT_OF_TURN, f"expected Open as the first frame, got {type(msg).__name__}", fatal=True)
         if msg.protocol_version != wire.PROTOCOL_VERSION:
@@ -194,14 +196,17 @@ class ServerSession:
         self.open = msg
         self._check_sampling()
         self.wire_dtype = self._choose_wire_dtype(msg)
-        network = None
+        admission = network = None
         if receive is not None and (msg.split_layer is None or msg.client is not None):
-            self._enter(SessionPhase.PROBING)
-            try:
-                network = await measure_network(self.send, receive)
-            except ProbeFailed as exc:
-                raise SessionError(ErrorCode.PROBE, f"network probe failed: {exc}", fatal=True) from None
-        admission = await self._admit(msg, network)
+            admission = await self._admit_unprobed(msg)
+            if admission is None:
+                self._enter(SessionPhase.PROBING)
+                try:
+                    network = await measure_network(self.send, receive)
+                except ProbeFailed as exc:
+                    raise SessionError(ErrorCode.PROBE, f"network probe failed: {exc}", fatal=True) from None
+        if admission is None:
+            admission = await self._admit(msg, network)
         self.split_layer = msg.split_layer if admission is None else admission.split_layer
         self.return_layer = msg.return_layer if admission is None else admission.return_layer
         sla = admission.sla if admission is not None else None
@@ -243,6 +248,26 @@ class ServerSession:
         below = floor_violation(split_layer, server_floor=self.config.privacy_floor, client_floor=client_floor)
         if below is not None:
             raise SessionError(ErrorCode.SPLIT_LAYER, below, fatal=True)
+
+    async def _admit_unprobed(self, msg: wire.Open) -> Admission | None:
+        """An ``auto`` session the server would decode itself whatever its network, admitted
+        before the probe (:meth:`AdmissionController.admit_unprobed`; saves the probe's round
+        trips on its TTFT); None: probe and admit as usual. Still OPENING: no queue here."""
+        floor = effective_floor(min_layer=self.config.min_layer, server_floor=self.config.privacy_floor,
+                                client_floor=msg.privacy_floor)
+        if (self.controller is None or msg.split_layer is not None or msg.u_shape or floor > 0
+                or not (msg.server_decode and self.config.server_decode)):
+            return None
+        try:
+            request = request_from_open(msg, UNPROBED, server_decode_allowed=True, wire_dtype=self.wire_dtype,
+                                        hidden_size=self.model.hidden_size, server_drafts=self.config.drafts)
+        except AdmissionInputError:
+            return None  # admit() gives the reason, after the probe
+        admission = await self.controller.admit_unprobed(self.session_id, request)
+        if admission is not None:
+            self._holds_slot = True
+            self.engine_index = self.controller.engine_of(self.session_id)
+        return admission
 
     async def _admit(self, msg: wire.Open, network: NetworkSpec | None) -> Admission | None:
         """The admission controller's placement (None: no controller, the client's split_layer).

@@ -7,7 +7,9 @@ Runs in the API server process (imported by :mod:`vllm_split.api.session`, whose
     OPENING -> [PROBING] -> [ADMITTING] -> PROMPTING -> PREFILLING -> DECODING -> FINISHED
 
 PROBING only when the client asks to be planned (or sends its profile) and a connection
-can carry probes; ADMITTING only on a server with an admission controller. Every phase may
+can carry probes; ADMITTING only on a server with an admission controller. A session the
+controller admits before the probe (its placement cannot depend on the network: the server
+decodes it) goes from OPENING to PROMPTING. Every phase may
 go to FINISHED (a fatal ``Error``, the client leaving, a time limit); FINISHED is final.
 """
 from __future__ import annotations

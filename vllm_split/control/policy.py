@@ -265,6 +265,15 @@ class AdmissionPolicy:
             f"{self._per_token(best, request):.3f} s (split layer {split_layer_of(best.placement)}); "
             f"{self._what_limits(request, sla, idle)}"))
 
+    @staticmethod
+    def network_free(placed: PlanResult | Refusal) -> bool:
+        """Whether ``placed`` holds on every network better than the one it was planned on:
+        the least-offload rule's server decoding (with compute to spare and no step above
+        ``k = 0``, it is taken whenever it meets the SLA, and a better network only lowers its
+        latencies); the controller admits such sessions before probing their network."""
+        return (isinstance(placed, PlanResult) and placed.method == "least_offload"
+                and is_server_decoded(placed.placement))
+
     def _what_limits(self, request: AdmissionRequest, sla: SLA, idle: ServerLoad) -> str:
         """The advice of an ``sla_unreachable`` refusal: relax the SLA, or, when the client's
         memory bound is what stops it, hold more layers (the fewest that would do)."""
