@@ -54,7 +54,7 @@ async def measure_point(url, script, *, k: int, load: int, tokens: int, settle_s
 
 
 def main() -> None:
-    p = report.parser("bench_admission", __doc__, quick="two points, few tokens (CI smoke)", plot=True)
+    p = report.parser("bench_admission", __doc__, quick="two points, few tokens, an eager server (CI smoke)", plot=True)
     args = report.parse_args(p, draw)
     import torch
 
@@ -66,8 +66,9 @@ def main() -> None:
     from harness.server_process import VLLMServer
 
     model = prepare()
-    ks, loads, tokens, settle = ((0, 20), (1, 4), 12, 3.0) if args.quick else ((0, 10, 20, 30), (1, 4, 8), 48, 4.0)
-    server = VLLMServer(model, split=True, log_path=Path(tempfile.mkdtemp(prefix="bench-adm-")) / "server.log")
+    ks, loads, tokens, settle = ((0, 20), (4,), 12, 3.0) if args.quick else ((0, 10, 20, 30), (1, 4, 8), 48, 4.0)
+    server = VLLMServer(model, split=True, log_path=Path(tempfile.mkdtemp(prefix="bench-adm-")) / "server.log",
+                        eager=args.quick)  # a smoke run: an eager server starts in half the time
     samples = []
     try:
         server.wait_ready()

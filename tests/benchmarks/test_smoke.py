@@ -89,7 +89,7 @@ def test_bench_admission_quick(tmp_path):
     out = tmp_path / "admission.json"
     run("bench_admission", "--quick", "--out", str(out))
     data = json.loads(out.read_text())
-    assert data["summary"]["points"] == 4 and data["summary"]["all_exact"]
+    assert data["summary"]["points"] == 2 and data["summary"]["all_exact"]
     assert all(s["predicted_tpot_s"] > 0 and s["measured_tpot_s"] > 0 for s in data["samples"])
     assert out.with_suffix(".png").exists()
 
@@ -121,8 +121,10 @@ def test_bench_throughput_quick(tmp_path):
 @pytest.mark.engine
 def test_bench_gather_quick(tmp_path):
     out = tmp_path / "gather.json"
-    # two servers, plain compiled (split_off differs only by --split-gather off: a unit test)
-    run("bench_gather", "--quick", "--systems", "plain,split_adaptive", "--out", str(out), timeout=1800)
+    # two servers, eager to start fast (split_off differs only by --split-gather off: a unit test;
+    # the compiled split path has its own smoke runs: bench_server_step, profile_split_step)
+    run("bench_gather", "--quick", "--systems", "plain,split_adaptive", "--plain-eager", "--split-eager",
+        "--out", str(out), timeout=1800)
     data = report.load(out, rows=True)
     summary = data["summary"]
     assert set(data["systems"]) == {"plain", "split_adaptive"}
@@ -133,7 +135,7 @@ def test_bench_gather_quick(tmp_path):
         assert len(data["sessions"][name]) == data["arguments"]["sessions"] * data["arguments"]["repeats"]
     lo, hi = summary["split_adaptive"]["ratio_to_plain_ci95"]
     assert summary["split_adaptive"]["ratio_to_plain"] > 0 and lo <= hi
-    assert data["systems"]["plain"]["eager"] is False and data["systems"]["split_adaptive"]["eager"] is False  # defaults: compiled
+    assert data["systems"]["plain"]["eager"] is True and data["systems"]["split_adaptive"]["eager"] is True
     # the hold counters: None only when the window never held (its totals are logged after a hold)
     gather = summary["gather"]
     assert gather is None or {"num_holds", "held_s", "num_caught", "num_late", "num_probes"} <= set(gather)
