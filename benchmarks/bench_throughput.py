@@ -70,11 +70,14 @@ CROSSOVER_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 # ---------------------------------------------------------------- split limit
-def split_limit(metrics_text: str, num_layers: int) -> dict | None:
+def split_limit(metrics_text: str | None, num_layers: int) -> dict:
     """Best rate ratio any split could reach from the live cost model and offload at the
     occupancy in ``metrics_text``: a step's fixed share f stays on the server; the layers'
     share shrinks by the mean offloaded fraction o, so a request costs at least
-    f + (1 - f)(1 - o) of its plain cost."""
+    f + (1 - f)(1 - o) of its plain cost. ``{"unavailable": why}`` where the text (None: the
+    probe got no answer) lacks what it needs."""
+    if metrics_text is None:
+        return {"unavailable": "no answer from /metrics"}
     from harness.server_process import parse_split_metrics
 
     m = parse_split_metrics(metrics_text.splitlines())  # summed over engines (this benchmark's servers: one)
@@ -83,8 +86,9 @@ def split_limit(metrics_text: str, num_layers: int) -> dict | None:
              "row": 'vllm_split:server_step_cost_seconds{term="row"}', "occupancy": "vllm_split:server_occupancy",
              "sum": "vllm_split:layers_offloaded_fraction_sum", "count": "vllm_split:layers_offloaded_fraction_count"}
     vals = {key: m[name] for key, name in names.items() if name in m}
-    if not {"fixed", "layer", "row", "sum", "count"} <= set(vals) or not vals["count"]:
-        return None
+    missing = sorted(names[key] for key in ("fixed", "layer", "row", "sum", "count") if key not in vals)
+    if missing or not vals["count"]:
+        return {"unavailable": f"missing {missing}" if missing else "no session placed yet"}
     b = max(vals.get("occupancy", 1.0), 1.0)
     step = vals["fixed"] + num_layers * (vals["layer"] + b * vals["row"])
     f = vals["fixed"] / step
@@ -162,7 +166,7 @@ class Bench:
                 r["trace"] = i
             got += res
             arrival_s += d
-            if metrics:
+            if SYSTEMS[system]["split"]:
                 probes.append(split_limit(metrics, self.num_layers))
             met = sum(1 for r in res if r.get("met"))
             bar.close(f"{met}/{len(res)} met")
@@ -172,7 +176,7 @@ class Bench:
         p = summarise(got, rate=rate, arrival_s=arrival_s, wall_s=wall,
                       cpu_s=sum(v for k, v in cpu.items() if k != "bench_clients"))
         p.update(traces=traces, speed_scale=scale, cpu_s_by_process=cpu, wall_s=wall,
-                 split_limit=[x for x in probes if x] or None, trace_counts=trace_counts(got))
+                 split_limit=probes or None, trace_counts=trace_counts(got))
         self.samples.setdefault(system + key, {})[f"{rate:.4g}@{scale:g}"] = got
         return p
 
@@ -410,8 +414,11 @@ def summary(results: dict, crossover: dict) -> dict:
                   "client_s_per_request": _mean([p["client_s_per_request"] for p in r["points"]])}
     dp, greedy = (results.get(s, {}).get("max_rate_at_90pct", {}).get("rate") for s in ("split_dp", "split_greedy"))
     out["dp_over_greedy"] = dp / greedy - 1 if dp and greedy else None
-    limits = [x for p in results.get("split_dp", {}).get("points", []) for x in (p.get("split_limit") or [])]
-    out["split_limit_at_measured_occupancy"] = limits[len(limits) // 2] if limits else None
+    probes = [x for p in results.get("split_dp", {}).get("points", []) for x in (p.get("split_limit") or []) if x]
+    limits = sorted((x for x in probes if "best_rate_ratio" in x), key=lambda x: x["best_rate_ratio"])
+    out["split_limit_at_measured_occupancy"] = (limits[len(limits) // 2] if limits else
+                                                ({"unavailable": sorted({x["unavailable"] for x in probes})}
+                                                 if probes else None))
     out["crossover_rate"] = crossover.get("rate")
     out["wrong_outputs"] = sum(p["wrong_outputs"] for r in results.values() for p in r["points"])
     out["paper"] = {"server_work_saved": "about 1/3", "dp_over_greedy": "+19%"}

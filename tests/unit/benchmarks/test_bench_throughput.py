@@ -138,7 +138,10 @@ def test_split_limit_from_metrics():
     lim = split_limit(text, 30)
     assert lim["fixed_share_of_step"] == pytest.approx(0.01 / 0.07)
     assert lim["best_rate_ratio"] == pytest.approx(1 / (0.01 / 0.07 + (0.06 / 0.07) * 0.5))
-    assert split_limit("", 30) is None
+    assert split_limit(None, 30) == {"unavailable": "no answer from /metrics"}
+    assert split_limit("", 30)["unavailable"].startswith("missing ['vllm_split:layers_offloaded_fraction_count'")
+    assert split_limit(text.replace("count{engine=\"0\"} 10.0", "count{engine=\"0\"} 0"), 30) == {
+        "unavailable": "no session placed yet"}
     # as a server exports them: comments, other labels' order, no engine label
     exported = "\n".join(["# HELP vllm_split:server_occupancy Mean requests per engine step",
                           "# TYPE vllm_split:server_occupancy gauge"]
@@ -182,3 +185,17 @@ def test_resume_keeps_the_completed_systems_and_refuses_a_complete_run(tmp_path)
     report.write(out, {"systems": {}, "complete": True})
     with pytest.raises(SystemExit, match="complete run"):
         resume_from(out)
+
+
+def test_summary_takes_the_median_split_limit_and_says_why_there_is_none():
+    def dp(limits):
+        point = {"requests": 10, "wrong_outputs": 0, "client_s_per_request": 0.1, "split_limit": limits}
+        return {"knobs": [], "points": [point], "max_rate_at_90pct": {"rate": 1.0, "how": "crossing", "ci95": (1, 1)}}
+
+    plain = {"knobs": [], "points": [{"requests": 10, "wrong_outputs": 0, "client_s_per_request": 0.0}],
+             "max_rate_at_90pct": {"rate": 1.0, "how": "crossing", "ci95": (1, 1)}}
+    got = [{"best_rate_ratio": r} for r in (1.3, 1.1, 1.2)] + [{"unavailable": "no answer from /metrics"}]
+    s = summary({"plain": plain, "split_dp": dp(got)}, {})
+    assert s["split_limit_at_measured_occupancy"] == {"best_rate_ratio": 1.2}
+    s = summary({"plain": plain, "split_dp": dp([{"unavailable": "b"}, {"unavailable": "a"}, {"unavailable": "a"}])}, {})
+    assert s["split_limit_at_measured_occupancy"] == {"unavailable": ["a", "b"]}
