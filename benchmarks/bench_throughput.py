@@ -100,6 +100,12 @@ def split_limit(metrics_text: str | None, num_layers: int) -> dict:
                     "as offloadable, which holds only when whole layers leave the batch"}
 
 
+def model_shape(model_dir: Path) -> tuple[int, int]:
+    """(decoder layers, bytes of one float32 row on the wire: the sessions' dtype) of the model."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return config["num_hidden_layers"], 4 * config["hidden_size"]
+
+
 # ---------------------------------------------------------------- one server, many points
 class Bench:
     """The run's shared state: workload, model, scripts, the clients' profiles."""
@@ -112,9 +118,7 @@ class Bench:
         self.args, self.w = args, w
         self.model = prepare()
         self.tok = AutoTokenizer.from_pretrained(self.model)
-        config = json.loads((self.model / "config.json").read_text())
-        self.num_layers = config["num_hidden_layers"]
-        self.row_bytes = 4 * config["hidden_size"]  # one float32 row on the wire (the sessions' dtype)
+        self.num_layers, self.row_bytes = model_shape(self.model)
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-tp-"))
         self.scripts: dict = {}
         self.server_layer: dict | None = None
@@ -284,9 +288,8 @@ def reanalyse(out: Path) -> dict:
         r["max_rate_at_90pct"], r["max_rate_at_90pct_by_request"] = intervals(r["points"])
     data["summary"] = summary(data["systems"], data.get("crossover") or {})
     if data.get("workload") and data.get("server_layer_times"):
-        config = json.loads((prepare() / "config.json").read_text())
         data["placement_ceiling"] = placement_ceiling(data["workload"], data["server_layer_times"],
-                                                      config["num_hidden_layers"], 4 * config["hidden_size"])
+                                                      *model_shape(prepare()))
     report.write(out, data, rows={"samples": samples}, draw=draw)
     return data
 

@@ -26,11 +26,12 @@ def deepest_k(device: dict, rtype: dict, network: dict, *, layer_decode_s: float
               step_s: float, num_layers: int, row_bytes: int, memory_only: bool = False) -> int:
     """The deepest split layer at which this client alone keeps this request's SLA
     (``device``: a workload device class; ``layer_*``: the server's per-layer times)."""
+    deepest = min(device["max_layers"], num_layers)
+    if memory_only:
+        return deepest
     prompt, sla = rtype["prompt_tokens"], rtype["sla"]
     up_s = 8 * row_bytes / network["uplink_bps"]  # one row's upload
-    for k in range(min(device["max_layers"], num_layers), 0, -1):
-        if memory_only:
-            return k
+    for k in range(deepest, 0, -1):
         ttft = (k * prompt * layer_prefill_s_per_token * device["prefill_multiple"] + network["rtt_s"]
                 + prompt * up_s + step_s)
         tpot = k * layer_decode_s * device["decode_multiple"] + network["rtt_s"] + up_s + step_s

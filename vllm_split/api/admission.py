@@ -349,8 +349,7 @@ class AdmissionController:
         try:
             while True:
                 seen = self._num_events
-                loads = [self.load(e) for e in engines]
-                placed = [await loop.run_in_executor(self._executor, self.policy.place, request, load) for load in loads]
+                loads, placed = await self._place_all(request)
                 # on the loop from here to _register: the admitted sessions cannot change meanwhile
                 decisions = [self.policy.decide(request, p, load=load, inflight=self.inflight_on(e))
                              for e, (p, load) in enumerate(zip(placed, loads))]
@@ -395,14 +394,19 @@ class AdmissionController:
         by the assumed network. None, with nothing registered: probe, then :meth:`admit`."""
         if request.split_layer is not None or not request.server_decode:
             return None
-        loop = asyncio.get_running_loop()
-        loads = [self.load(e) for e in range(len(self.pollers))]
-        placed = [await loop.run_in_executor(self._executor, self.policy.place, request, load) for load in loads]
+        loads, placed = await self._place_all(request)
         # on the loop from here to _register, as in admit()
         decisions = [self.policy.decide(request, p, load=load, inflight=self.inflight_on(e))
                      if self.policy.network_free(p) else None for e, (p, load) in enumerate(zip(placed, loads))]
         chosen = self._choose(decisions, loads)
         return None if chosen is None else self._register(session_id, request, decisions[chosen], chosen)
+
+    async def _place_all(self, request: AdmissionRequest) -> tuple[list[ServerLoad], list[Any]]:
+        """Each engine's load and the policy's placement of ``request`` at it (planned on the
+        planning thread)."""
+        loop = asyncio.get_running_loop()
+        loads = [self.load(e) for e in range(len(self.pollers))]
+        return loads, [await loop.run_in_executor(self._executor, self.policy.place, request, load) for load in loads]
 
     def _choose(self, decisions: Sequence[Any], loads: Sequence[ServerLoad]) -> int | None:
         """The engine to place on among those whose decision is an ``Admission``: the lowest

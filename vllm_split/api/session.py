@@ -196,9 +196,11 @@ class ServerSession:
         self.open = msg
         self._check_sampling()
         self.wire_dtype = self._choose_wire_dtype(msg)
+        floor = effective_floor(min_layer=self.config.min_layer, server_floor=self.config.privacy_floor,
+                                client_floor=msg.privacy_floor)
         admission = network = None
         if receive is not None and (msg.split_layer is None or msg.client is not None):
-            admission = await self._admit_unprobed(msg)
+            admission = await self._admit_unprobed(msg, floor)
             if admission is None:
                 self._enter(SessionPhase.PROBING)
                 try:
@@ -211,8 +213,6 @@ class ServerSession:
         self.return_layer = msg.return_layer if admission is None else admission.return_layer
         sla = admission.sla if admission is not None else None
         self.tpot_bound_s = sla.tpot_s if sla is not None else msg.sla.tpot_s if msg.sla is not None else None
-        floor = effective_floor(min_layer=self.config.min_layer, server_floor=self.config.privacy_floor,
-                                client_floor=msg.privacy_floor)
         self.server_decode = floor == 0 and self.return_layer is None and (  # the token ids go to the server only without a floor
             admission.server_decode if admission is not None else
             msg.server_decode and msg.split_layer == 0 and bool(self.config.server_decode))
@@ -249,25 +249,33 @@ class ServerSession:
         if below is not None:
             raise SessionError(ErrorCode.SPLIT_LAYER, below, fatal=True)
 
-    async def _admit_unprobed(self, msg: wire.Open) -> Admission | None:
+    async def _admit_unprobed(self, msg: wire.Open, floor: int) -> Admission | None:
         """An ``auto`` session the server would decode itself whatever its network, admitted
         before the probe (:meth:`AdmissionController.admit_unprobed`; saves the probe's round
-        trips on its TTFT); None: probe and admit as usual. Still OPENING: no queue here."""
-        floor = effective_floor(min_layer=self.config.min_layer, server_floor=self.config.privacy_floor,
-                                client_floor=msg.privacy_floor)
+        trips on its TTFT); None: probe and admit as usual. ``floor``: the session's effective
+        privacy floor (server decoding needs none). Still OPENING: no queue here."""
         if (self.controller is None or msg.split_layer is not None or msg.u_shape or floor > 0
                 or not (msg.server_decode and self.config.server_decode)):
             return None
         try:
-            request = request_from_open(msg, UNPROBED, server_decode_allowed=True, wire_dtype=self.wire_dtype,
-                                        hidden_size=self.model.hidden_size, server_drafts=self.config.drafts)
+            request = self._admission_request(msg, UNPROBED)
         except AdmissionInputError:
             return None  # admit() gives the reason, after the probe
         admission = await self.controller.admit_unprobed(self.session_id, request)
         if admission is not None:
-            self._holds_slot = True
-            self.engine_index = self.controller.engine_of(self.session_id)
+            self._took_slot()
         return admission
+
+    def _admission_request(self, msg: wire.Open, network: NetworkSpec | None):
+        """The admission policy's description of ``msg`` on ``network`` (as measured, or assumed)."""
+        return request_from_open(msg, network, server_decode_allowed=bool(self.config.server_decode),
+                                 wire_dtype=self.wire_dtype, hidden_size=self.model.hidden_size,
+                                 server_drafts=self.config.drafts)
+
+    def _took_slot(self) -> None:
+        """The controller admitted this session: it holds a slot (released at the end) on its engine."""
+        self._holds_slot = True
+        self.engine_index = self.controller.engine_of(self.session_id)
 
     async def _admit(self, msg: wire.Open, network: NetworkSpec | None) -> Admission | None:
         """The admission controller's placement (None: no controller, the client's split_layer).
@@ -278,14 +286,10 @@ class ServerSession:
             return None
         self._enter(SessionPhase.ADMITTING)
         try:
-            request = request_from_open(msg, network, server_decode_allowed=bool(self.config.server_decode),
-                                        wire_dtype=self.wire_dtype, hidden_size=self.model.hidden_size,
-                                        server_drafts=self.config.drafts)
-            admission = await self.controller.admit(self.session_id, request)
+            admission = await self.controller.admit(self.session_id, self._admission_request(msg, network))
         except AdmissionRefused as exc:
             raise SessionError(exc.reason, str(exc), fatal=True, retry_after_s=exc.retry_after_s) from None
-        self._holds_slot = True
-        self.engine_index = self.controller.engine_of(self.session_id)
+        self._took_slot()
         return admission
 
     def _choose_wire_dtype(self, msg: wire.Open) -> str | None:
