@@ -27,6 +27,8 @@ from harness.server_process import VLLMServer, by_engine, metrics, split_metrics
 from tests.engine_reliability.helpers import opened, wait_idle
 from tests.support.references import PROMPTS, complete
 from tests.support.sessions import local_layers, split_generate
+from vllm_split.api.admission import POLL_S
+from vllm_split.control.live_cost import LiveCostModel
 from vllm_split.wire import protocol as wire
 
 pytestmark = pytest.mark.engine
@@ -108,6 +110,12 @@ def _only_on(dp: DPServer, session_id: str, engine: str) -> None:
 
 
 async def test_a_client_vanishing_on_each_engine_frees_its_kv(dp, llama_dir):
+    # on idle engines whose measured occupancy has gone (the steps of the tests before are out
+    # of the window): then each API server spreads the sessions it admits over both engines, and
+    # one of the two admits at least two of the four (in CI, engine 0's steps of the test before
+    # still counted and all four went to engine 1)
+    await wait_idle(dp.url)
+    await asyncio.sleep(LiveCostModel().occupancy_window_s + 2 * POLL_S)
     raws, layers = [], []
     for i in range(4):  # four at once: the controllers place them on both engines
         lay = LocalLayers(llama_dir, split_layer=3)
