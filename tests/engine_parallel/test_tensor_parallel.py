@@ -114,6 +114,18 @@ async def test_client_vanishing_mid_generation_frees_kv_and_serving_goes_on(tp, 
     await wait_idle(tp.url)
 
 
+async def test_a_session_at_layer_0_runs_whole_graph_steps_on_both_ranks(tp, llama_dir):
+    """Alone on the server, a session at k = 0 runs vLLM's own compiled model on each rank (its
+    rows as input embeddings: whole-graph steps), token-exact."""
+    from vllm_split.engine.runner import WHOLE_GRAPH_LOG
+
+    await wait_idle(tp.url)
+    tokens, _ = await split_generate(tp.url, local_layers(llama_dir, 0), tp.prompt_ids[3], max_tokens=MAX_TOKENS,
+                                     ignore_eos=True)
+    assert tokens == tp.greedy[3]
+    assert tp.server.log_path.read_text(errors="replace").count(WHOLE_GRAPH_LOG) == 2, "expected one line per rank"
+
+
 def test_metrics_answer(tp):
     """After the sessions above: vLLM's and vllm-split's metrics, from one API server over two ranks."""
     m = metrics(tp.url)

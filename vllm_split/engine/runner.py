@@ -27,9 +27,10 @@ it runs vLLM's own compiled model, not the split layer bodies: the worker turns 
 runner's embeddings input (``ModelConfig.enable_prompt_embeds``, in the worker's config only;
 the API server keeps refusing prompt embeddings from clients), vLLM embeds the token ids of
 every step outside its graph, and ``_model_forward`` writes the split rows over their
-placeholders' embeddings. Single-worker engines only for now (each replica of data
-parallelism is one): not yet validated under tensor or pipeline parallelism, whose split steps
-take the split layer bodies as before.
+placeholders' embeddings. Single-worker engines (each replica of data parallelism is one)
+and tensor parallelism (every rank gets the same split rows, so all ranks take the same path);
+not yet validated under pipeline parallelism, whose split steps take the split layer bodies as
+before.
 """
 from __future__ import annotations
 
@@ -70,9 +71,10 @@ class SplitRunnerMixin(UShapeRunnerMixin):
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         config = SplitConfig.from_additional_config(vllm_config.additional_config)
         parallel = vllm_config.parallel_config
-        single = parallel.tensor_parallel_size == 1 and parallel.pipeline_parallel_size == 1
         whole = (config.whole_graph == "on" and vllm_config.compilation_config.mode != CompilationMode.NONE
-                 and single  # not yet validated under tensor or pipeline parallelism: their split steps as before
+                 # validated under tensor parallelism (every rank gets the same split rows and decides
+                 # alike); not yet under pipeline parallelism: its split steps as before
+                 and parallel.pipeline_parallel_size == 1
                  and config.min_layer == 0)  # a server without layer 0 never has a step of rows all at layer 0
         if whole:  # before the runner sizes its buffers: it then keeps an embeddings input for the model
             vllm_config.model_config.enable_prompt_embeds = True
@@ -258,7 +260,7 @@ class SplitRunnerMixin(UShapeRunnerMixin):
             for e in self._split_entries(positions.device):
                 if e.hidden is not None:  # over the embeddings of the split request's placeholder ids
                     inputs_embeds[e.begin:e.end].copy_(e.hidden)
-            logger.info_once(WHOLE_GRAPH_LOG)
+            logger.info_once(WHOLE_GRAPH_LOG, scope="process")  # every rank: tests count them
         if whole or not self._split_inputs:  # no split rows, or (whole graph) all at layer 0: vLLM's own model
             self._split_layer_rows = num_tokens * (self._split_inner.end_layer - self._split_inner.start_layer)
             return super()._model_forward(input_ids=input_ids, positions=positions,
