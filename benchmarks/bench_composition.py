@@ -1,7 +1,8 @@
 """Step composition: mixed, gathered, grouped and auto on two decode loads, each measured
 beside the roofline model's prediction.
 
-    python -m benchmarks.bench_composition [--quick] [--rounds 2] [--tokens 48]
+    python -m benchmarks.bench_composition [--quick] [--rounds 2] [--tokens 48] [--modes gathered,...]
+        [--loads ordinary_and_split,split_high] [--split-args=--split-OPTION=VALUE]
         [--out results/bench_composition.json]
 
 One split server per composition (``--split-composition``, vLLM's default compiled mode,
@@ -12,7 +13,11 @@ prefix caching off), the same requests on each:
   activation (a Wi-Fi-class client: its layers and its network);
 * ``split_high``: 12 split sessions only, 4 at ``k`` 15 and 8 at 22, 25 ms turnaround (just
   beyond the gather window's 25 ms cap once the API server's trip is added: they miss
-  alternate steps, the case grouping is for).
+  alternate steps, the case grouping is for);
+* ``mostly_ordinary`` (only with ``--loads``): 8 ordinary completions beside 2 split sessions at
+  ``k = 0`` with a 20 ms turnaround, the split servers of the throughput runs: what the gather
+  window's holds cost the ordinary requests (run it with and without
+  ``--split-args=--split-gather-weigh=off``). Each round's TPOT is also given per kind.
 
 Split clients replay activations the client library computed beforehand
 (``harness/replay.py``; every token is checked against the engine's greedy continuation,
@@ -48,7 +53,11 @@ MODES = ("gathered", "mixed", "grouped", "auto")
 LOADS = {
     "ordinary_and_split": {"ordinary": 4, "split": (0, 7, 15, 22, 0, 7, 15, 22), "turnaround_s": 0.020},
     "split_high": {"ordinary": 0, "split": (15,) * 4 + (22,) * 8, "turnaround_s": 0.025},
+    # mostly server-decoded work with a few round trips (the throughput runs' split servers):
+    # what the gather window's holds cost the ordinary requests (``--split-gather-weigh``)
+    "mostly_ordinary": {"ordinary": 8, "split": (0, 0), "turnaround_s": 0.020},
 }
+DEFAULT_LOADS = ("ordinary_and_split", "split_high")
 TPOT_BOUND_S = 0.3
 API_TRIP_S = 0.003  # assumed: a loopback activation's trip through the API server
 COMMON = ("--no-enable-prefix-caching", "--max-num-seqs", "32")
@@ -94,7 +103,10 @@ def steady(sessions: list[dict], log: Path) -> dict:
     steps = read_steps(log, a + shift, b + shift)
     tpot = [(s["times"][-1] - s["times"][0]) / (len(s["times"]) - 1) for s in sessions if len(s["times"]) > 1]
     k_min = [0 if s["num_reqs"] > len(s["split_layers"]) else min(s["split_layers"]) for s in steps]
+    by_kind = {kind: [(s["times"][-1] - s["times"][0]) / (len(s["times"]) - 1) for s in sessions
+                      if s["kind"] == kind and len(s["times"]) > 1] for kind in ("ordinary", "split")}
     return {"window_s": b - a, "tokens": tokens, "tokens_per_s": tokens / (b - a) if b > a else None,
+            "tpot_ordinary": by_kind["ordinary"], "tpot_split": by_kind["split"],
             "step_s_per_token": sum(s["step_s"] for s in steps) / tokens if tokens else None,
             "steps": len(steps), "steps_by_lowest_layer": {str(k): k_min.count(k) for k in sorted(set(k_min))},
             "tpot_by_session": tpot, "mismatches": sum(not s["exact"] for s in sessions)}
@@ -156,7 +168,10 @@ def summarize(results: dict, loads: dict) -> dict:
             tps = statistics.median(x["tokens_per_s"] for x in rounds)
             spt = statistics.median(x["step_s_per_token"] for x in rounds)
             tpot = statistics.median(t for x in rounds for t in x["tpot_by_session"])
-            per[mode] = {"tokens_per_s": tps, "step_s_per_token": spt, "tpot_p50_s": tpot,
+            kinds = {f"tpot_{kind}_p50_s": statistics.median(ts) if (ts := [t for x in rounds
+                                                                                for t in x.get(f"tpot_{kind}", [])])
+                     else None for kind in ("ordinary", "split")}
+            per[mode] = {"tokens_per_s": tps, "step_s_per_token": spt, "tpot_p50_s": tpot, **kinds,
                          "choice": r["predicted"]["choice"], "mismatches": sum(x["mismatches"] for x in rounds)}
             for tag, pred in (("", r["predicted"]), ("fitted_", r.get("predicted_fitted"))):
                 if pred is None:
@@ -219,6 +234,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48, help="output tokens per session")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--loads", default=",".join(DEFAULT_LOADS), help=f"of {sorted(LOADS)}")
+    p.add_argument("--split-args", action="append", default=[],
+                   help="extra options for every split server (e.g. --split-args=--split-gather-weigh=off)")
     p.add_argument("--reanalyse", action="store_true", help="recompute fits, predictions and summary of --out")
     p.add_argument("--log-dir", type=Path, default=None, help="--reanalyse: the folder of the run's step logs "
                    "(printed at its start)")
@@ -231,7 +249,10 @@ def main() -> None:
         print(json.dumps(data["summary"], indent=1))
         return
     modes = [m for m in MODES if m in args.modes.split(",")]
-    loads = dict(LOADS)
+    unknown = set(args.loads.split(",")) - set(LOADS)
+    if unknown:
+        raise SystemExit(f"unknown load(s) {sorted(unknown)}; known: {sorted(LOADS)}")
+    loads = {name: LOADS[name] for name in args.loads.split(",")}
     if args.quick:
         args.rounds, args.tokens, args.prompt_tokens = 1, 8, 16
         modes, loads = ["gathered", "auto"], {"split_high": LOADS["split_high"]}
@@ -256,7 +277,8 @@ def main() -> None:
     for mode in modes:
         log = tmp / f"{mode}.steps.jsonl"
         server = VLLMServer(model, split=True, log_path=tmp / f"{mode}.log", eager=args.quick,
-                            extra_args=(*COMMON, "--split-composition", mode), env={"VLLM_SPLIT_STEP_LOG": str(log)})
+                            extra_args=(*COMMON, "--split-composition", mode, *args.split_args),
+                            env={"VLLM_SPLIT_STEP_LOG": str(log)})
         with server:
             if not work:  # the greedy continuations (this engine's), then the clients' scripts
                 for name, load in loads.items():

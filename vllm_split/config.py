@@ -8,7 +8,7 @@ from vllm_split.wire.drafts import MAX_DRAFTS
 from vllm_split.wire.protocol import WIRE_DTYPES
 
 CONFIG_KEY = "vllm_split"
-STRING_OPTIONS = {"placement": ("dp", "greedy"), "gather": ("adaptive", "off"),
+STRING_OPTIONS = {"placement": ("dp", "greedy"), "gather": ("adaptive", "off"), "gather_weigh": ("on", "off"),
                   "composition": ("gathered", "mixed", "grouped", "auto"), "whole_graph": ("on", "off")}
 LIST_OPTIONS = {"wire_dtypes": WIRE_DTYPES}  # comma-separated names, each one of these
 
@@ -40,6 +40,10 @@ class SplitConfig:
     # The longest the adaptive window holds a step (ms): covers loopback and LAN clients at
     # small split layers (a few ms); a client slower than this is not waited for.
     gather_max_ms: int = 25
+    # Weigh a hold against the ordinary rows it delays (vllm_split/engine/gather.py): with
+    # W requests waited for and R ordinary requests ready, hold w only while W (S - w) > R w
+    # (S the recent step time). "off": the bound above alone.
+    gather_weigh: str = "on"
     # Lowest split layer this server accepts. The server then loads no weights and keeps no
     # KV cache for layers [0, min_layer) (more room for requests) and serves split sessions
     # only: ordinary requests are refused. 0: off.

@@ -28,6 +28,15 @@ estimate*: its first token after the prompt is not waited for), and either
 The step is held until the latest such deadline, at most until the bound; the first call
 that waits for nobody closes the window and the step runs.
 
+**Weighed against the ordinary requests** (``gather_weigh``, on by default). Requests that
+need no activation (ordinary ones, server-decoded sessions) are ready at every step; a hold
+of ``w`` delays each of them by ``w``, while an activation missed only joins the next step,
+which runs anyway for them. So with ``W`` requests waited for and ``R`` ordinary ones ready,
+the bound is shortened to where ``W (S - w) > R w`` stops holding (``S`` the recent step
+time): ``w < S W / (W + R)``, weighed again with the requests still expected within it.
+With no ordinary request (a batch of split requests only) nothing changes: a missed
+activation then runs in a step of its own, an extra pass over the weights.
+
 **Measuring turnarounds.** The scheduler sees an activation when EngineCore drains its
 input queue, between steps. An activation that arrived while a step ran is seen when the
 step ends: its turnaround is then inflated by up to a step and is not recorded
@@ -165,18 +174,26 @@ class GatherWindow:
         """The longest hold worth it at the recent step time ``step_s`` (0: none known)."""
         return min(self.max_s, self.fraction * step_s) if step_s else 0.0
 
-    def hold_until(self, held_req_ids: Iterable[str], now: float, step_s: float | None) -> float | None:
+    def hold_until(self, held_req_ids: Iterable[str], now: float, step_s: float | None,
+                   ordinary: int = 0) -> float | None:
         """Until when to hold the step for ``held_req_ids`` (split requests waiting for their
         activation) while others could run; None: run it now. The first call that holds
-        opens the window, the first that does not closes it (counting the misses)."""
+        opens the window, the first that does not closes it (counting the misses).
+        ``ordinary``: requests of the step that need no activation (ordinary and
+        server-decoded ones): the hold is weighed against them (:meth:`weighed_end`)."""
         start = self._opened_at if self._opened_at is not None else now
         end = start + self.bound_s(step_s)
+        held = list(held_req_ids)
+        bound_end = end
+        waits = self._waits(held, now, end, bound_end)
+        while waits and ordinary and step_s:  # fewer waited for under a shorter bound: weigh again
+            weighed = self.weighed_end(start, step_s, len(waits), ordinary)
+            if weighed >= end:
+                break
+            end = weighed
+            waits = self._waits(held, now, end, bound_end)
         until = None
-        for req_id in held_req_ids:
-            wait = self._deadline(req_id, now, end)
-            if wait is None:
-                continue
-            deadline, probe = wait
+        for req_id, (deadline, probe) in waits.items():
             if req_id not in self._waiting:
                 self._waiting[req_id] = probe
                 self.num_probes += probe
@@ -189,8 +206,22 @@ class GatherWindow:
             self.num_holds += 1
         return until
 
-    def _deadline(self, req_id: str, now: float, end: float) -> tuple[float, bool] | None:
-        """(wait until, as a probe) for one held request, None: do not wait for it."""
+    @staticmethod
+    def weighed_end(start: float, step_s: float, waited: int, ordinary: int) -> float:
+        """The end of a hold worth its cost to the ordinary requests of the step: holding
+        ``w`` delays each of them by ``w``, while each of the ``waited`` requests caught
+        gains about ``step_s - w`` (missed, it joins the next step, which runs anyway for the
+        ordinary requests); so hold while ``waited (step_s - w) > ordinary w``."""
+        return start + step_s * waited / (waited + ordinary)
+
+    def _waits(self, held: Iterable[str], now: float, end: float, bound_end: float) -> dict[str, tuple[float, bool]]:
+        """The held requests worth waiting for within ``end``: (wait until, as a probe)."""
+        return {req_id: wait for req_id in held if (wait := self._deadline(req_id, now, end, bound_end)) is not None}
+
+    def _deadline(self, req_id: str, now: float, end: float, bound_end: float) -> tuple[float, bool] | None:
+        """(wait until, as a probe) for one held request, None: do not wait for it. ``end``:
+        the hold's end (weighed); ``bound_end``: the bound's, beyond which an estimate makes
+        the request due a probe (one within it but beyond ``end`` is just not worth the hold)."""
         client = self._clients.get(req_id)
         if client is None or client.sent_at is None or not client.seen or client.missed:
             return None  # nothing due, no estimate yet, or already given up on
@@ -200,6 +231,8 @@ class GatherWindow:
         if est is not None and client.sent_at + est.typical_s <= end:
             deadline = client.sent_at + est.typical_s + est.tolerance_s
             return (min(deadline, end), False) if now <= deadline else None  # late: never waited for
+        if est is not None and client.sent_at + est.typical_s <= bound_end:
+            return None  # expected within the bound, not within the weighed hold
         if client.probe_in == 0:  # no estimate, or one beyond the bound: probe (see the module docstring)
             return end, True
         return None

@@ -124,6 +124,7 @@ class SplitSchedulerMixin:
         self.split_gather_mode = config.gather_mode
         self.split_gather = (GatherWindow(max_s=config.gather_max_s)
                              if self.split_gather_mode == "adaptive" else None)
+        self.split_gather_weigh = config.gather_weigh == "on"
         self._split_gather_logged: dict | None = None
         self.split_num_layers = model_config.hf_config.num_hidden_layers
         self.split_steps = StepRecorder()
@@ -237,7 +238,10 @@ class SplitSchedulerMixin:
         if len(self.running) == len(held_running) and len(self.waiting) == len(held_waiting):
             gather.close(now)  # nothing could run: nothing to hold
             return False
-        until = gather.hold_until((r.request_id for r in held_running), now, self._split_recent_step_s())
+        ordinary = (sum(r.request_id not in self.split_requests for r in (*self.running, *self.waiting))
+                    if self.split_gather_weigh else 0)
+        until = gather.hold_until((r.request_id for r in held_running), now, self._split_recent_step_s(),
+                                  ordinary=ordinary)
         if until is None:
             return False
         time.sleep(HOLD_SLEEP_S)

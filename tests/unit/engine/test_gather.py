@@ -217,3 +217,44 @@ def test_forgets_finished_requests():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match=r"max_s must be > 0 and 0 < fraction <= 1, got 0, 0.5"):
         GatherWindow(max_s=0)
+
+
+def tokens_out(turnarounds: dict[str, float], *reqs: str) -> tuple[GatherWindow, Clock, float]:
+    """A trained window whose ``reqs`` each have a token out (sent at the returned time)."""
+    win, clock = trained(turnarounds)
+    t0 = clock(STEP)
+    for req in reqs:
+        win.token_sent(req, t0)
+    win.scheduling(clock())
+    return win, clock, t0
+
+
+def test_a_hold_is_weighed_against_the_ordinary_requests_it_delays():
+    """W waited, R ordinary ready: hold only while W (S - w) > R w, i.e. w < S W / (W + R)."""
+    assert GatherWindow.weighed_end(1.0, 0.030, 1, 2) == pytest.approx(1.010)
+    assert GatherWindow.weighed_end(1.0, 0.030, 3, 1) == pytest.approx(1.0225)
+    both = {"a": 8 * MS, "b": 8 * MS}
+    # step 30 ms, bound 15 ms; two waited, no ordinary: as before, until their deadline (8 + 2 ms)
+    win, clock, t0 = tokens_out(both, "a", "b")
+    assert win.hold_until(["a", "b"], clock(MS), 0.030) == pytest.approx(t0 + 10 * MS)
+    # with 6 ordinary requests ready: at most 30 * 2 / 8 = 7.5 ms from the opening
+    win, clock, t0 = tokens_out(both, "a", "b")
+    opened = clock(MS)
+    assert win.hold_until(["a", "b"], opened, 0.030, ordinary=6) == pytest.approx(opened + 7.5 * MS)
+    # with 60: 30 * 2 / 62 < 1 ms, and a and b, expected 7 ms after the opening, are beyond it:
+    # not waited for, not probed (they are within the bound): no hold, nothing late
+    win, clock, _ = tokens_out(both, "a", "b")
+    assert win.hold_until(["a", "b"], clock(MS), 0.030, ordinary=60) is None
+    assert win.stats()["num_holds"] == 0 and win.stats()["num_late"] == 0 and win.stats()["num_probes"] == 0
+
+
+def test_a_probe_is_cut_at_the_weighed_bound():
+    # b's measured turnaround lies beyond the 15 ms bound: a probe, to the bound; with 2 ordinary
+    # requests the bound is 30 * 1 / 3 = 10 ms
+    turnarounds = {"a": 3 * MS, "b": 24.5 * MS}
+    win, clock, _ = tokens_out(turnarounds, "b")
+    opened = clock(MS)
+    assert win.hold_until(["b"], opened, 0.030) == pytest.approx(opened + 15 * MS)
+    win, clock, _ = tokens_out(turnarounds, "b")
+    opened = clock(MS)
+    assert win.hold_until(["b"], opened, 0.030, ordinary=2) == pytest.approx(opened + 10 * MS)

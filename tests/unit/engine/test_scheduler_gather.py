@@ -186,3 +186,27 @@ def test_finished_requests_are_forgotten(clock):
     s.running.remove(a)
     s._free_request(a)
     assert s.split_gather.estimate("a") is None and "s-a" not in s._split_session_reqs
+
+
+@pytest.mark.parametrize("weigh, held", [("on", False), ("off", True)])
+def test_a_hold_is_weighed_against_the_ordinary_requests(clock, weigh, held):
+    """39 ordinary requests ready and one split request expected ~3.6 ms on: the hold would be
+    worth at most 100 ms * 1 / 40 = 2.5 ms to them (``gather_weigh`` on): the step runs; off, it is
+    held for the bound alone."""
+    s = make({"gather_weigh": weigh})
+    a, b = request("a"), request("b")
+    for r in (a, b):
+        s.add_request(r)
+        deliver(s, r)
+    train(s, clock, a, b)
+    s.running.extend(request(f"plain{i}", split=False) for i in range(20))
+    s.waiting.extend(request(f"w{i}", split=False) for i in range(19))
+    tokens_leave(s, clock, a, b)
+    clock.now += 0.4 * MS
+    deliver(s, a)
+    s.seen.clear()
+    s.schedule()
+    running, waiting, _ = s.seen[-1]
+    assert (running == [] and waiting == []) is held
+    if not held:
+        assert "a" in running and "b" not in running and len(waiting) == 19
