@@ -356,7 +356,8 @@ def main() -> None:
         screens["plain"] = bench.screen("plain", PLAIN_SWEEP)
         if "split_dp" in systems:
             screens["split_dp"] = bench.screen("split_dp", SPLIT_SWEEP)
-    if screens:  # the screening's samples on disk before the long part
+    if screens and not prior:  # the screening's samples on disk before the long part (a resumed
+        # run's file keeps what it had: this write would drop its kept systems until the next one ends)
         report.write(args.out, {"arguments": report.arguments(args), "sweeps": screens, "complete": False,
                                 "server_layer_times": bench.server_layer, "client_profiles": bench.profiles()},
                      rows={"samples": bench.samples})
