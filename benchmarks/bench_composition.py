@@ -101,10 +101,11 @@ def steady(sessions: list[dict], log: Path) -> dict:
     # the step log stamps wall time (time.time()); the token times are perf_counter: shift
     shift = time.time() - time.perf_counter()
     steps = read_steps(log, a + shift, b + shift)
-    tpot = [(s["times"][-1] - s["times"][0]) / (len(s["times"]) - 1) for s in sessions if len(s["times"]) > 1]
+    timed = [(s["kind"], (s["times"][-1] - s["times"][0]) / (len(s["times"]) - 1)) for s in sessions
+             if len(s["times"]) > 1]
+    tpot = [t for _, t in timed]
     k_min = [0 if s["num_reqs"] > len(s["split_layers"]) else min(s["split_layers"]) for s in steps]
-    by_kind = {kind: [(s["times"][-1] - s["times"][0]) / (len(s["times"]) - 1) for s in sessions
-                      if s["kind"] == kind and len(s["times"]) > 1] for kind in ("ordinary", "split")}
+    by_kind = {kind: [t for k, t in timed if k == kind] for kind in ("ordinary", "split")}
     return {"window_s": b - a, "tokens": tokens, "tokens_per_s": tokens / (b - a) if b > a else None,
             "tpot_ordinary": by_kind["ordinary"], "tpot_split": by_kind["split"],
             "step_s_per_token": sum(s["step_s"] for s in steps) / tokens if tokens else None,

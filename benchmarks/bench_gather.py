@@ -156,11 +156,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(len(values) * q / 100))] if values else None
 
 
-def bootstrap_ratio(num: list[float], den: list[float], *, seed: int, n: int = 2000) -> list[float]:
-    """95% percentile interval of mean(num) / mean(den), resampling each list's rounds."""
+def bootstrap_ratio(num: list[float], den: list[float], *, seed: int, n: int = 2000,
+                    stat=statistics.mean) -> list[float]:
+    """95% percentile interval of stat(num) / stat(den) (the mean by default), resampling each
+    list's values."""
     rng = random.Random(seed)
-    ratios = sorted(statistics.mean(rng.choices(num, k=len(num))) / statistics.mean(rng.choices(den, k=len(den)))
-                    for _ in range(n))
+    ratios = sorted(stat(rng.choices(num, k=len(num))) / stat(rng.choices(den, k=len(den))) for _ in range(n))
     return [ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]]
 
 

@@ -8,7 +8,7 @@ alternately with each setting, back to back (A, B, A, B: this machine drifts ove
 then pool here. Per load and setting: the median over the pooled rounds of output tokens/s
 (the steady window's), and of the sessions' TPOT per kind (ordinary, split); per load the
 ratio A / B of each with a bootstrap 95% interval (rounds resampled for tokens/s, sessions
-for TPOT, 4000 resamples, seed 0). Every run's rounds go to the compressed sidecar
+for TPOT, 4000 resamples, seed 0 each: ``bench_gather.bootstrap_ratio`` of the medians). Every run's rounds go to the compressed sidecar
 ``NAME.rows.json.gz`` (not their fits and predictions: those stay in the runs' own reports).
 
 The committed ``results/gather_weigh.json``: the gather window weighed against the ordinary
@@ -25,23 +25,19 @@ requests (``--split-gather-weigh on``, the default) against the bound alone (``o
 from __future__ import annotations
 
 import json
-import random
 import statistics
 from pathlib import Path
 
 from benchmarks import report
+from benchmarks.bench_gather import bootstrap_ratio
 
 ROUND_KEYS = ("tokens_per_s", "step_s_per_token", "tpot_ordinary", "tpot_split", "mismatches", "window_s", "tokens")
 RESAMPLES = 4000
 
 
-def ratio_interval(a: list[float], b: list[float], rng: random.Random) -> list[float] | None:
-    """Bootstrap 95% interval of median(a) / median(b)."""
-    if not a or not b:
-        return None
-    xs = sorted(statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b)))
-                for _ in range(RESAMPLES))
-    return [xs[int(0.025 * RESAMPLES)], xs[int(0.975 * RESAMPLES)]]
+def ratio_interval(a: list[float], b: list[float], seed: int) -> list[float] | None:
+    """Bootstrap 95% interval of median(a) / median(b) (None without samples)."""
+    return bootstrap_ratio(a, b, seed=seed, n=RESAMPLES, stat=statistics.median) if a and b else None
 
 
 def pooled(runs: list[dict], mode: str, load: str) -> dict:
@@ -55,7 +51,6 @@ def pooled(runs: list[dict], mode: str, load: str) -> dict:
 
 def compare(a: list[dict], b: list[dict], mode: str, names: tuple[str, str], seed: int = 0) -> dict:
     """Per load present in every run: each setting's medians and A / B with intervals."""
-    rng = random.Random(seed)
     loads = [name for name in a[0]["results"][mode] if all(name in r["results"][mode] for r in (*a, *b))]
     out = {}
     for load in loads:
@@ -68,7 +63,7 @@ def compare(a: list[dict], b: list[dict], mode: str, names: tuple[str, str], see
         for key in ("tokens_per_s", "tpot_ordinary", "tpot_split"):
             x, y = per[names[0]][f"{key}_p50"], per[names[1]][f"{key}_p50"]
             per[f"{key}_ratio"] = x / y if x and y else None
-            per[f"{key}_ratio_ci95"] = ratio_interval(pa[key], pb[key], rng)
+            per[f"{key}_ratio_ci95"] = ratio_interval(pa[key], pb[key], seed)
         out[load] = per
     return out
 

@@ -1,6 +1,4 @@
 """Pooling two settings' bench_composition runs (benchmarks/compare_composition_runs.py)."""
-import random
-
 import pytest
 
 from benchmarks.compare_composition_runs import compare, ratio_interval
@@ -30,4 +28,4 @@ def test_medians_and_ratios_over_the_pooled_rounds():
 
 
 def test_no_interval_without_samples():
-    assert ratio_interval([], [1.0], random.Random(0)) is None
+    assert ratio_interval([], [1.0], seed=0) is None
