@@ -386,7 +386,12 @@ class SplitSession:
         answer's last token's row is computed and sent back (a split session), with drafts
         when the session was granted them and ``context`` (the prompt's ids) is known; else
         the server decodes. An answer is a ``Token`` or, for a session granted drafts, a
-        ``Tokens`` frame (the accepted drafts, then the server's own token)."""
+        ``Tokens`` frame (the accepted drafts, then the server's own token).
+
+        The next activation leaves before the answer's tokens are handed to the caller, so
+        what the caller does with a token (print it, stream it on) overlaps the server's next
+        step instead of lengthening every round trip. Should computing or sending it fail, the
+        tokens already received are still handed over, then the error is raised."""
         sent_at = time.perf_counter()
         self.stats.num_prompt_tokens = n
         granted = self.granted_drafts if context is not None else 0
@@ -411,33 +416,49 @@ class SplitSession:
             self.stats.round_trips += 1
             if self.stats.time_to_first_token is None:
                 self.stats.time_to_first_token = now - t_start
+            events = []
             for i, token_id in enumerate(ids):
                 self.stats.token_times.append(now)
                 last = i == len(ids) - 1
-                event = TokenEvent(index=index + i, token_id=token_id, finish_reason=msg.finish_reason if last else None,
-                                   local_seconds=local, round_trip_seconds=now - sent_at)
-                self.stats.events.append(event)
-                yield event
+                events.append(TokenEvent(index=index + i, token_id=token_id,
+                                         finish_reason=msg.finish_reason if last else None,
+                                         local_seconds=local, round_trip_seconds=now - sent_at))
+            self.stats.events.extend(events)
+            failure = None
             if msg.finish_reason is None and decode_locally:
-                index_last = index + len(ids) - 1
-                position = n + index_last  # the last token's; the KV cache is valid before it
-                drafts = []
-                t0 = time.perf_counter()
-                if granted:
-                    context.extend(ids)
-                    self.drafter.accept(ids)
-                    self.layers.truncate(position)
-                    # at most what the server granted, and no draft past max_tokens (its own token comes on top)
-                    cap = max(0, min(granted, self.sampling.max_tokens - (index_last + 1) - 1))
-                    drafts = [int(d) for d in self.drafter.propose(context, cap)][:cap] if cap else []
-                rows = await self._forward([ids[-1], *drafts])
-                local = time.perf_counter() - t0
-                await self._send(wire.Activation.from_tensor(rows, start=position, wire_dtype=self.opened.wire_dtype,
-                                                             draft_ids=tuple(drafts)))
-                self.stats.drafts_sent += len(drafts)
+                try:
+                    drafts, local = await self._send_next(n, index + len(ids) - 1, ids, granted=granted,
+                                                          context=context)
+                except Exception as exc:  # noqa: BLE001  (raised below, once the tokens are out)
+                    failure = exc
                 sent_at = time.perf_counter()
             else:
                 sent_at = now  # server decoded: the next token's wait starts now
+            for event in events:
+                yield event
+            if failure is not None:
+                raise failure
+
+    async def _send_next(self, n: int, index_last: int, ids: tuple[int, ...], *, granted: int,
+                         context: list[int] | None) -> tuple[list[int], float]:
+        """Compute and send the activation of an answer's last token (output ``index_last``,
+        after ``n`` prompt positions) with its drafts: (the drafts sent, the local seconds)."""
+        position = n + index_last  # the last token's; the KV cache is valid before it
+        drafts: list[int] = []
+        t0 = time.perf_counter()
+        if granted:
+            context.extend(ids)
+            self.drafter.accept(ids)
+            self.layers.truncate(position)
+            # at most what the server granted, and no draft past max_tokens (its own token comes on top)
+            cap = max(0, min(granted, self.sampling.max_tokens - (index_last + 1) - 1))
+            drafts = [int(d) for d in self.drafter.propose(context, cap)][:cap] if cap else []
+        rows = await self._forward([ids[-1], *drafts])
+        local = time.perf_counter() - t0
+        await self._send(wire.Activation.from_tensor(rows, start=position, wire_dtype=self.opened.wire_dtype,
+                                                     draft_ids=tuple(drafts)))
+        self.stats.drafts_sent += len(drafts)
+        return drafts, local
 
     def _check_answer(self, index: int, ids: tuple[int, ...], drafts: list[int]) -> None:
         """A drafting session's answer continues the output where it stands and accepts a prefix

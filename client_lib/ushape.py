@@ -138,16 +138,23 @@ async def u_generate(session: SplitSession, prompt_ids: list[int], *, chunk_rows
                            round_trip_seconds=waited)
         stats.events.append(event)
         stats.num_output_tokens = index + 1
-        yield event
         if reason is not None:
+            yield event
             stats.finish_reason = reason
             await _end(session, server_finished=server_reason is not None)
             return
-        t0 = time.perf_counter()
-        row = await session._forward([token])
-        local = time.perf_counter() - t0
-        await session._send(wire.Activation.from_tensor(row, start=n + index, wire_dtype=session.opened.wire_dtype))
+        failure = None
+        try:  # the next activation leaves before the caller gets the token (SplitSession._tokens)
+            t0 = time.perf_counter()
+            row = await session._forward([token])
+            local = time.perf_counter() - t0
+            await session._send(wire.Activation.from_tensor(row, start=n + index, wire_dtype=session.opened.wire_dtype))
+        except Exception as exc:  # noqa: BLE001  (raised below, once the token is out)
+            failure = exc
         sent_at, index = time.perf_counter(), index + 1
+        yield event
+        if failure is not None:
+            raise failure
 
 
 async def _end(session: SplitSession, *, server_finished: bool) -> None:
