@@ -52,6 +52,12 @@ def set_window(directory: Path, tag: str, *, num_tokens: int | None, open_: bool
     os.replace(tmp, directory / "window.json")
 
 
+def rounded_chains(step: dict) -> dict:
+    """A profiled step for the sidecar: its op chains' microseconds to 0.1 us (the profiler's
+    resolution; the float noise digits would double the compressed size)."""
+    return {**step, "chains": {name: [round(v[0], 1), *v[1:]] for name, v in step["chains"].items()}}
+
+
 def read_profiled(directory: Path, tag: str) -> list[dict]:
     path = directory / "steps.jsonl"
     if not path.exists():
@@ -206,7 +212,7 @@ def main() -> None:
                     steps[k][0].extend(unprofiled)
                     steps[k][1].extend(profiled)
             rows += [scenario_row(batch, k, *steps[k], num_layers=num_layers) for k in systems]
-            raw.update({f"{system_name(k)}|B={batch}": steps[k][1] for k in systems})
+            raw.update({f"{system_name(k)}|B={batch}": [rounded_chains(s) for s in steps[k][1]] for k in systems})
     finally:
         server.stop()
     data = {"arguments": report.arguments(args),
