@@ -466,8 +466,9 @@ def draw(data: dict):
         if cross.get("plain"):
             a3.axhline(cross["plain"]["attainment"], color="C0", ls=":", label="plain")
         a3.set_xscale("log", base=2)
+    title = f"crossover at {cross['rate']} req/s" if cross.get("rate") else "crossover: not run in this report"
     a3.set(xlabel="client speed multiple (x the workload's per-layer times; larger = slower clients)",
-           ylabel="SLA attainment", ylim=(0, 1.05), title=f"crossover at {cross.get('rate')} req/s")
+           ylabel="SLA attainment", ylim=(0, 1.05), title=title)
     for i, (system, hist) in enumerate((data.get("k_by_device") or {}).items()):
         for j, (device, h) in enumerate(sorted(hist.items())):
             ks = sorted(h, key=int)
@@ -478,7 +479,8 @@ def draw(data: dict):
     a4.set(ylabel="split layer k (marker area: share)", title="k per device class")
     for a in (a1, a2, a3, a4):
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+        if a.get_legend_handles_labels()[0]:  # an empty panel (no crossover run) gets no legend
+            a.legend(fontsize=8)
     fig.suptitle("Throughput at the same SLA: plain vLLM vs vllm-split, identical arrivals")
     return fig
 
