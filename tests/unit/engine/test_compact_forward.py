@@ -129,7 +129,11 @@ def test_a_later_stage_starts_a_span_at_its_first_layer_with_the_carried_rows(in
     rec = _SpanRecorder(inner)
     out = compact_forward(_stage(inner, 3, L), entries=entries, input_ids=None, positions=positions,
                           received=(h, residual), run_layers=rec)
-    assert torch.equal(out, ref)
+    # Close, not always bit-equal: on some CPUs a matmul's rows depend on how many rows it
+    # runs on (AMD EPYC here: nn.Linear on 5 of 14 rows differs from the 14-row result in the
+    # last bit, 1e-7; on 4 or 8 it does not), and this stage's row counts (5, 10, 14) are such
+    # a case. A plumbing error (a wrong row, residual or position) differs by O(1).
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     assert rec.asked == [(3, 4, 5), (4, 5, 10), (5, L, 14)]
 
 
