@@ -181,7 +181,7 @@ class Bench:
                       cpu_s=sum(v for k, v in cpu.items() if k != "bench_clients"))
         p.update(traces=traces, speed_scale=scale, cpu_s_by_process=cpu, wall_s=wall,
                  split_limit=probes or None, trace_counts=trace_counts(got))
-        self.samples.setdefault(system + key, {})[f"{rate:.4g}@{scale:g}"] = got
+        self.samples.setdefault(system + key, {})[sample_key(rate, scale)] = got
         return p
 
     def rate_scale(self) -> float:
@@ -243,6 +243,16 @@ class Bench:
         return points, server
 
 
+def sample_key(rate: float, speed_scale: float) -> str:
+    """The key of one point's raw samples in ``samples[system]``."""
+    return f"{rate:.4g}@{speed_scale:g}"
+
+
+def empty_crossover() -> dict:
+    """The crossover record of a run that has not measured it (yet)."""
+    return {"rate": None, "plain": None, "split_dp": []}
+
+
 def resume_from(out: Path) -> dict:
     """The interrupted run in report ``out`` (with its samples), and what is kept of it."""
     if not out.exists():
@@ -284,7 +294,7 @@ def reanalyse(out: Path) -> dict:
     samples = data.pop("samples")
     for system, r in data["systems"].items():
         for p in r["points"]:
-            p["trace_counts"] = trace_counts(samples[system][f"{p['rate']:.4g}@{p['speed_scale']:g}"])
+            p["trace_counts"] = trace_counts(samples[system][sample_key(p["rate"], p["speed_scale"])])
         r["max_rate_at_90pct"], r["max_rate_at_90pct_by_request"] = intervals(r["points"])
     data["summary"] = summary(data["systems"], data.get("crossover") or {})
     if data.get("workload") and data.get("server_layer_times"):
@@ -364,7 +374,7 @@ def main() -> None:
     chosen = {"plain": tuple(screens["plain"]["chosen"]) if "plain" in screens else PLAIN_SWEEP[0]}
     split_knobs = tuple(screens["split_dp"]["chosen"]) if "split_dp" in screens else SPLIT_SWEEP[0]
     results: dict = dict(prior["systems"]) if prior else {}
-    crossover: dict = prior["crossover"] if prior else {"rate": None, "plain": None, "split_dp": []}
+    crossover: dict = (prior.get("crossover") if prior else None) or empty_crossover()
     for system in systems:
         if system in results:
             print(f"{system}: kept from the interrupted run", flush=True)

@@ -34,6 +34,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks import report
+from benchmarks.bench_throughput import reanalyse, sample_key
 
 SEED_KEYS = ("arguments", "environment", "workload", "server_layer_times", "client_profiles", "rate_grid", "sweeps")
 SEED_NEEDS = ("workload", "server_layer_times", "client_profiles", "sweeps")  # without sweeps --resume would sweep
@@ -49,8 +50,7 @@ def seeded(source: dict) -> dict:
     missing = [k for k in SEED_NEEDS if k not in source]
     if missing:
         raise MergeError(f"cannot seed from a report without {missing}")
-    return {**{k: source[k] for k in SEED_KEYS if k in source}, "complete": False, "systems": {},
-            "crossover": {"rate": None, "plain": None, "split_dp": []}}
+    return {**{k: source[k] for k in SEED_KEYS if k in source}, "complete": False, "systems": {}}
 
 
 def merge(base: dict, extras: list[dict]) -> dict:
@@ -70,7 +70,7 @@ def merge(base: dict, extras: list[dict]) -> dict:
             have = {p["rate"] for p in mine["points"]}
             new = [p for p in r["points"] if p["rate"] not in have]  # the others were kept by --resume
             for p in new:
-                key = f"{p['rate']:.4g}@{p['speed_scale']:g}"
+                key = sample_key(p["rate"], p["speed_scale"])
                 mine["points"].append({**p, "process": process})
                 samples[system][key] = extra["samples"][system][key]
                 appended.append({"system": system, "rate": p["rate"], "process": process})
@@ -97,8 +97,6 @@ def main() -> None:
         report.write(args.out, seeded(report.load(args.source)), rows={"samples": {}})
         print(f"seeded {args.out} from {args.source}")
         return
-    from benchmarks.bench_throughput import reanalyse
-
     data = merge(report.load(args.base, rows=True), [report.load(e, rows=True) for e in args.extras])
     samples = data.pop("samples")
     data["arguments"] = {**data.get("arguments", {}), "out": args.out.name}
